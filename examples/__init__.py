@@ -1,0 +1,1 @@
+"""Runnable programs a new user starts from. They use only the public API of edgeloop."""

@@ -1,0 +1,91 @@
+"""Versions and the device's proof of key possession.
+
+A device proves it holds its Ed25519 key by signing a payload that binds the proof to this
+server (`server_id`), this connection (the `challenge` nonce) and this moment (`timestamp`,
+checked against the server clock within `proof_window_s`). The payload is ASCII, lines joined
+by ``\\n``, no trailing newline:
+
+    edgeloop-proof/1
+    <purpose: auth | enroll>
+    <server_id>
+    <nonce>
+    <timestamp, decimal Unix seconds>
+    <subject: device_id for auth, public_key (base64url) for enroll>
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from shared.errors import SignatureError
+from shared.keys import SigningKey, VerifyKey, b64url_decode, b64url_encode
+
+__all__ = [
+    "SUBPROTOCOL",
+    "SUPPORTED_VERSIONS",
+    "negotiate_version",
+    "proof_payload",
+    "sign_proof",
+    "subprotocol_for",
+    "verify_proof",
+]
+
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0",)
+"""Protocol versions this implementation speaks, oldest first."""
+
+SUBPROTOCOL = "edgeloop.v1"
+"""WebSocket subprotocol name; it carries the major version."""
+
+ProofPurpose = Literal["auth", "enroll"]
+
+
+def subprotocol_for(version: str) -> str:
+    return f"edgeloop.v{version.split('.', 1)[0]}"
+
+
+def _parse(version: str) -> tuple[int, int]:
+    major, minor = version.split(".", 1)
+    return int(major), int(minor)
+
+
+def negotiate_version(offered: list[str], supported: tuple[str, ...]) -> str | None:
+    """The highest version both sides list, or None when they share none."""
+    common = set(offered) & set(supported)
+    return max(common, key=_parse) if common else None
+
+
+def proof_payload(
+    purpose: ProofPurpose, server_id: str, nonce: str, timestamp: int, subject: str
+) -> bytes:
+    """The exact bytes a device signs to authenticate or enroll."""
+    lines = ("edgeloop-proof/1", purpose, server_id, nonce, str(timestamp), subject)
+    return "\n".join(lines).encode("utf-8")
+
+
+def sign_proof(
+    key: SigningKey,
+    purpose: ProofPurpose,
+    server_id: str,
+    nonce: str,
+    timestamp: int,
+    subject: str,
+) -> str:
+    """Sign a proof payload; returns the base64url signature for the wire."""
+    return b64url_encode(key.sign(proof_payload(purpose, server_id, nonce, timestamp, subject)))
+
+
+def verify_proof(
+    key: VerifyKey,
+    signature: str,
+    purpose: ProofPurpose,
+    server_id: str,
+    nonce: str,
+    timestamp: int,
+    subject: str,
+) -> None:
+    """Raise `SignatureError` unless `signature` signs this proof with `key`."""
+    try:
+        raw = b64url_decode(signature)
+    except ValueError as exc:
+        raise SignatureError("signature is not base64url") from exc
+    key.verify(raw, proof_payload(purpose, server_id, nonce, timestamp, subject))
