@@ -1,0 +1,15 @@
+"""The cloud's store: SQLAlchemy 2 (async) over SQLite (WAL) or PostgreSQL, with Alembic.
+
+`Store` is the one interface the rest of the cloud agent uses; the same test suite runs it
+against SQLite and PostgreSQL.
+"""
+
+from cloud_agent.store.records import (
+    DeviceRecord,
+    FeedbackSummary,
+    InteractionRecord,
+    NewInteraction,
+)
+from cloud_agent.store.store import Store
+
+__all__ = ["DeviceRecord", "FeedbackSummary", "InteractionRecord", "NewInteraction", "Store"]

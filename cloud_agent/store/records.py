@@ -1,0 +1,75 @@
+"""Plain values going into and out of the store (no ORM objects leak out of it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    id: str
+    public_key: str
+    name: str | None
+    created_at: datetime
+    last_seen_at: datetime | None
+    revoked_at: datetime | None
+    adapter_version: int | None
+    privacy_violations: int
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class NewInteraction:
+    """An escalation and how it ended, redacted as the device sent it."""
+
+    device_id: str
+    request_id: str
+    messages: list[dict[str, str]]
+    placeholders: list[str]
+    status: str  # ok | error | cancelled
+    priority: str = "online"
+    session_id: str | None = None
+    answer: str | None = None
+    error_name: str | None = None
+    intent: str | None = None
+    route_reasons: list[str] = field(default_factory=list)
+    latency_ms: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    backend: str | None = None
+    model: str | None = None
+    fact_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionRecord:
+    id: int
+    device_id: str
+    request_id: str
+    created_at: datetime
+    messages: list[dict[str, str]]
+    placeholders: list[str]
+    answer: str | None
+    status: str
+    error_name: str | None
+    intent: str | None
+    route_reasons: list[str]
+    latency_ms: int | None
+    prompt_tokens: int
+    completion_tokens: int
+    backend: str | None
+    model: str | None
+    fact_ids: list[str]
+    rating: str | None = None
+    correction: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackSummary:
+    positive: int
+    negative: int
+    corrections: int

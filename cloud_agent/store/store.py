@@ -1,0 +1,411 @@
+"""`Store`: every read and write the cloud agent makes, over SQLAlchemy's async engine.
+
+SQLite (the embedded default, ``sqlite+aiosqlite:///path``) runs in WAL mode with
+``synchronous=FULL`` so an acknowledged write survives a crash; PostgreSQL
+(``postgresql+asyncpg://...``) serves several replicas. The schema is migrated with Alembic on
+open. Database errors are mapped at this boundary: `StoreUnavailable` (retryable: the database
+is down or locked) and `StoreError` for the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, func, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
+from cloud_agent.store import tables as t
+from cloud_agent.store.records import (
+    DeviceRecord,
+    FeedbackSummary,
+    InteractionRecord,
+    NewInteraction,
+)
+
+__all__ = ["Store", "hash_token", "sqlite_url"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def hash_token(token: str) -> str:
+    """Enrollment tokens are stored hashed: a leaked database does not leak usable tokens."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(path).resolve()}"
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def _upgrade(connection: Connection) -> None:
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def _device(row: t.Device) -> DeviceRecord:
+    return DeviceRecord(
+        id=row.id,
+        public_key=row.public_key,
+        name=row.name,
+        created_at=row.created_at,
+        last_seen_at=row.last_seen_at,
+        revoked_at=row.revoked_at,
+        adapter_version=row.adapter_version,
+        privacy_violations=row.privacy_violations,
+    )
+
+
+class Store:
+    """The cloud agent's persistent state."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> Store:
+        """Connect to `url` and bring its schema up to date."""
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 15}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
+        engine = create_async_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        store = cls(engine)
+        if migrate:
+            try:
+                async with engine.begin() as conn:
+                    await conn.run_sync(_upgrade)
+            except (OSError, SQLAlchemyError) as exc:
+                await engine.dispose()
+                raise StoreUnavailable(f"cannot open the store: {exc}") from exc
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncSession]:
+        """One transaction; database errors leave it as `StoreError`/`StoreUnavailable`."""
+        try:
+            async with self._sessions() as session, session.begin():
+                yield session
+        except (EnrollmentRefused, IntegrityError):
+            raise
+        except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
+            raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless the database answers."""
+        async with self._tx() as s:
+            await s.execute(select(1))
+
+    # --- devices and enrollment -----------------------------------------------------------
+
+    async def create_enrollment_token(
+        self, ttl: timedelta = timedelta(days=7), note: str | None = None
+    ) -> str:
+        token = f"elt_{secrets.token_urlsafe(24)}"
+        now = _now()
+        async with self._tx() as s:
+            s.add(
+                t.EnrollmentToken(
+                    token_sha256=hash_token(token), created_at=now, expires_at=now + ttl, note=note
+                )
+            )
+        return token
+
+    async def enroll_device(
+        self, token: str, device_id: str, public_key: str, name: str | None = None
+    ) -> DeviceRecord:
+        """Consume a one-time token and store the device, atomically."""
+        now = _now()
+        async with self._tx() as s:
+            row = await s.get(t.EnrollmentToken, hash_token(token), with_for_update=True)
+            if row is None or row.used_at is not None or _aware(row.expires_at) < now:
+                raise EnrollmentRefused("enrollment token unknown, used or expired")
+            existing = await s.scalar(select(t.Device).where(t.Device.public_key == public_key))
+            if existing is not None:
+                raise EnrollmentRefused("this public key is already enrolled")
+            row.used_at, row.device_id = now, device_id
+            device = t.Device(
+                id=device_id, public_key=public_key, name=name, created_at=now,
+                privacy_violations=0,
+            )  # fmt: skip
+            s.add(device)
+        return _device(device)
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        async with self._tx() as s:
+            row = await s.get(t.Device, device_id)
+            return _device(row) if row is not None else None
+
+    async def list_devices(self) -> list[DeviceRecord]:
+        async with self._tx() as s:
+            rows = (await s.scalars(select(t.Device).order_by(t.Device.created_at))).all()
+            return [_device(r) for r in rows]
+
+    async def revoke_device(self, device_id: str) -> bool:
+        async with self._tx() as s:
+            result = await s.execute(
+                update(t.Device)
+                .where(t.Device.id == device_id, t.Device.revoked_at.is_(None))
+                .values(revoked_at=_now())
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def device_seen(
+        self, device_id: str, *, adapter_version: int | None, base_model_sha256: str | None
+    ) -> None:
+        async with self._tx() as s:
+            await s.execute(
+                update(t.Device)
+                .where(t.Device.id == device_id)
+                .values(
+                    last_seen_at=_now(),
+                    adapter_version=adapter_version,
+                    base_model_sha256=base_model_sha256,
+                )
+            )
+
+    # --- sessions -------------------------------------------------------------------------
+
+    async def session_started(self, session_id: str, device_id: str, server_id: str) -> None:
+        async with self._tx() as s:
+            s.add(
+                t.Session(
+                    id=session_id, device_id=device_id, server_id=server_id, started_at=_now()
+                )
+            )
+
+    async def session_ended(self, session_id: str, close_code: int | None) -> None:
+        async with self._tx() as s:
+            await s.execute(
+                update(t.Session)
+                .where(t.Session.id == session_id)
+                .values(ended_at=_now(), close_code=close_code)
+            )
+
+    # --- interactions ---------------------------------------------------------------------
+
+    async def record_interaction(self, it: NewInteraction) -> int:
+        async with self._tx() as s:
+            row = t.Interaction(
+                device_id=it.device_id,
+                request_id=it.request_id,
+                session_id=it.session_id,
+                created_at=_now(),
+                prompt={"messages": it.messages, "placeholders": it.placeholders},
+                answer=it.answer,
+                status=it.status,
+                error_name=it.error_name,
+                intent=it.intent,
+                route_reasons=list(it.route_reasons),
+                priority=it.priority,
+                latency_ms=it.latency_ms,
+                prompt_tokens=it.prompt_tokens,
+                completion_tokens=it.completion_tokens,
+                backend=it.backend,
+                model=it.model,
+                fact_ids=list(it.fact_ids),
+            )
+            s.add(row)
+            await s.flush()
+            return row.id
+
+    async def list_interactions(
+        self, *, limit: int = 100, device_id: str | None = None, status: str | None = None
+    ) -> list[InteractionRecord]:
+        """Newest first, each with the latest feedback on it (if any)."""
+        async with self._tx() as s:
+            query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
+            if device_id is not None:
+                query = query.where(t.Interaction.device_id == device_id)
+            if status is not None:
+                query = query.where(t.Interaction.status == status)
+            rows = (await s.scalars(query)).all()
+            keys = {(r.device_id, r.request_id) for r in rows}
+            ratings: dict[tuple[str, str], t.Feedback] = {}
+            if keys:
+                fb_rows = (
+                    await s.scalars(
+                        select(t.Feedback)
+                        .where(t.Feedback.request_id.in_({k[1] for k in keys}))
+                        .order_by(t.Feedback.created_at)
+                    )
+                ).all()
+                ratings = {(f.device_id, f.request_id): f for f in fb_rows}
+            out = []
+            for r in rows:
+                fb = ratings.get((r.device_id, r.request_id))
+                out.append(
+                    InteractionRecord(
+                        id=r.id,
+                        device_id=r.device_id,
+                        request_id=r.request_id,
+                        created_at=r.created_at,
+                        messages=list(r.prompt.get("messages", [])),
+                        placeholders=list(r.prompt.get("placeholders", [])),
+                        answer=r.answer,
+                        status=r.status,
+                        error_name=r.error_name,
+                        intent=r.intent,
+                        route_reasons=list(r.route_reasons),
+                        latency_ms=r.latency_ms,
+                        prompt_tokens=r.prompt_tokens,
+                        completion_tokens=r.completion_tokens,
+                        backend=r.backend,
+                        model=r.model,
+                        fact_ids=list(r.fact_ids),
+                        rating=fb.rating if fb else None,
+                        correction=fb.correction if fb else None,
+                    )
+                )
+            return out
+
+    # --- idempotent messages: stored once per (device, key), acknowledged after commit ----
+
+    async def _insert_once(self, row: Any) -> bool:
+        """Insert `row`; return True if its key was stored before (a resend)."""
+        try:
+            async with self._tx() as s:
+                s.add(row)
+        except IntegrityError:
+            return True
+        return False
+
+    async def add_feedback(
+        self,
+        device_id: str,
+        idempotency_key: str,
+        request_id: str,
+        rating: str,
+        correction: str | None = None,
+    ) -> bool:
+        return await self._insert_once(
+            t.Feedback(
+                device_id=device_id,
+                idempotency_key=idempotency_key,
+                request_id=request_id,
+                rating=rating,
+                correction=correction,
+                created_at=_now(),
+            )
+        )
+
+    async def add_report(self, device_id: str, idempotency_key: str, body: dict[str, Any]) -> bool:
+        return await self._insert_once(
+            t.Report(
+                device_id=device_id, idempotency_key=idempotency_key, body=body, created_at=_now()
+            )
+        )
+
+    async def add_update_status(
+        self,
+        device_id: str,
+        idempotency_key: str,
+        version: int,
+        status: str,
+        reason: str | None,
+        self_check: dict[str, float],
+    ) -> bool:
+        try:
+            async with self._tx() as s:
+                s.add(
+                    t.StatusReport(
+                        device_id=device_id, idempotency_key=idempotency_key, version=version,
+                        status=status, created_at=_now(),
+                    )
+                )  # fmt: skip
+                await s.flush()
+                if await s.get(t.Adapter, version) is not None:
+                    await s.merge(
+                        t.Deployment(
+                            device_id=device_id, version=version, status=status, reason=reason,
+                            self_check=dict(self_check), updated_at=_now(),
+                        )
+                    )  # fmt: skip
+        except IntegrityError:
+            return True
+        return False
+
+    async def feedback_summary(self) -> FeedbackSummary:
+        async with self._tx() as s:
+            rows = (
+                await s.execute(
+                    select(
+                        t.Feedback.rating, func.count(), func.count(t.Feedback.correction)
+                    ).group_by(t.Feedback.rating)
+                )
+            ).all()
+        counts = {rating: (n, c) for rating, n, c in rows}
+        return FeedbackSummary(
+            positive=counts.get("positive", (0, 0))[0],
+            negative=counts.get("negative", (0, 0))[0],
+            corrections=sum(c for _, c in counts.values()),
+        )
+
+    # --- privacy --------------------------------------------------------------------------
+
+    async def record_privacy_event(self, device_id: str, request_id: str, kinds: list[str]) -> None:
+        """Count raw personal data seen from a device. Only the kinds are stored."""
+        async with self._tx() as s:
+            s.add(
+                t.PrivacyEvent(
+                    device_id=device_id, request_id=request_id, kinds=sorted(set(kinds)),
+                    created_at=_now(),
+                )
+            )  # fmt: skip
+            await s.execute(
+                update(t.Device)
+                .where(t.Device.id == device_id)
+                .values(privacy_violations=t.Device.privacy_violations + 1)
+            )
+
+    async def privacy_event_count(self) -> int:
+        async with self._tx() as s:
+            return int(await s.scalar(select(func.count()).select_from(t.PrivacyEvent)) or 0)
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes for timezone-aware columns; they were written in UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.close()

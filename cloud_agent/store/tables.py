@@ -1,0 +1,150 @@
+"""Table definitions. Schema changes go through an Alembic migration in `migrations/versions`;
+a test compares these definitions with the migrated database."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        datetime: DateTime(timezone=True),
+        dict[str, Any]: JSON,
+        list[str]: JSON,
+    }
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    base_model_sha256: Mapped[str | None] = mapped_column(String(64))
+    adapter_version: Mapped[int | None] = mapped_column(Integer)
+    privacy_violations: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    device_id: Mapped[str | None] = mapped_column(String(64))
+    note: Mapped[str | None] = mapped_column(String(256))
+
+
+class Session(Base):
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    server_id: Mapped[str] = mapped_column(String(256))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    close_code: Mapped[int | None] = mapped_column(Integer)
+
+
+class Interaction(Base):
+    __tablename__ = "interactions"
+    __table_args__ = (UniqueConstraint("device_id", "request_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    session_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    prompt: Mapped[dict[str, Any]]
+    """The redacted conversation and placeholder names, as the device sent them."""
+    answer: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    error_name: Mapped[str | None] = mapped_column(String(64))
+    intent: Mapped[str | None] = mapped_column(String(64))
+    route_reasons: Mapped[list[str]]
+    priority: Mapped[str] = mapped_column(String(16))
+    latency_ms: Mapped[int | None] = mapped_column(Integer)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    backend: Mapped[str | None] = mapped_column(String(128))
+    model: Mapped[str | None] = mapped_column(String(256))
+    fact_ids: Mapped[list[str]]
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    rating: Mapped[str] = mapped_column(String(16))
+    correction: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+
+
+class Report(Base):
+    __tablename__ = "reports"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    body: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(256))
+    base_model_sha256: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(128))
+    directory: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    metrics: Mapped[dict[str, Any]]
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    version: Mapped[int] = mapped_column(ForeignKey("adapters.version"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(256))
+    self_check: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime]
+
+
+class StatusReport(Base):
+    """update_status messages, stored once per idempotency key."""
+
+    __tablename__ = "status_reports"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+
+class PrivacyEvent(Base):
+    """Raw personal data seen by the cloud. Only the kinds are kept, never the values."""
+
+    __tablename__ = "privacy_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    kinds: Mapped[list[str]]
+    created_at: Mapped[datetime]
+
+
+Index("ix_feedback_created", Feedback.created_at)

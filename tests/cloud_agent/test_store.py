@@ -1,0 +1,162 @@
+"""One storage suite, run against SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
+from cloud_agent.store import NewInteraction, Store
+from cloud_agent.store.store import hash_token, sqlite_url
+from cloud_agent.store.tables import Base
+
+KEY_A = "A" * 43
+KEY_B = "B" * 43
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "cloud.db")
+    else:
+        url = request.getfixturevalue("postgres_url")
+    opened = await Store.open(url)
+    try:
+        yield opened
+    finally:
+        # Leave the PostgreSQL database empty for the next test.
+        if request.param == "postgresql":
+            async with opened.engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        await opened.close()
+
+
+async def enrolled(store: Store, device_id: str = "dev_a", key: str = KEY_A) -> str:
+    token = await store.create_enrollment_token()
+    await store.enroll_device(token, device_id, key, name="kiosk")
+    return device_id
+
+
+async def test_migrations_produce_exactly_the_declared_schema(store: Store) -> None:
+    async with store.engine.connect() as conn:
+        diff = await conn.run_sync(
+            lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
+        )
+    assert diff == []
+
+
+async def test_opening_twice_is_idempotent(store: Store) -> None:
+    again = await Store.open(store.engine.url.render_as_string(hide_password=False))
+    await again.ping()
+    await again.close()
+
+
+async def test_a_token_enrolls_exactly_one_device(store: Store) -> None:
+    token = await store.create_enrollment_token(note="aisle 3")
+    device = await store.enroll_device(token, "dev_a", KEY_A, name="kiosk")
+    assert device.id == "dev_a" and not device.revoked
+    with pytest.raises(EnrollmentRefused):
+        await store.enroll_device(token, "dev_b", KEY_B)
+    assert [d.id for d in await store.list_devices()] == ["dev_a"]
+
+
+async def test_tokens_are_stored_hashed_and_expire(store: Store) -> None:
+    token = await store.create_enrollment_token(ttl=timedelta(seconds=-1))
+    async with store.engine.connect() as conn:
+        stored = (await conn.exec_driver_sql("SELECT token_sha256 FROM enrollment_tokens")).all()
+    assert stored == [(hash_token(token),)]
+    with pytest.raises(EnrollmentRefused):
+        await store.enroll_device(token, "dev_a", KEY_A)
+    with pytest.raises(EnrollmentRefused):
+        await store.enroll_device("elt_never_issued", "dev_a", KEY_A)
+
+
+async def test_a_public_key_enrolls_once(store: Store) -> None:
+    await enrolled(store)
+    token = await store.create_enrollment_token()
+    with pytest.raises(EnrollmentRefused):
+        await store.enroll_device(token, "dev_b", KEY_A)
+
+
+async def test_revoked_devices_are_marked(store: Store) -> None:
+    await enrolled(store)
+    assert await store.revoke_device("dev_a") is True
+    assert await store.revoke_device("dev_a") is False
+    device = await store.get_device("dev_a")
+    assert device is not None and device.revoked
+    assert await store.get_device("dev_nope") is None
+
+
+async def test_feedback_is_stored_once_per_idempotency_key(store: Store) -> None:
+    await enrolled(store)
+    assert await store.add_feedback("dev_a", "idk_1", "req_1", "negative", "Plan B") is False
+    assert await store.add_feedback("dev_a", "idk_1", "req_1", "negative", "Plan B") is True
+    assert await store.add_feedback("dev_a", "idk_2", "req_2", "positive") is False
+    summary = await store.feedback_summary()
+    assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
+
+
+async def test_reports_and_update_statuses_are_stored_once(store: Store) -> None:
+    await enrolled(store)
+    body = {"routes": {"local": 3}}
+    assert await store.add_report("dev_a", "idk_r", body) is False
+    assert await store.add_report("dev_a", "idk_r", body) is True
+    assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is False
+    assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is True
+
+
+async def test_interactions_keep_the_redacted_prompt_facts_and_feedback(store: Store) -> None:
+    await enrolled(store)
+    await store.record_interaction(
+        NewInteraction(
+            device_id="dev_a",
+            request_id="req_1",
+            messages=[{"role": "user", "content": "Is shipping free to <ADDRESS_1>?"}],
+            placeholders=["<ADDRESS_1>"],
+            status="ok",
+            answer="Standard shipping is free on orders over $75.",
+            route_reasons=["intent.unknown"],
+            latency_ms=12,
+            prompt_tokens=30,
+            completion_tokens=12,
+            backend="scripted",
+            model="test",
+            fact_ids=["free-shipping"],
+        )
+    )
+    await store.add_feedback("dev_a", "idk_1", "req_1", "positive")
+    [it] = await store.list_interactions()
+    assert it.placeholders == ["<ADDRESS_1>"] and it.fact_ids == ["free-shipping"]
+    assert it.rating == "positive" and it.route_reasons == ["intent.unknown"]
+    assert await store.list_interactions(device_id="dev_other") == []
+
+
+async def test_privacy_events_count_kinds_against_the_device(store: Store) -> None:
+    await enrolled(store)
+    await store.record_privacy_event("dev_a", "req_1", ["card", "email", "card"])
+    device = await store.get_device("dev_a")
+    assert device is not None and device.privacy_violations == 1
+    assert await store.privacy_event_count() == 1
+    async with store.engine.connect() as conn:
+        kinds = (await conn.exec_driver_sql("SELECT kinds FROM privacy_events")).scalar_one()
+    assert "card" in str(kinds) and "email" in str(kinds)
+
+
+async def test_sessions_are_recorded(store: Store) -> None:
+    await enrolled(store)
+    await store.session_started("ses_1", "dev_a", "cloud-1")
+    await store.session_ended("ses_1", 1000)
+    await store.device_seen("dev_a", adapter_version=2, base_model_sha256="ab" * 32)
+    device = await store.get_device("dev_a")
+    assert device is not None and device.adapter_version == 2 and device.last_seen_at is not None
+
+
+async def test_an_unreachable_database_is_a_typed_error() -> None:
+    with pytest.raises(StoreUnavailable):
+        await Store.open("postgresql+asyncpg://nobody@127.0.0.1:1/none")

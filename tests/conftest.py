@@ -1,0 +1,78 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PG_HOST = os.environ.get("EDGELOOP_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("EDGELOOP_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("EDGELOOP_TEST_PG_USER", "postgres")
+PG_ADMIN_DB = os.environ.get("EDGELOOP_TEST_PG_DB", "test")
+
+
+def _pg_reachable() -> str | None:
+    """None when PostgreSQL answers, else why not."""
+    import socket
+
+    try:
+        with socket.create_connection((PG_HOST, PG_PORT), timeout=2):
+            return None
+    except OSError as exc:
+        return f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT} ({exc.strerror or exc})"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, dropped afterwards.
+
+    Skips, saying so, when no server answers on 127.0.0.1:5432 (CI always has one).
+    """
+    reason = _pg_reachable()
+    if reason is not None:
+        pytest.skip(f"SKIPPED PostgreSQL backend: {reason}")
+    import asyncio
+
+    import asyncpg
+
+    name = f"edgeloop_test_{secrets.token_hex(4)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=PG_ADMIN_DB)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def run(sql: str) -> None:
+        # In a thread of its own: the fixture may be requested from inside a running loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, admin(sql)).result()
+
+    run(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def kb_path() -> Path:
+    path = SHARED_DATA / "northwind-kb.md"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the suite needs ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture
+def workload_path() -> Path:
+    path = SHARED_DATA / "northwind-workload-dev.jsonl"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: the suite needs ../shared/data beside the repository")
+    return path
