@@ -47,6 +47,8 @@ class Retrieval:
     facts: tuple[Fact, ...]
     scores: tuple[float, ...]
     confidence: float
+    coverage: float = 0.0
+    """Share of the query's content words that the best fact contains (after stemming)."""
 
     @property
     def best(self) -> Fact | None:
@@ -124,7 +126,17 @@ class KnowledgeBase:
             return Retrieval((), (), 0.0)
         facts = tuple(self.facts[r[0]] for r in rows[:limit])
         scores = tuple(float(r[1]) for r in rows[:limit])
-        return Retrieval(facts, scores, _confidence([float(r[1]) for r in rows]))
+        unique = list(dict.fromkeys(terms))
+        covered = sum(
+            1
+            for term in unique
+            if self._db.execute(
+                "SELECT 1 FROM facts WHERE facts MATCH ? AND fact_id = ?", (f'"{term}"', rows[0][0])
+            ).fetchone()
+        )
+        return Retrieval(
+            facts, scores, _confidence([float(r[1]) for r in rows]), covered / len(unique)
+        )
 
 
 def _confidence(scores: list[float]) -> float:

@@ -45,3 +45,5 @@ def configure_logging(level: str | int = "INFO", fmt: LogFormat = "text") -> Non
     root.setLevel(level if isinstance(level, int) else level.upper())
     # websockets logs every handshake failure at INFO with a traceback; keep it terse.
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    # Alembic narrates every migration step at INFO; the store logs what matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -1,0 +1,136 @@
+"""The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
+tokens, interactions, feedback and load. Everything but `/healthz` and `/readyz` needs
+``Authorization: Bearer <admin token>``."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import asdict
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from cloud_agent.errors import StoreError
+
+if TYPE_CHECKING:
+    from cloud_agent.service import CloudService
+
+__all__ = ["build_admin_app"]
+
+
+def _json(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(data, status_code=status)
+
+
+def _device(d: Any) -> dict[str, Any]:
+    out = asdict(d)
+    for key in ("created_at", "last_seen_at", "revoked_at"):
+        out[key] = out[key].isoformat() if out[key] else None
+    return out
+
+
+def build_admin_app(service: CloudService) -> Starlette:
+    token = service.admin_token
+
+    def authorized(request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), token.encode())
+
+    def guarded(handler: Any) -> Any:
+        async def wrapper(request: Request) -> Response:
+            if not authorized(request):
+                return _json({"error": "unauthorized", "message": "admin token required"}, 401)
+            try:
+                response: Response = await handler(request)
+                return response
+            except StoreError as exc:
+                return _json({"error": "store_unavailable", "message": str(exc)}, 503)
+
+        return wrapper
+
+    async def healthz(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await service.store.ping()
+        except StoreError as exc:
+            return _json({"status": "unavailable", "store": str(exc)}, 503)
+        if service.draining:
+            return _json({"status": "draining"}, 503)
+        return _json({"status": "ready", "sessions": service.server.session_count})
+
+    async def metrics(request: Request) -> Response:
+        service.refresh_gauges()
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def devices(request: Request) -> Response:
+        return _json([_device(d) for d in await service.store.list_devices()])
+
+    async def revoke(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        if await service.store.get_device(device_id) is None:
+            return _json({"error": "not_found", "message": "no such device"}, 404)
+        changed = await service.store.revoke_device(device_id)
+        return _json({"device_id": device_id, "revoked": True, "changed": changed})
+
+    async def create_token(request: Request) -> Response:
+        try:
+            body = await request.json() if await request.body() else {}
+            hours = float(body.get("ttl_hours", 168))
+            note = body.get("note")
+        except (ValueError, TypeError, AttributeError):
+            return _json({"error": "bad_request", "message": "expected {ttl_hours, note}"}, 400)
+        if not 0 < hours <= 24 * 365:
+            return _json({"error": "bad_request", "message": "ttl_hours out of range"}, 400)
+        value = await service.store.create_enrollment_token(timedelta(hours=hours), note)
+        return _json({"token": value, "ttl_hours": hours}, 201)
+
+    async def interactions(request: Request) -> Response:
+        try:
+            limit = min(1000, max(1, int(request.query_params.get("limit", "100"))))
+        except ValueError:
+            return _json({"error": "bad_request", "message": "limit must be an integer"}, 400)
+        rows = await service.store.list_interactions(
+            limit=limit,
+            device_id=request.query_params.get("device"),
+            status=request.query_params.get("status"),
+        )
+        out = []
+        for row in rows:
+            item = asdict(row)
+            item["created_at"] = row.created_at.isoformat()
+            out.append(item)
+        return _json(out)
+
+    async def feedback_summary(request: Request) -> Response:
+        return _json(asdict(await service.store.feedback_summary()))
+
+    async def load(request: Request) -> Response:
+        return _json(
+            {
+                "scheduler": asdict(service.scheduler.load()),
+                "backends": service.backend_health(),
+                "sessions": service.server.session_count,
+            }
+        )
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", guarded(metrics)),
+            Route("/v1/devices", guarded(devices)),
+            Route("/v1/devices/{device_id}/revoke", guarded(revoke), methods=["POST"]),
+            Route("/v1/enrollment-tokens", guarded(create_token), methods=["POST"]),
+            Route("/v1/interactions", guarded(interactions)),
+            Route("/v1/feedback/summary", guarded(feedback_summary)),
+            Route("/v1/load", guarded(load)),
+        ]
+    )

@@ -1,0 +1,108 @@
+"""`CloudAgent`: how the cloud answers one escalation.
+
+It checks the request for raw personal data (defence in depth: the device should have replaced
+it), plans with the knowledge skill, and either answers from a grounded fact or asks the LLM
+backend through the scheduler's online lane, streaming pieces as they come. The caller (the
+server) sends the pieces, enforces the deadline and cancels on request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cloud_agent.backends.base import ChatRequest, ChatTurn, Completion, LLMBackend
+from cloud_agent.scheduler import Scheduler
+from cloud_agent.skills import KnowledgeSkill
+from protocol import Escalate
+from shared.pii import PiiKind, detect
+
+__all__ = ["Answer", "CloudAgent"]
+
+CLOUD_PII_KINDS = (PiiKind.CARD, PiiKind.PHONE, PiiKind.EMAIL, PiiKind.IBAN)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The end of an answer: what the server puts in `result` and the store keeps."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    backend: str
+    fact_ids: tuple[str, ...] = ()
+    grounded: bool = False
+    pii_kinds: tuple[str, ...] = field(default_factory=tuple)
+
+
+class CloudAgent:
+    """Skills around an LLM backend, behind the scheduler."""
+
+    def __init__(
+        self,
+        backend: LLMBackend,
+        scheduler: Scheduler,
+        skill: KnowledgeSkill | None = None,
+    ) -> None:
+        self.backend = backend
+        self.scheduler = scheduler
+        self.skill = skill
+
+    @staticmethod
+    def pii_kinds(request: Escalate) -> tuple[str, ...]:
+        """Kinds of raw personal data in the request (placeholders do not count)."""
+        kinds = {
+            f.kind.value
+            for m in request.messages
+            for f in detect(m.content, CLOUD_PII_KINDS, phone_regions=("US", "GB", "DE", "FR"))
+        }
+        return tuple(sorted(kinds))
+
+    async def answer(
+        self, request: Escalate, *, deadline: float, pii_kinds: tuple[str, ...] = ()
+    ) -> AsyncIterator[str | Answer]:
+        """Text pieces, then one `Answer`. Raises `Overloaded` or `BackendError`."""
+        turns = [ChatTurn(m.role, m.content) for m in request.messages]
+        if self.skill is not None:
+            plan = self.skill.plan(turns)
+            messages, fact_ids = plan.messages, plan.fact_ids
+            if plan.grounded_answer is not None:
+                words = plan.grounded_answer.split(" ")
+                for i, word in enumerate(words):
+                    yield word if i == len(words) - 1 else word + " "
+                yield Answer(
+                    text=plan.grounded_answer,
+                    finish_reason="stop",
+                    prompt_tokens=0,
+                    completion_tokens=0,
+                    model="knowledge",
+                    backend="knowledge",
+                    fact_ids=fact_ids,
+                    grounded=True,
+                    pii_kinds=pii_kinds,
+                )
+                return
+        else:
+            messages, fact_ids = tuple(turns), ()
+        chat = ChatRequest(messages=messages, max_tokens=request.max_tokens)
+        async with self.scheduler.slot(request.priority, deadline=deadline):
+            completion: Completion | None = None
+            async for item in self.backend.stream(chat):
+                if isinstance(item, Completion):
+                    completion = item
+                else:
+                    yield item
+        assert completion is not None, "a backend stream ends with a Completion"
+        yield Answer(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            model=completion.model,
+            backend=self.backend.name,
+            fact_ids=fact_ids,
+            pii_kinds=pii_kinds,
+        )

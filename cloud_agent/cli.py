@@ -1,0 +1,150 @@
+"""`edgeloop cloud ...`: run the cloud agent and manage its devices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cloud_agent.config import CloudConfig
+from shared.config import load_config
+
+__all__ = ["register"]
+
+ENV_PREFIX = "EDGELOOP_CLOUD__"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("cloud", help="the cloud agent service")
+    sub = parser.add_subparsers(title="cloud commands", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--config", type=Path, help=f"TOML file; environment variables {ENV_PREFIX}* win"
+        )
+        p.add_argument("--data-dir", type=Path, help="directory of the database and keys")
+        p.add_argument("--database-url", help="SQLAlchemy URL (default: SQLite in --data-dir)")
+
+    serve = sub.add_parser("serve", help="serve devices over WebSockets, plus the admin API")
+    common(serve)
+    serve.add_argument("--host", help="WebSocket bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="WebSocket port (default 8765, 0 = any)")
+    serve.add_argument("--admin-port", type=int, help="admin HTTP port (default 8766, 0 = any)")
+    serve.add_argument("--knowledge", type=Path, help="knowledge file (Markdown or JSONL)")
+    serve.add_argument("--model", type=Path, help="GGUF model for the embedded backend")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (serves wss://)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve.set_defaults(func=_serve)
+
+    token = sub.add_parser("enroll-token", help="issue a one-time enrollment token")
+    common(token)
+    token.add_argument("--ttl-hours", type=float, default=168.0, help="validity (default 168)")
+    token.add_argument("--note", help="free text kept with the token")
+    token.set_defaults(func=_enroll_token)
+
+    devices = sub.add_parser("devices", help="list enrolled devices as JSON")
+    common(devices)
+    devices.set_defaults(func=_devices)
+
+    revoke = sub.add_parser("revoke", help="revoke a device; its sessions are refused")
+    common(revoke)
+    revoke.add_argument("device_id")
+    revoke.set_defaults(func=_revoke)
+
+
+def _config(args: argparse.Namespace) -> CloudConfig:
+    config = load_config(CloudConfig, args.config, prefix=ENV_PREFIX)
+    overrides: dict[str, Any] = {}
+    for arg, key in (
+        ("data_dir", "data_dir"), ("database_url", "database_url"), ("host", "host"),
+        ("port", "port"), ("admin_port", "admin_port"), ("knowledge", "knowledge"),
+        ("tls_cert", "tls_cert"), ("tls_key", "tls_key"),
+    ):  # fmt: skip
+        value = getattr(args, arg, None)
+        if value is not None:
+            overrides[key] = value
+    model = getattr(args, "model", None)
+    data = config.model_dump()
+    data.update(overrides)
+    if model is not None:
+        data["backend"] = {**data["backend"], "model_path": model}
+    return CloudConfig.model_validate(data)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    return asyncio.run(_serve_async(config))
+
+
+async def _serve_async(config: CloudConfig) -> int:
+    from cloud_agent.service import CloudService
+
+    service = await CloudService.create(config)
+    await service.start()
+    scheme = "wss" if config.tls_cert else "ws"
+    print(f"edgeloop cloud agent: {scheme}://{config.host}:{service.port}/v1", flush=True)
+    print(
+        f"admin API: http://{config.admin_host}:{service.admin_port} "
+        f"(token in {config.data_dir / 'admin.token'} unless set in the configuration)",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shutting down (draining in-flight requests) ...", file=sys.stderr, flush=True)
+    await service.stop()
+    return 0
+
+
+async def _with_store(config: CloudConfig, action: Any) -> Any:
+    from cloud_agent.store import Store
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(config.resolved_database_url())
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _enroll_token(args: argparse.Namespace) -> int:
+    config = _config(args)
+    token = asyncio.run(
+        _with_store(
+            config,
+            lambda s: s.create_enrollment_token(timedelta(hours=args.ttl_hours), args.note),
+        )
+    )
+    print(token)
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    rows = asyncio.run(_with_store(_config(args), lambda s: s.list_devices()))
+    out = [
+        {
+            "id": d.id,
+            "name": d.name,
+            "created_at": d.created_at.isoformat(),
+            "last_seen_at": d.last_seen_at.isoformat() if d.last_seen_at else None,
+            "revoked": d.revoked,
+            "adapter_version": d.adapter_version,
+            "privacy_violations": d.privacy_violations,
+        }
+        for d in rows
+    ]
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    changed = asyncio.run(_with_store(_config(args), lambda s: s.revoke_device(args.device_id)))
+    print(f"{args.device_id}: {'revoked' if changed else 'already revoked or unknown'}")
+    return 0 if changed else 1

@@ -1,0 +1,104 @@
+"""Configuration of `edgeloop cloud serve`: a TOML file and ``EDGELOOP_*`` variables.
+
+Every value has an embedded default, so the service runs alone: SQLite under the data
+directory, the packaged SmolLM2 model as the LLM, no knowledge file unless one is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["BackendConfig", "CloudConfig", "LimitsConfig"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class BackendConfig(_Section):
+    kind: Literal["llama_cpp", "openai"] = "llama_cpp"
+    """`llama_cpp` runs a GGUF model in-process; `openai` calls an OpenAI-compatible server."""
+    model_path: Path | None = None
+    """GGUF file for `llama_cpp`; default: the packaged SmolLM2-135M-Instruct Q4_1."""
+    n_ctx: int = Field(2048, ge=256, le=131072)
+    """Context length for `llama_cpp`."""
+    threads: int | None = Field(None, ge=1, le=512)
+    """CPU threads for `llama_cpp`; default: llama.cpp's choice."""
+    base_url: str | None = None
+    """Server URL for `openai`, e.g. http://127.0.0.1:8000 (the path /v1/... is added)."""
+    model: str | None = None
+    """Model name for `openai`."""
+    api_key: str | None = None
+    """API key for `openai` (also read from EDGELOOP_CLOUD__BACKEND__API_KEY)."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Per-call timeout for `openai`."""
+    replicas: int = Field(1, ge=1, le=64)
+    """How many instances of this backend the pool holds."""
+
+    @model_validator(mode="after")
+    def _openai_needs_url_and_model(self) -> BackendConfig:
+        if self.kind == "openai" and (not self.base_url or not self.model):
+            raise ValueError("backend kind 'openai' needs base_url and model")
+        return self
+
+
+class LimitsConfig(_Section):
+    max_message_bytes: int = Field(1 << 20, ge=4096, le=64 << 20)
+    """Largest WebSocket frame accepted or sent."""
+    max_in_flight: int = Field(8, ge=1, le=1024)
+    """Requests a device may have open at once."""
+    max_requests_per_minute: int = Field(600, ge=1)
+    """Request rate per device above which requests are refused as `rate_limited`."""
+    heartbeat_s: int = Field(20, ge=1, le=3600)
+    """WebSocket ping interval."""
+    max_queue: int = Field(16, ge=1, le=1024)
+    """Incoming frames buffered per connection before the server stops reading it."""
+    auth_timeout_s: float = Field(10.0, gt=0)
+    """A connection not authenticated within this time is closed (4002)."""
+
+
+class CloudConfig(_Section):
+    server_id: str = "edgeloop-cloud"
+    """Id of this service in proofs and logs; replicas of one cluster share it."""
+    host: str = "127.0.0.1"
+    """Address the WebSocket endpoint binds to."""
+    port: int = Field(8765, ge=0, le=65535)
+    """WebSocket port (0: any free port)."""
+    admin_host: str = "127.0.0.1"
+    """Address the admin HTTP API binds to."""
+    admin_port: int = Field(8766, ge=0, le=65535)
+    """Admin HTTP port (0: any free port)."""
+    admin_token: str | None = None
+    """Bearer token for the admin API; generated and written to the data directory if unset."""
+    tls_cert: Path | None = None
+    """PEM certificate for wss://; with tls_key."""
+    tls_key: Path | None = None
+    """PEM private key for wss://."""
+    data_dir: Path = Path(".edgeloop/cloud")
+    """Where the SQLite database, the signing key and the admin token live."""
+    database_url: str | None = None
+    """SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://..."""
+    knowledge: Path | None = None
+    """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
+    store_name: str = "the store"
+    """How the assistant names the business in its prompt."""
+    capacity: int = Field(1, ge=1, le=1024)
+    """Backend calls served at once (scheduler slots)."""
+    backend: BackendConfig = BackendConfig()
+    limits: LimitsConfig = LimitsConfig()
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    """On shutdown, how long in-flight requests may take to finish."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> CloudConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'cloud.db').resolve()}"

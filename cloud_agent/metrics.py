@@ -1,0 +1,65 @@
+"""Prometheus metrics of the cloud agent (`prometheus-client`), one registry per service so
+several services (tests, replicas in one process) do not collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sessions = Gauge("edgeloop_sessions", "Authenticated sessions open", registry=r)
+        self.connections = Counter(
+            "edgeloop_connections_total", "WebSocket connections accepted", registry=r
+        )
+        self.auth_failures = Counter(
+            "edgeloop_auth_failures_total", "Refused authentications", ["reason"], registry=r
+        )
+        self.enrollments = Counter("edgeloop_enrollments_total", "Devices enrolled", registry=r)
+        self.requests = Counter(
+            "edgeloop_requests_total",
+            "Escalations by how they ended",
+            ["priority", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "edgeloop_request_seconds",
+            "Escalation latency inside the server",
+            ["priority"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "edgeloop_tokens_total", "Tokens spent by the cloud", ["kind"], registry=r
+        )
+        self.grounded = Counter(
+            "edgeloop_grounded_answers_total", "Answers quoted from a knowledge fact", registry=r
+        )
+        self.privacy_violations = Counter(
+            "edgeloop_privacy_violations_total",
+            "Escalations that carried raw personal data, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.protocol_violations = Counter(
+            "edgeloop_protocol_violations_total", "Invalid frames by error", ["error"], registry=r
+        )
+        self.acks = Counter(
+            "edgeloop_acks_total", "Acknowledged messages", ["type", "duplicate"], registry=r
+        )
+        self.in_flight = Gauge(
+            "edgeloop_scheduler_in_flight", "Backend slots in use", ["lane"], registry=r
+        )
+        self.queued = Gauge(
+            "edgeloop_scheduler_queued", "Work waiting for a slot", ["lane"], registry=r
+        )
+        self.service_seconds = Gauge(
+            "edgeloop_scheduler_service_seconds", "Mean time a slot is held (EWMA)", registry=r
+        )
+        self.wait_seconds = Gauge(
+            "edgeloop_scheduler_online_wait_seconds", "Mean online queue wait (EWMA)", registry=r
+        )

@@ -1,0 +1,483 @@
+"""The WebSocket endpoint: one `ServerSession` per connection, driven over `websockets`.
+
+The session machine owns the protocol; this module does what needs I/O: reading and writing
+frames, looking devices up and storing what the session accepted, running escalations as tasks
+(so a cancel or a deadline can stop them), rate limiting, and shutting down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from cloud_agent.agent import Answer, CloudAgent
+from cloud_agent.errors import (
+    BackendError,
+    EnrollmentRefused,
+    Overloaded,
+    StoreError,
+)
+from cloud_agent.metrics import Metrics
+from cloud_agent.store import NewInteraction, Store
+from protocol import (
+    SUBPROTOCOL,
+    Ack,
+    AuthRequested,
+    BinaryFrame,
+    CancelRequested,
+    CloseCode,
+    CloseFrame,
+    Delta,
+    EnrollmentRequested,
+    ErrorCode,
+    Escalate,
+    EscalationReceived,
+    Event,
+    FeedbackReceived,
+    FetchReceived,
+    Goodbye,
+    HelloReceived,
+    Limits,
+    ProtocolViolation,
+    ReportReceived,
+    Result,
+    ServerSession,
+    UpdateStatusReceived,
+    Usage,
+    make_error,
+)
+from shared.ids import new_device_id, new_session_id
+from shared.keys import SigningKey, VerifyKey
+
+__all__ = ["CloudServer"]
+
+log = logging.getLogger("edgeloop.cloud.server")
+
+
+class _RateLimiter:
+    """A token bucket per device: `rate_per_minute` requests, bursts up to the same number."""
+
+    def __init__(self, rate_per_minute: int) -> None:
+        self.capacity = float(rate_per_minute)
+        self.rate = rate_per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, device_id: str, now: float) -> bool:
+        tokens, last = self._buckets.get(device_id, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[device_id] = (tokens, now)
+            return False
+        self._buckets[device_id] = (tokens - 1.0, now)
+        return True
+
+
+@dataclass(eq=False)
+class _Connection:
+    ws: ServerConnection
+    session: ServerSession
+    session_id: str = field(default_factory=new_session_id)
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    device_id: str | None = None
+
+
+class CloudServer:
+    """Serves protocol v1 to devices and third-party agents."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        agent: CloudAgent,
+        signing_key: SigningKey,
+        server_id: str,
+        limits: Limits,
+        metrics: Metrics | None = None,
+        max_queue: int = 16,
+        auth_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.store = store
+        self.agent = agent
+        self.signing_key = signing_key
+        self.server_id = server_id
+        self.limits = limits
+        self.metrics = metrics or Metrics()
+        self.max_queue = max_queue
+        self.auth_timeout_s = auth_timeout_s
+        self.ssl_context = ssl_context
+        self._rate = _RateLimiter(limits.max_requests_per_minute)
+        self._connections: set[_Connection] = set()
+        self._server: Server | None = None
+        self._draining = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start listening; returns the bound port."""
+        self._server = await serve(
+            self._handler,
+            host,
+            port,
+            subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+            max_size=self.limits.max_message_bytes,
+            max_queue=self.max_queue,
+            ping_interval=self.limits.heartbeat_s,
+            ping_timeout=self.limits.heartbeat_s * 2,
+            ssl=self.ssl_context,
+            compression=None,
+        )
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    @property
+    def session_count(self) -> int:
+        return sum(1 for c in self._connections if c.session.is_open)
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop accepting; let in-flight requests finish within `grace_s`, fail the rest with
+        `shutting_down`, say goodbye to every session and close."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        pending = [t for c in self._connections for t in c.tasks.values()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for conn in list(self._connections):
+            if conn.session.is_open:
+                conn.session.send(Goodbye(reason="shutdown", retry_after_s=5))
+            else:
+                conn.session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            await self._flush(conn)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    # --- one connection -------------------------------------------------------------------
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.metrics.connections.inc()
+        if ws.subprotocol != SUBPROTOCOL:
+            await ws.close(int(CloseCode.POLICY_VIOLATION), f"subprotocol {SUBPROTOCOL} required")
+            return
+        conn = _Connection(ws, ServerSession(server_id=self.server_id, limits=self.limits))
+        self._connections.add(conn)
+        watchdog = asyncio.create_task(self._auth_watchdog(conn))
+        try:
+            async for data in ws:
+                if isinstance(data, str):
+                    conn.session.receive_text(data)
+                else:
+                    conn.session.receive_binary(data)
+                await self._process(conn)
+                if conn.session.closed:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            watchdog.cancel()
+            self._connections.discard(conn)
+            for task in conn.tasks.values():
+                task.cancel()
+            if conn.tasks:
+                await asyncio.gather(*conn.tasks.values(), return_exceptions=True)
+            if conn.device_id is not None:
+                self.metrics.sessions.dec()
+                close_code = ws.close_code
+                await self._best_effort(self.store.session_ended(conn.session_id, close_code))
+
+    async def _auth_watchdog(self, conn: _Connection) -> None:
+        await asyncio.sleep(self.auth_timeout_s)
+        if not conn.session.is_open and not conn.session.closed:
+            self.metrics.auth_failures.labels("timeout").inc()
+            conn.session.refuse(ErrorCode.AUTH_TIMEOUT, "not authenticated in time")
+            await self._flush(conn)
+
+    async def _process(self, conn: _Connection) -> None:
+        """Act on the session's events until it has none left, flushing frames as we go."""
+        while events := conn.session.events_received():
+            for event in events:
+                await self._on_event(conn, event)
+            await self._flush(conn)
+        await self._flush(conn)
+
+    async def _flush(self, conn: _Connection) -> None:
+        # One writer at a time: a `chunk` header and its binary frame must stay adjacent.
+        async with conn.write_lock:
+            for frame in conn.session.data_to_send():
+                try:
+                    if isinstance(frame, CloseFrame):
+                        await conn.ws.close(int(frame.code), frame.reason)
+                        return
+                    await conn.ws.send(frame.data if isinstance(frame, BinaryFrame) else frame.data)
+                except ConnectionClosed:
+                    conn.session.receive_close(1006, "connection lost")
+                    return
+
+    async def _on_event(self, conn: _Connection, event: Event) -> None:
+        session = conn.session
+        match event:
+            case HelloReceived():
+                if self._draining:
+                    session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            case AuthRequested(device_id=device_id):
+                await self._authenticate(conn, device_id)
+            case EnrollmentRequested(request=request):
+                try:
+                    device = await self.store.enroll_device(
+                        request.token, new_device_id(), request.public_key, request.name
+                    )
+                except EnrollmentRefused as exc:
+                    self.metrics.auth_failures.labels("enrollment").inc()
+                    session.refuse(ErrorCode.INVALID_ENROLLMENT_TOKEN, str(exc))
+                    return
+                except StoreError:
+                    session.refuse(ErrorCode.INTERNAL_ERROR, "store unavailable, try again")
+                    return
+                self.metrics.enrollments.inc()
+                session.complete_enrollment(
+                    device.id, self.signing_key.verify_key(), session_id=conn.session_id
+                )
+                await self._opened(conn, device.id)
+            case EscalationReceived(request=request):
+                self._start_escalation(conn, request)
+            case CancelRequested(request_id=request_id):
+                task = conn.tasks.get(request_id)
+                if task is not None:
+                    task.cancel()
+            case FeedbackReceived(message=fb):
+                await self._acknowledge(
+                    conn,
+                    "feedback",
+                    fb.idempotency_key,
+                    lambda device: self.store.add_feedback(
+                        device, fb.idempotency_key, fb.request_id, fb.rating, fb.correction
+                    ),
+                )
+            case ReportReceived(message=rp):
+                body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
+                await self._acknowledge(
+                    conn,
+                    "report",
+                    rp.idempotency_key,
+                    lambda device: self.store.add_report(device, rp.idempotency_key, body),
+                )
+            case UpdateStatusReceived(message=us):
+                await self._acknowledge(
+                    conn,
+                    "update_status",
+                    us.idempotency_key,
+                    lambda device: self.store.add_update_status(
+                        device, us.idempotency_key, us.version, us.status, us.reason, us.self_check
+                    ),
+                )
+            case FetchReceived(request=request):
+                session.send(
+                    make_error(
+                        ErrorCode.UNKNOWN_BUNDLE,
+                        f"no bundle version {request.version}",
+                        request_id=request.request_id,
+                    )
+                )
+            case ProtocolViolation(code=code):
+                self.metrics.protocol_violations.labels(code.wire_name).inc()
+
+    async def _authenticate(self, conn: _Connection, device_id: str) -> None:
+        session = conn.session
+        try:
+            device = await self.store.get_device(device_id)
+        except StoreError:
+            session.refuse(ErrorCode.INTERNAL_ERROR, "store unavailable, try again")
+            return
+        if device is None:
+            self.metrics.auth_failures.labels("unknown_device").inc()
+            session.refuse(ErrorCode.UNKNOWN_DEVICE, "no device is enrolled under this id")
+            return
+        if device.revoked:
+            self.metrics.auth_failures.labels("revoked").inc()
+            session.refuse(ErrorCode.DEVICE_REVOKED, "this device has been revoked")
+            return
+        if not session.accept(VerifyKey.from_b64(device.public_key), session_id=conn.session_id):
+            self.metrics.auth_failures.labels("bad_signature").inc()
+            return
+        await self._opened(conn, device.id)
+
+    async def _opened(self, conn: _Connection, device_id: str) -> None:
+        conn.device_id = device_id
+        self.metrics.sessions.inc()
+        hello = conn.session.hello
+        await self._best_effort(
+            self.store.session_started(conn.session_id, device_id, self.server_id)
+        )
+        await self._best_effort(
+            self.store.device_seen(
+                device_id,
+                adapter_version=hello.adapter_version if hello else None,
+                base_model_sha256=hello.base_model.sha256 if hello and hello.base_model else None,
+            )
+        )
+
+    async def _acknowledge(
+        self,
+        conn: _Connection,
+        kind: str,
+        key: str,
+        write: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        assert conn.device_id is not None
+        try:
+            duplicate = await write(conn.device_id)
+        except StoreError:
+            # No ack: the device keeps the message and resends it; nothing is lost.
+            log.warning("store unavailable; %s %s not acknowledged", kind, key)
+            return
+        self.metrics.acks.labels(kind, str(duplicate).lower()).inc()
+        if conn.session.is_open:
+            conn.session.send(Ack(idempotency_key=key, duplicate=duplicate))
+
+    # --- escalations ----------------------------------------------------------------------
+
+    def _start_escalation(self, conn: _Connection, request: Escalate) -> None:
+        if self._draining:
+            conn.session.send(
+                make_error(
+                    ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request.request_id
+                )
+            )
+            return
+        assert conn.device_id is not None
+        if not self._rate.allow(conn.device_id, time.monotonic()):
+            self.metrics.requests.labels(request.priority, "rate_limited").inc()
+            conn.session.send(
+                make_error(
+                    ErrorCode.RATE_LIMITED,
+                    "request rate limit reached",
+                    request_id=request.request_id,
+                )
+            )
+            return
+        task = asyncio.create_task(self._escalate(conn, request))
+        conn.tasks[request.request_id] = task
+        task.add_done_callback(lambda _: conn.tasks.pop(request.request_id, None))
+
+    async def _escalate(self, conn: _Connection, request: Escalate) -> None:
+        assert conn.device_id is not None
+        started = time.monotonic()
+        deadline = started + request.deadline_ms / 1000.0
+        pii = self.agent.pii_kinds(request)
+        if pii:
+            for kind in pii:
+                self.metrics.privacy_violations.labels(kind).inc()
+            await self._best_effort(
+                self.store.record_privacy_event(conn.device_id, request.request_id, list(pii))
+            )
+        outcome, answer, error_name = "ok", None, None
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                seq = 0
+                async for item in self.agent.answer(request, deadline=deadline, pii_kinds=pii):
+                    if isinstance(item, Answer):
+                        answer = item
+                    elif request.stream and item:
+                        await self._send(
+                            conn, Delta(request_id=request.request_id, seq=seq, text=item)
+                        )
+                        seq += 1
+            assert answer is not None
+            await self._send(
+                conn,
+                Result(
+                    request_id=request.request_id,
+                    text=answer.text,
+                    finish_reason=answer.finish_reason,
+                    usage=Usage(
+                        prompt_tokens=answer.prompt_tokens,
+                        completion_tokens=answer.completion_tokens,
+                    ),
+                    model=answer.model[:256],
+                    sources=list(answer.fact_ids),
+                ),
+            )
+            if answer.grounded:
+                self.metrics.grounded.inc()
+            self.metrics.tokens.labels("prompt").inc(answer.prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(answer.completion_tokens)
+        except asyncio.CancelledError:
+            # Cancelled by the device, by shutdown, or because the connection went away; in
+            # each case this task ends here after telling the device (if it is still there).
+            outcome = error_name = "cancelled"
+            if self._draining:
+                await self._fail(conn, request, ErrorCode.SHUTTING_DOWN, "server shutting down")
+            else:
+                await self._fail(conn, request, ErrorCode.CANCELLED, "cancelled")
+        except TimeoutError:
+            outcome = error_name = "deadline_exceeded"
+            await self._fail(conn, request, ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+        except Overloaded as exc:
+            outcome = error_name = "overloaded"
+            await self._fail(conn, request, ErrorCode.OVERLOADED, str(exc))
+        except BackendError as exc:
+            outcome = error_name = "backend_error"
+            await self._fail(conn, request, ErrorCode.BACKEND_ERROR, str(exc))
+        finally:
+            elapsed = time.monotonic() - started
+            self.metrics.requests.labels(request.priority, outcome).inc()
+            self.metrics.latency.labels(request.priority).observe(elapsed)
+            await self._best_effort(
+                self.store.record_interaction(
+                    NewInteraction(
+                        device_id=conn.device_id,
+                        request_id=request.request_id,
+                        session_id=conn.session_id,
+                        messages=[m.model_dump() for m in request.messages],
+                        placeholders=list(request.placeholders),
+                        status="ok"
+                        if outcome == "ok"
+                        else ("cancelled" if outcome == "cancelled" else "error"),
+                        priority=request.priority,
+                        answer=answer.text if answer else None,
+                        error_name=error_name,
+                        intent=request.intent,
+                        route_reasons=list(request.reasons),
+                        latency_ms=int(elapsed * 1000),
+                        prompt_tokens=answer.prompt_tokens if answer else 0,
+                        completion_tokens=answer.completion_tokens if answer else 0,
+                        backend=answer.backend if answer else None,
+                        model=answer.model if answer else None,
+                        fact_ids=list(answer.fact_ids) if answer else [],
+                    )
+                )
+            )
+
+    async def _send(self, conn: _Connection, message: Any) -> None:
+        if conn.session.closed or not conn.session.in_flight(message.request_id):
+            return
+        conn.session.send(message)
+        await self._flush(conn)
+
+    async def _fail(self, conn: _Connection, request: Escalate, code: ErrorCode, text: str) -> None:
+        if conn.session.is_open and conn.session.in_flight(request.request_id):
+            conn.session.send(make_error(code, text, request_id=request.request_id))
+            await asyncio.shield(self._flush(conn))
+
+    async def _best_effort(self, write: Awaitable[Any]) -> None:
+        """Writes whose failure must not fail the request (logs, bookkeeping)."""
+        try:
+            await write
+        except StoreError as exc:
+            log.warning("store write failed: %s", exc)
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())

@@ -1,0 +1,213 @@
+"""`CloudService`: the whole cloud agent built from a `CloudConfig`, started and stopped as one.
+
+It opens the store (migrating it), loads or creates the bundle-signing key, builds the backend
+pool, scheduler, knowledge skill and agent, and serves the WebSocket endpoint and the admin
+HTTP API (uvicorn) until `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from cloud_agent.admin import build_admin_app
+from cloud_agent.agent import CloudAgent
+from cloud_agent.backends.base import LLMBackend
+from cloud_agent.backends.pool import BackendPool
+from cloud_agent.config import CloudConfig
+from cloud_agent.knowledge import KnowledgeBase
+from cloud_agent.metrics import Metrics
+from cloud_agent.scheduler import Scheduler
+from cloud_agent.server import CloudServer
+from cloud_agent.skills import KnowledgeSkill
+from cloud_agent.store import Store
+from protocol import Limits
+from shared.keys import SigningKey
+
+__all__ = ["CloudService", "build_backend"]
+
+log = logging.getLogger("edgeloop.cloud")
+
+
+def build_backend(config: CloudConfig) -> LLMBackend:
+    """The configured backend, as a pool of `backend.replicas` instances."""
+    cfg = config.backend
+    members: list[LLMBackend] = []
+    for _ in range(cfg.replicas):
+        if cfg.kind == "openai":
+            from cloud_agent.backends.openai import OpenAICompatibleBackend
+
+            assert cfg.base_url is not None and cfg.model is not None
+            members.append(
+                OpenAICompatibleBackend(
+                    cfg.base_url, cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s
+                )
+            )
+        else:
+            from cloud_agent.backends.llama_cpp import LlamaCppBackend
+
+            members.append(LlamaCppBackend(cfg.model_path, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
+    return BackendPool(members)
+
+
+class CloudService:
+    """Everything `edgeloop cloud serve` runs."""
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        *,
+        store: Store,
+        backend: LLMBackend,
+        signing_key: SigningKey,
+        admin_token: str,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.backend = backend
+        self.signing_key = signing_key
+        self.admin_token = admin_token
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(config.capacity)
+        skill = None
+        if config.knowledge is not None:
+            skill = KnowledgeSkill(
+                KnowledgeBase.from_file(config.knowledge), store_name=config.store_name
+            )
+        self.agent = CloudAgent(backend, self.scheduler, skill)
+        limits = Limits(
+            max_message_bytes=config.limits.max_message_bytes,
+            max_in_flight=config.limits.max_in_flight,
+            max_requests_per_minute=config.limits.max_requests_per_minute,
+            heartbeat_s=config.limits.heartbeat_s,
+        )
+        self.server = CloudServer(
+            store=store,
+            agent=self.agent,
+            signing_key=signing_key,
+            server_id=config.server_id,
+            limits=limits,
+            metrics=self.metrics,
+            max_queue=config.limits.max_queue,
+            auth_timeout_s=config.limits.auth_timeout_s,
+            ssl_context=_ssl_context(config),
+        )
+        self.port: int | None = None
+        self.admin_port: int | None = None
+        self.draining = False
+        self._uvicorn: uvicorn.Server | None = None
+        self._admin_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def create(
+        cls, config: CloudConfig, *, backend: LLMBackend | None = None
+    ) -> CloudService:
+        """Build the service from `config`; `backend` replaces the configured one (tests)."""
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        signing_key = SigningKey.load_or_create(config.data_dir / "server.key")
+        admin_token = config.admin_token or _load_or_create_token(config.data_dir / "admin.token")
+        store = await Store.open(config.resolved_database_url())
+        try:
+            chosen = (
+                backend if backend is not None else await asyncio.to_thread(build_backend, config)
+            )
+        except BaseException:
+            await store.close()
+            raise
+        return cls(
+            config, store=store, backend=chosen, signing_key=signing_key, admin_token=admin_token
+        )
+
+    async def start(self) -> None:
+        self.port = await self.server.start(self.config.host, self.config.port)
+        app = build_admin_app(self)
+        uv_config = uvicorn.Config(
+            app,
+            host=self.config.admin_host,
+            port=self.config.admin_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        self._uvicorn = _AdminServer(uv_config)
+        self._admin_task = asyncio.create_task(self._uvicorn.serve())
+        async with asyncio.timeout(10):
+            while not self._uvicorn.started:
+                if self._admin_task.done():
+                    await self._admin_task
+                    raise RuntimeError("admin server stopped during start-up")
+                await asyncio.sleep(0.01)
+        servers = self._uvicorn.servers
+        self.admin_port = int(servers[0].sockets[0].getsockname()[1]) if servers else None
+        scheme = "wss" if self.server.ssl_context else "ws"
+        log.info(
+            "cloud agent %s serving %s://%s:%s/v1 (admin http://%s:%s)",
+            self.config.server_id, scheme, self.config.host, self.port,
+            self.config.admin_host, self.admin_port,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Graceful: stop accepting, drain in-flight work, close everything."""
+        self.draining = True
+        await self.server.shutdown(self.config.shutdown_grace_s)
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        if self._admin_task is not None:
+            await self._admin_task
+        await self.backend.aclose()
+        await self.store.close()
+
+    def refresh_gauges(self) -> None:
+        load = self.scheduler.load()
+        self.metrics.in_flight.labels("online").set(load.online_in_flight)
+        self.metrics.in_flight.labels("offline").set(load.offline_in_flight)
+        self.metrics.queued.labels("online").set(load.online_queued)
+        self.metrics.queued.labels("offline").set(load.offline_queued)
+        self.metrics.service_seconds.set(load.service_s)
+        self.metrics.wait_seconds.set(load.online_wait_s)
+
+    def backend_health(self) -> list[dict[str, Any]]:
+        if isinstance(self.backend, BackendPool):
+            return [
+                {
+                    "name": m.backend.name,
+                    "healthy": m.healthy,
+                    "in_flight": m.in_flight,
+                    "served": m.served,
+                    "latency_s": round(m.latency_ewma_s, 4),
+                }
+                for m in self.backend.members
+            ]
+        return [{"name": self.backend.name}]
+
+
+class _AdminServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the service handles SIGINT/SIGTERM itself."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _ssl_context(config: CloudConfig) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def _load_or_create_token(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token

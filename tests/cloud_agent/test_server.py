@@ -1,0 +1,314 @@
+"""The cloud agent over a real socket: enrollment, auth, escalation, faults, acks, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.errors import BackendUnavailable
+from examples.handshake import Device
+from protocol import (
+    SUBPROTOCOL,
+    AckReceived,
+    Cancel,
+    ChatMessage,
+    DeltaReceived,
+    DeviceCredentials,
+    Escalate,
+    Feedback,
+    GoodbyeReceived,
+    PeerError,
+    RequestFailed,
+    ResultReceived,
+    SessionClosed,
+    Welcomed,
+)
+from shared import SigningKey
+from tests.cloud_agent.conftest import Cloud
+
+pytestmark = pytest.mark.slow
+
+
+def ask(
+    text: str, request_id: str = "req_1", *, stream: bool = True, deadline_ms: int = 5000
+) -> Escalate:
+    return Escalate(
+        request_id=request_id,
+        messages=[ChatMessage(role="user", content=text)],
+        deadline_ms=deadline_ms,
+        max_tokens=64,
+        stream=stream,
+    )
+
+
+async def interactions(cloud: Cloud, count: int = 1) -> list:  # type: ignore[type-arg]
+    """The stored interactions, once `count` are there (they are written after the reply)."""
+    async with asyncio.timeout(5):
+        while len(rows := await cloud.service.store.list_interactions()) < count:
+            await asyncio.sleep(0.01)
+    return rows
+
+
+async def final(device: Device) -> ResultReceived | RequestFailed:
+    event = await device.next_event(ResultReceived, RequestFailed)
+    assert isinstance(event, ResultReceived | RequestFailed), event
+    return event
+
+
+async def test_device_enrolls_reconnects_and_gets_a_streamed_answer(cloud: Cloud) -> None:
+    device, creds = await cloud.enroll()
+    await device.close()
+    device = await Device.connect(cloud.url, creds)
+    assert isinstance(await device.next_event(Welcomed), Welcomed)
+    await device.send(ask("How should I layer for a winter hike in the Alps, and why?"))
+    pieces = []
+    while True:
+        event = await device.next_event(DeltaReceived, ResultReceived, RequestFailed)
+        if isinstance(event, DeltaReceived):
+            pieces.append(event.delta.text)
+        else:
+            break
+    assert isinstance(event, ResultReceived)
+    assert "".join(pieces) == event.result.text == "Layer up: base, mid, shell."
+    assert event.result.model == "scripted"
+    [row] = await interactions(cloud)
+    assert row.status == "ok" and row.backend == "scripted" and row.device_id == creds.device_id
+    await device.close()
+
+
+async def test_store_facts_are_answered_from_the_retrieved_fact(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Is shipping free?", stream=False))
+    event = await final(device)
+    assert isinstance(event, ResultReceived)
+    assert "$75" in event.result.text and event.result.sources == ["free-shipping"]
+    assert cloud.backend.calls == [], "a grounded answer costs no backend call"
+    [row] = await interactions(cloud)
+    assert row.fact_ids == ["free-shipping"]
+    await device.close()
+
+
+async def test_open_questions_go_to_the_backend_with_the_facts_in_the_prompt(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Is renting a tent for 4 weekends a year cheaper than buying one?"))
+    assert isinstance(await final(device), ResultReceived)
+    [call] = cloud.backend.calls
+    assert call.messages[0].role == "system" and "$18 per day" in call.messages[0].content
+    await device.close()
+
+
+async def test_an_unknown_device_and_a_revoked_device_are_refused(cloud: Cloud) -> None:
+    stranger = await Device.connect(
+        cloud.url, DeviceCredentials("dev_nobody", SigningKey.generate())
+    )
+    event = await stranger.next_event(Welcomed)
+    assert isinstance(event, PeerError) and event.error.name == "unknown_device"
+
+    device, creds = await cloud.enroll()
+    await device.close()
+    assert await cloud.service.store.revoke_device(creds.device_id)
+    again = await Device.connect(cloud.url, creds)
+    event = await again.next_event(Welcomed)
+    assert isinstance(event, PeerError) and event.error.name == "device_revoked"
+    closed = await again.next_event(SessionClosed)
+    assert isinstance(closed, SessionClosed) and closed.code == 1008
+
+
+async def test_a_used_token_is_refused(cloud: Cloud) -> None:
+    from protocol import EnrollmentCredentials
+
+    token = await cloud.service.store.create_enrollment_token()
+    first = await Device.connect(cloud.url, EnrollmentCredentials(token, SigningKey.generate()))
+    assert isinstance(await first.next_event(Welcomed), Welcomed)
+    second = await Device.connect(cloud.url, EnrollmentCredentials(token, SigningKey.generate()))
+    event = await second.next_event(Welcomed)
+    assert isinstance(event, PeerError) and event.error.name == "invalid_enrollment_token"
+    await first.close()
+
+
+async def test_a_connection_without_the_subprotocol_is_refused_at_the_handshake(
+    cloud: Cloud,
+) -> None:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(cloud.url, proxy=None):
+            pass
+    assert info.value.response.status_code == 400
+
+
+async def test_frames_before_authentication_close_the_connection(cloud: Cloud) -> None:
+    async with connect(cloud.url, subprotocols=[SUBPROTOCOL], proxy=None) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps({"type": "feedback"}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["type"] == "error" and reply["name"] == "invalid_message"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 1008
+
+
+async def test_an_oversized_frame_closes_with_1009(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    huge = "x" * (cloud.service.config.limits.max_message_bytes + 10)
+    await device.ws.send(huge)
+    closed = await device.next_event(SessionClosed)
+    assert isinstance(closed, SessionClosed) and closed.code == 1009
+
+
+async def test_malformed_and_unknown_frames_get_typed_errors_and_the_session_survives(
+    cloud: Cloud,
+) -> None:
+    device, _ = await cloud.enroll()
+    await device.ws.send("{nope")
+    event = await device.next_event(PeerError)
+    assert isinstance(event, PeerError) and event.error.name == "malformed_frame"
+    await device.ws.send(json.dumps({"type": "teleport"}))
+    event = await device.next_event(PeerError)
+    assert isinstance(event, PeerError) and event.error.name == "unknown_type"
+    await device.send(ask("Any advice for a first multi-day trek?"))
+    assert isinstance(await final(device), ResultReceived)
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_cancel_aborts_the_backend_call_and_ends_the_request_once(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Plan me a two-week trek across Patagonia with gear lists."))
+    async with asyncio.timeout(5):
+        while not cloud.backend.calls:
+            await asyncio.sleep(0.01)
+    await device.send(Cancel(request_id="req_1"))
+    event = await final(device)
+    assert isinstance(event, RequestFailed) and event.error.name == "cancelled"
+    assert event.cancelled_locally
+    assert cloud.backend.cancelled == 1
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_a_hanging_backend_yields_a_typed_error_within_the_deadline(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await device.send(ask("Compare three stoves for winter camping in detail.", deadline_ms=300))
+    event = await final(device)
+    assert isinstance(event, RequestFailed)
+    assert event.error.name in ("deadline_exceeded", "overloaded") and event.error.retryable
+    assert loop.time() - started < 5
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(fail_with=BackendUnavailable("down")))
+async def test_a_failing_backend_yields_backend_error(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Explain the difference between down and synthetic insulation."))
+    event = await final(device)
+    assert isinstance(event, RequestFailed) and event.error.name == "backend_error"
+    [row] = await interactions(cloud)
+    assert row.status == "error" and row.error_name == "backend_error"
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend("slow answer", delay_s=0.5))
+async def test_a_request_that_cannot_meet_its_deadline_is_refused_as_overloaded(
+    cloud: Cloud,
+) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("First, a long question about tents and stoves.", "req_1"))
+    assert isinstance(await final(device), ResultReceived)  # teaches the scheduler 0.5 s/call
+    await device.send(ask("Second long question about hiking boots and socks.", "req_2"))
+    await device.send(
+        ask("Third question about sleeping bags for the Alps?", "req_3", deadline_ms=200)
+    )
+    event = await final(device)
+    assert isinstance(event, RequestFailed) and event.request_id == "req_3"
+    assert event.error.name == "overloaded" and event.error.retryable
+    assert isinstance(await final(device), ResultReceived)
+    await device.close()
+
+
+async def test_feedback_is_acknowledged_after_commit_and_stored_once(cloud: Cloud) -> None:
+    device, creds = await cloud.enroll()
+    feedback = Feedback(
+        idempotency_key="idk_f1", request_id="req_1", rating="negative", correction="Plan B."
+    )
+    await device.send(feedback)
+    first = await device.next_event(AckReceived)
+    await device.send(feedback)
+    second = await device.next_event(AckReceived)
+    assert isinstance(first, AckReceived) and isinstance(second, AckReceived)
+    assert (first.ack.duplicate, second.ack.duplicate) == (False, True)
+    summary = await cloud.service.store.feedback_summary()
+    assert (summary.negative, summary.corrections) == (1, 1)
+    await device.close()
+
+
+async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(cloud: Cloud) -> None:
+    device, creds = await cloud.enroll()
+    await device.send(ask("Charge card 4111 1111 1111 1111 and mail me at jo@example.com"))
+    assert isinstance(await final(device), ResultReceived)
+    record = await cloud.service.store.get_device(creds.device_id)
+    assert record is not None and record.privacy_violations == 1
+    async with httpx.AsyncClient() as client:
+        metrics = await client.get(
+            f"http://127.0.0.1:{cloud.service.admin_port}/metrics",
+            headers={"Authorization": f"Bearer {cloud.service.admin_token}"},
+        )
+    assert 'edgeloop_privacy_violations_total{kind="credit_card"} 1.0' in metrics.text
+    assert "4111" not in metrics.text
+    await device.close()
+
+
+@pytest.mark.cloud(limits={"max_requests_per_minute": 2})
+async def test_requests_above_the_rate_limit_are_refused_as_rate_limited(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    names = []
+    for i in range(3):
+        await device.send(ask("What should I pack for a day hike in the rain?", f"req_{i}"))
+        event = await final(device)
+        names.append(event.error.name if isinstance(event, RequestFailed) else "ok")
+    assert names == ["ok", "ok", "rate_limited"]
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend("finished in time", delay_s=0.3))
+async def test_shutdown_lets_in_flight_requests_finish_then_says_goodbye(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("A question that takes a moment to answer, please?"))
+    async with asyncio.timeout(5):
+        while not cloud.backend.calls:
+            await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(cloud.service.server.shutdown(grace_s=5))
+    event = await final(device)
+    assert isinstance(event, ResultReceived) and event.result.text == "finished in time"
+    assert isinstance(await device.next_event(GoodbyeReceived), GoodbyeReceived)
+    await stopping
+
+
+async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> None:
+    device, creds = await cloud.enroll()
+    base = f"http://127.0.0.1:{cloud.service.admin_port}"
+    auth = {"Authorization": f"Bearer {cloud.service.admin_token}"}
+    async with httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 200
+        assert (await client.get("/v1/devices")).status_code == 401
+        assert (
+            await client.get("/v1/devices", headers={"Authorization": "Bearer wrong"})
+        ).status_code == 401
+        devices = (await client.get("/v1/devices", headers=auth)).json()
+        assert [d["id"] for d in devices] == [creds.device_id]
+        token = (
+            await client.post("/v1/enrollment-tokens", headers=auth, json={"ttl_hours": 1})
+        ).json()
+        assert token["token"].startswith("elt_")
+        load = (await client.get("/v1/load", headers=auth)).json()
+        assert load["scheduler"]["capacity"] == 1 and load["sessions"] == 1
+        revoked = await client.post(f"/v1/devices/{creds.device_id}/revoke", headers=auth)
+        assert revoked.json()["revoked"] is True
+        assert (await client.get("/v1/feedback/summary", headers=auth)).json()["positive"] == 0
+    await device.close()
