@@ -95,7 +95,7 @@ class OpenAICompatibleBackend:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
             retry=retry_if_exception(lambda e: isinstance(e, BackendError) and e.retryable),
             reraise=True,
         )

@@ -44,12 +44,14 @@ class BackendPool:
         *,
         max_failures: int = 3,
         cooldown_s: float = 10.0,
+        probe_timeout_s: float = 30.0,
     ) -> None:
         if not backends:
             raise ValueError("a pool needs at least one backend")
         self.members = [MemberState(b) for b in backends]
         self.max_failures = max_failures
         self.cooldown_s = cooldown_s
+        self.probe_timeout_s = probe_timeout_s
         self.name = "pool:" + ",".join(b.name for b in backends)
         self._clock = time.monotonic
         self._probes: set[asyncio.Task[None]] = set()
@@ -78,7 +80,7 @@ class BackendPool:
 
     async def _probe(self, member: MemberState) -> None:
         try:
-            await asyncio.wait_for(member.backend.complete(_PROBE), timeout=self.cooldown_s)
+            await asyncio.wait_for(member.backend.complete(_PROBE), timeout=self.probe_timeout_s)
         except (BackendError, TimeoutError):
             member.down_since = self._clock()
         else:

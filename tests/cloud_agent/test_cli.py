@@ -1,0 +1,54 @@
+"""`edgeloop cloud ...` commands and configuration errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cloud_agent.config import CloudConfig
+from shared import ConfigError, load_config
+from shared.cli import main
+
+
+def test_enroll_token_devices_and_revoke_work_on_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data-dir", str(tmp_path / "cloud")]
+    assert main(["cloud", "enroll-token", *data, "--ttl-hours", "1", "--note", "aisle 3"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("elt_")
+    assert main(["cloud", "devices", *data]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["cloud", "revoke", *data, "dev_unknown"]) == 1
+
+
+def test_a_bad_environment_value_names_the_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("EDGELOOP_CLOUD__PORT", "not-a-port")
+    assert main(["cloud", "devices", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "'port'" in err and "EDGELOOP_CLOUD__PORT" in err
+
+
+def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.toml"
+    path.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="'prot'"):
+        load_config(CloudConfig, path, env={})
+    path.write_text('tls_cert = "cert.pem"\n')
+    with pytest.raises(ConfigError, match="tls_cert and tls_key go together"):
+        load_config(CloudConfig, path, env={})
+    path.write_text('[backend]\nkind = "openai"\n')
+    with pytest.raises(ConfigError, match="base_url and model"):
+        load_config(CloudConfig, path, env={})
+
+
+def test_defaults_run_alone_on_sqlite_under_the_data_dir(tmp_path: Path) -> None:
+    config = CloudConfig(data_dir=tmp_path)
+    assert (
+        config.resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'cloud.db'}"
+    )
+    assert config.backend.kind == "llama_cpp" and config.backend.model_path is None
