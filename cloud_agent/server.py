@@ -156,6 +156,12 @@ class CloudServer:
             await asyncio.gather(*late, return_exceptions=True)
         for conn in list(self._connections):
             if conn.session.is_open:
+                for request_id in conn.session.in_flight_ids():
+                    conn.session.send(
+                        make_error(
+                            ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request_id
+                        )
+                    )
                 conn.session.send(Goodbye(reason="shutdown", retry_after_s=5))
             else:
                 conn.session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
@@ -255,6 +261,13 @@ class CloudServer:
                 task = conn.tasks.get(request_id)
                 if task is not None:
                     task.cancel()
+                    await asyncio.wait([task])
+                # A task cancelled before it ran never reached its own handler: end the
+                # request here, so every request still gets exactly one terminal frame.
+                if session.is_open and session.in_flight(request_id):
+                    session.send(
+                        make_error(ErrorCode.CANCELLED, "cancelled", request_id=request_id)
+                    )
             case FeedbackReceived(message=fb):
                 await self._acknowledge(
                     conn,

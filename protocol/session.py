@@ -91,6 +91,10 @@ class Session:
     def in_flight(self, request_id: str) -> bool:
         return request_id in self._flights
 
+    def in_flight_ids(self) -> list[str]:
+        """Ids of the requests in flight, oldest first."""
+        return list(self._flights)
+
     # --- what the driver feeds in ---------------------------------------------------------
 
     def receive_text(self, frame: str | bytes) -> None:
