@@ -1,6 +1,6 @@
 """The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
-tokens, interactions, feedback and load. Everything but `/healthz` and `/readyz` needs
-``Authorization: Bearer <admin token>``."""
+tokens, interactions, feedback, load, and offline jobs. Everything but `/healthz` and `/readyz`
+needs ``Authorization: Bearer <admin token>``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cloud_agent.errors import StoreError
+from cloud_agent.jobs import JobSpecError, job_items_from_rows
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -31,6 +32,13 @@ def _device(d: Any) -> dict[str, Any]:
     out = asdict(d)
     for key in ("created_at", "last_seen_at", "revoked_at"):
         out[key] = out[key].isoformat() if out[key] else None
+    return out
+
+
+def _job(job: Any) -> dict[str, Any]:
+    out = asdict(job)
+    out["created_at"] = job.created_at.isoformat()
+    out["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
     return out
 
 
@@ -121,6 +129,30 @@ def build_admin_app(service: CloudService) -> Starlette:
             }
         )
 
+    async def submit_job(request: Request) -> Response:
+        try:
+            body = await request.json()
+            items = job_items_from_rows(str(body.get("kind")), list(body.get("items") or []))
+        except JobSpecError as exc:
+            return _json({"error": "bad_request", "message": str(exc)}, 400)
+        except (ValueError, TypeError, AttributeError):
+            return _json({"error": "bad_request", "message": "expected {kind, items}"}, 400)
+        job_id = await service.store.create_job(body["kind"], items, body.get("params"))
+        service.jobs.wake()
+        return _json({"id": job_id, "total": len(items)}, 201)
+
+    async def list_jobs(request: Request) -> Response:
+        return _json([_job(j) for j in await service.store.list_jobs()])
+
+    async def show_job(request: Request) -> Response:
+        job = await service.store.get_job(request.path_params["job_id"])
+        if job is None:
+            return _json({"error": "not_found", "message": "no such job"}, 404)
+        out = _job(job)
+        if request.query_params.get("items"):
+            out["items"] = await service.store.job_items(job.id)
+        return _json(out)
+
     return Starlette(
         routes=[
             Route("/healthz", healthz),
@@ -132,5 +164,8 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/v1/interactions", guarded(interactions)),
             Route("/v1/feedback/summary", guarded(feedback_summary)),
             Route("/v1/load", guarded(load)),
+            Route("/v1/jobs", guarded(list_jobs)),
+            Route("/v1/jobs", guarded(submit_job), methods=["POST"]),
+            Route("/v1/jobs/{job_id}", guarded(show_job)),
         ]
     )

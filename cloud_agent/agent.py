@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud_agent.backends.base import ChatRequest, ChatTurn, Completion, LLMBackend
-from cloud_agent.scheduler import Scheduler
+from cloud_agent.scheduler import Lane, Scheduler
 from cloud_agent.skills import KnowledgeSkill
 from protocol import Escalate
 from shared.pii import PiiKind, detect
@@ -66,6 +66,34 @@ class CloudAgent:
     ) -> AsyncIterator[str | Answer]:
         """Text pieces, then one `Answer`. Raises `Overloaded` or `BackendError`."""
         turns = [ChatTurn(m.role, m.content) for m in request.messages]
+        async for item in self.respond(
+            turns,
+            max_tokens=request.max_tokens,
+            lane=request.priority,
+            deadline=deadline,
+            pii_kinds=pii_kinds,
+        ):
+            yield item
+
+    async def complete(
+        self, turns: list[ChatTurn], *, max_tokens: int, lane: Lane, deadline: float | None = None
+    ) -> Answer:
+        """The whole answer at once (offline work, evaluation)."""
+        async for item in self.respond(turns, max_tokens=max_tokens, lane=lane, deadline=deadline):
+            if isinstance(item, Answer):
+                return item
+        raise AssertionError("respond() ends with an Answer")  # pragma: no cover
+
+    async def respond(
+        self,
+        turns: list[ChatTurn],
+        *,
+        max_tokens: int,
+        lane: Lane,
+        deadline: float | None,
+        pii_kinds: tuple[str, ...] = (),
+    ) -> AsyncIterator[str | Answer]:
+        """Text pieces, then one `Answer`, for a conversation in the given scheduler lane."""
         if self.skill is not None:
             plan = self.skill.plan(turns)
             messages, fact_ids = plan.messages, plan.fact_ids
@@ -87,8 +115,8 @@ class CloudAgent:
                 return
         else:
             messages, fact_ids = tuple(turns), ()
-        chat = ChatRequest(messages=messages, max_tokens=request.max_tokens)
-        async with self.scheduler.slot(request.priority, deadline=deadline):
+        chat = ChatRequest(messages=messages, max_tokens=max_tokens)
+        async with self.scheduler.slot(lane, deadline=deadline):
             completion: Completion | None = None
             async for item in self.backend.stream(chat):
                 if isinstance(item, Completion):

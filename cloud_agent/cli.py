@@ -51,6 +51,32 @@ def register(subparsers: Any) -> None:
     common(devices)
     devices.set_defaults(func=_devices)
 
+    jobs = sub.add_parser("jobs", help="offline jobs: submit, list, show")
+    jobs_sub = jobs.add_subparsers(title="jobs commands", metavar="COMMAND", required=True)
+    submit = jobs_sub.add_parser(
+        "submit", help="queue offline work; a running `cloud serve` on this store answers it"
+    )
+    common(submit)
+    submit.add_argument("--kind", choices=("answer", "evaluate", "relabel"), required=True)
+    submit.add_argument(
+        "--file", type=Path, help="JSONL items ({question|text|messages}, evaluate: +expect)"
+    )
+    submit.add_argument(
+        "--negative-feedback",
+        action="store_true",
+        help="relabel: take the interactions users rated negative",
+    )
+    submit.add_argument("--class", dest="only_class", help="keep only rows of this `class`")
+    submit.set_defaults(func=_jobs_submit)
+    listing = jobs_sub.add_parser("list", help="list jobs as JSON")
+    common(listing)
+    listing.set_defaults(func=_jobs_list)
+    show = jobs_sub.add_parser("show", help="show one job (with --items: every result)")
+    common(show)
+    show.add_argument("job_id")
+    show.add_argument("--items", action="store_true")
+    show.set_defaults(func=_jobs_show)
+
     revoke = sub.add_parser("revoke", help="revoke a device; its sessions are refused")
     common(revoke)
     revoke.add_argument("device_id")
@@ -148,3 +174,59 @@ def _revoke(args: argparse.Namespace) -> int:
     changed = asyncio.run(_with_store(_config(args), lambda s: s.revoke_device(args.device_id)))
     print(f"{args.device_id}: {'revoked' if changed else 'already revoked or unknown'}")
     return 0 if changed else 1
+
+
+def _jobs_submit(args: argparse.Namespace) -> int:
+    from cloud_agent.jobs import job_items_from_rows
+
+    async def submit(store: Any) -> str:
+        rows: list[dict[str, Any]] = []
+        if args.file is not None:
+            for line in args.file.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    rows.append(json.loads(line))
+        if args.only_class:
+            rows = [r for r in rows if r.get("class") == args.only_class]
+        if args.kind == "relabel" and args.negative_feedback:
+            for it in await store.list_interactions(limit=10_000):
+                if it.rating == "negative":
+                    rows.append({"messages": it.messages, "interaction_id": it.id})
+        items = job_items_from_rows(args.kind, rows)
+        job_id: str = await store.create_job(args.kind, items, {"source": str(args.file or "")})
+        return job_id
+
+    print(asyncio.run(_with_store(_config(args), submit)))
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    jobs = asyncio.run(_with_store(_config(args), lambda s: s.list_jobs()))
+    print(json.dumps([_job_json(j) for j in jobs], indent=2))
+    return 0
+
+
+def _jobs_show(args: argparse.Namespace) -> int:
+    async def show(store: Any) -> dict[str, Any] | None:
+        job = await store.get_job(args.job_id)
+        if job is None:
+            return None
+        out = _job_json(job)
+        if args.items:
+            out["items"] = await store.job_items(job.id)
+        return out
+
+    out = asyncio.run(_with_store(_config(args), show))
+    if out is None:
+        print(f"no job {args.job_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _job_json(job: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    out = asdict(job)
+    out["created_at"] = job.created_at.isoformat()
+    out["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
+    return out

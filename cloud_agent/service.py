@@ -23,6 +23,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig
+from cloud_agent.jobs import JobRunner
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
 from cloud_agent.scheduler import Scheduler
@@ -83,6 +84,7 @@ class CloudService:
                 KnowledgeBase.from_file(config.knowledge), store_name=config.store_name
             )
         self.agent = CloudAgent(backend, self.scheduler, skill)
+        self.jobs = JobRunner(store, self.agent, workers=config.capacity)
         limits = Limits(
             max_message_bytes=config.limits.max_message_bytes,
             max_in_flight=config.limits.max_in_flight,
@@ -128,6 +130,7 @@ class CloudService:
 
     async def start(self) -> None:
         self.port = await self.server.start(self.config.host, self.config.port)
+        self.jobs.start()
         app = build_admin_app(self)
         uv_config = uvicorn.Config(
             app,
@@ -157,6 +160,7 @@ class CloudService:
         """Graceful: stop accepting, drain in-flight work, close everything."""
         self.draining = True
         await self.server.shutdown(self.config.shutdown_grace_s)
+        await self.jobs.stop()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._admin_task is not None:

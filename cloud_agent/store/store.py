@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import (
 
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
+from cloud_agent.store.jobs import JobStore
 from cloud_agent.store.records import (
     DeviceRecord,
     FeedbackSummary,
@@ -81,7 +82,7 @@ def _device(row: t.Device) -> DeviceRecord:
     )
 
 
-class Store:
+class Store(JobStore):
     """The cloud agent's persistent state."""
 
     def __init__(self, engine: AsyncEngine) -> None:

@@ -14,6 +14,7 @@ class Base(DeclarativeBase):
     type_annotation_map = {
         datetime: DateTime(timezone=True),
         dict[str, Any]: JSON,
+        dict[str, Any] | None: JSON,
         list[str]: JSON,
     }
 
@@ -145,6 +146,35 @@ class PrivacyEvent(Base):
     request_id: Mapped[str] = mapped_column(String(64))
     kinds: Mapped[list[str]]
     created_at: Mapped[datetime]
+
+
+class Job(Base):
+    """Offline work submitted through the admin API or the CLI."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]]
+
+
+class JobItem(Base):
+    __tablename__ = "job_items"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    input: Mapped[dict[str, Any]]
+    output: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(String(256))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
 
 
 Index("ix_feedback_created", Feedback.created_at)

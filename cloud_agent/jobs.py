@@ -1,0 +1,167 @@
+"""Offline jobs: work that fills the backends' idle capacity through the scheduler's offline
+lane, so live escalations are never slowed by it.
+
+Kinds:
+- ``answer``: bulk question answering; an item is ``{"question": ...}`` or ``{"messages": [...]}``.
+- ``evaluate``: like ``answer``, plus ``"expect"`` groups; each output says whether the answer held
+  every group, and the job reports how many did.
+- ``relabel``: re-answer stored interactions (``{"messages": [...], "interaction_id": n}``), e.g.
+  those with negative feedback, to build distillation data.
+
+Jobs live in the store; a `JobRunner` in each cloud replica claims items, answers them and
+writes the results. Items of a replica that dies are retaken after their lease; nothing is
+dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Literal
+
+from cloud_agent.agent import CloudAgent
+from cloud_agent.backends.base import ChatTurn
+from cloud_agent.errors import CloudAgentError
+from cloud_agent.evaluation import contains_expected
+from cloud_agent.store import Store
+
+__all__ = ["JOB_KINDS", "JobRunner", "JobSpecError", "job_items_from_rows"]
+
+log = logging.getLogger("edgeloop.cloud.jobs")
+
+JobKind = Literal["answer", "evaluate", "relabel"]
+JOB_KINDS: tuple[JobKind, ...] = ("answer", "evaluate", "relabel")
+
+
+class JobSpecError(CloudAgentError):
+    """A submitted job or one of its items is malformed."""
+
+
+def _turns(item: dict[str, Any]) -> list[ChatTurn]:
+    if "messages" in item:
+        turns = [ChatTurn(m["role"], str(m["content"])) for m in item["messages"]]
+    else:
+        turns = [ChatTurn("user", str(item["question"]))]
+    if not turns or turns[-1].role != "user":
+        raise ValueError("the conversation must end with a user turn")
+    return turns
+
+
+def job_items_from_rows(kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate and normalise submitted items (workload rows use ``text`` for the question)."""
+    if kind not in JOB_KINDS:
+        raise JobSpecError(f"unknown job kind {kind!r}; expected one of {', '.join(JOB_KINDS)}")
+    if not rows:
+        raise JobSpecError("a job needs at least one item")
+    items = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise JobSpecError(f"item {n}: expected an object")
+        item = dict(row)
+        if "text" in item and "question" not in item and "messages" not in item:
+            item["question"] = item.pop("text")
+        try:
+            _turns(item)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobSpecError(f"item {n}: needs 'question' (or 'text') or 'messages'") from exc
+        if kind == "evaluate":
+            expect = item.get("expect")
+            if not (isinstance(expect, list) and all(isinstance(g, list) and g for g in expect)):
+                raise JobSpecError(f"item {n}: evaluate items need 'expect' groups")
+        items.append(item)
+    return items
+
+
+class JobRunner:
+    """Claims job items from the store and answers them in the offline lane."""
+
+    def __init__(
+        self,
+        store: Store,
+        agent: CloudAgent,
+        *,
+        workers: int = 2,
+        poll_s: float = 2.0,
+        max_tokens: int = 256,
+    ) -> None:
+        self.store = store
+        self.agent = agent
+        self.workers = workers
+        self.poll_s = poll_s
+        self.max_tokens = max_tokens
+        self.runner_id = f"run_{secrets.token_hex(6)}"
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-runner")
+
+    def wake(self) -> None:
+        """New work was submitted in this process: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop claiming; items being answered finish first (their results are kept)."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.workers)
+        active: set[asyncio.Task[None]] = set()
+        while not self._stopping:
+            free = self.workers - len(active)
+            items = []
+            if free > 0:
+                try:
+                    items = await self.store.claim_job_items(self.runner_id, free)
+                except CloudAgentError as exc:
+                    log.warning("cannot claim job items: %s", exc)
+            for item in items:
+                await slots.acquire()
+                task = asyncio.create_task(self._work(item.job_id, item.idx, item.kind, item.input))
+                active.add(task)
+                task.add_done_callback(active.discard)
+                task.add_done_callback(lambda _: slots.release())
+            if not items:
+                self._wake.clear()
+                waiters = [asyncio.create_task(self._wake.wait())]
+                if active:
+                    waiters.append(asyncio.create_task(asyncio.wait(list(active))))  # type: ignore[arg-type]
+                done, pending = await asyncio.wait(
+                    waiters, timeout=self.poll_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in pending:
+                    waiter.cancel()
+        if active:
+            await asyncio.gather(*active, return_exceptions=True)
+
+    async def _work(self, job_id: str, idx: int, kind: str, item: dict[str, Any]) -> None:
+        try:
+            answer = await self.agent.complete(
+                _turns(item), max_tokens=self.max_tokens, lane="offline"
+            )
+        except (CloudAgentError, KeyError, TypeError, ValueError) as exc:
+            await self._finish(job_id, idx, error=f"{type(exc).__name__}: {exc}"[:256])
+            return
+        output: dict[str, Any] = {
+            "answer": answer.text,
+            "fact_ids": list(answer.fact_ids),
+            "model": answer.model,
+            "grounded": answer.grounded,
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+        }
+        if kind == "evaluate":
+            output["correct"] = contains_expected(answer.text, item["expect"])
+        await self._finish(job_id, idx, output=output)
+
+    async def _finish(self, job_id: str, idx: int, **result: Any) -> None:
+        try:
+            await self.store.finish_job_item(job_id, idx, **result)
+        except CloudAgentError as exc:
+            # Left claimed: the lease expires and the item is answered again. Nothing is lost.
+            log.warning("cannot store the result of %s/%s: %s", job_id, idx, exc)
