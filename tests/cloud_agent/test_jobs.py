@@ -49,8 +49,13 @@ async def test_an_evaluation_job_scores_answers_against_expected_facts(cloud: Cl
 
 async def test_bad_job_submissions_are_refused_with_a_reason(cloud: Cloud) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cloud.service.admin_port}") as client:
-        for body in ({"kind": "dance", "items": [{"question": "x"}]}, {"kind": "answer", "items": []},
-                     {"kind": "evaluate", "items": [{"question": "x"}]}, {"kind": "answer", "items": [3]}):  # fmt: skip
+        bodies = [
+            {"kind": "dance", "items": [{"question": "x"}]},
+            {"kind": "answer", "items": []},
+            {"kind": "evaluate", "items": [{"question": "x"}]},
+            {"kind": "answer", "items": [3]},
+        ]
+        for body in bodies:
             response = await client.post("/v1/jobs", headers=auth(cloud), json=body)
             assert response.status_code == 400, body
             assert response.json()["error"] == "bad_request"
@@ -71,10 +76,10 @@ async def test_offline_work_yields_to_online_requests_and_all_of_it_completes(cl
     async with asyncio.timeout(5):
         while cloud.service.scheduler.load().offline_in_flight == 0:
             await asyncio.sleep(0.005)
-    await device.send(Escalate(
-        request_id="req_live", messages=[ChatMessage(role="user", content="What should I wear for a rainy hike in the hills?")],
-        deadline_ms=3000, max_tokens=16,
-    ))  # fmt: skip
+    question = ChatMessage(role="user", content="What should I wear for a rainy hike in the hills?")
+    await device.send(
+        Escalate(request_id="req_live", messages=[question], deadline_ms=3000, max_tokens=16)
+    )
     event = await device.next_event(ResultReceived)
     assert isinstance(event, ResultReceived), event
     # The online request waited for at most the one offline item already running.
@@ -106,8 +111,8 @@ def test_the_cli_submits_lists_and_shows_jobs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], workload_path: Path
 ) -> None:
     data = ["--data-dir", str(tmp_path)]
-    assert main(["cloud", "jobs", "submit", *data, "--kind", "evaluate", "--file", str(workload_path),
-                 "--class", "learnable_fact"]) == 0  # fmt: skip
+    submit = ["--kind", "evaluate", "--file", str(workload_path), "--class", "learnable_fact"]
+    assert main(["cloud", "jobs", "submit", *data, *submit]) == 0
     job_id = capsys.readouterr().out.strip()
     assert job_id.startswith("job_")
     assert main(["cloud", "jobs", "list", *data]) == 0
