@@ -81,6 +81,8 @@ class CloudConfig(_Section):
     """Where the SQLite database, the signing key and the admin token live."""
     database_url: str | None = None
     """SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://..."""
+    store_lock_timeout_s: float = Field(15.0, gt=0, le=600)
+    """How long a SQLite write waits for a lock before the store reports itself unavailable."""
     knowledge: Path | None = None
     """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
     store_name: str = "the store"

@@ -116,6 +116,9 @@ class CloudServer:
         self.auth_timeout_s = auth_timeout_s
         self.ssl_context = ssl_context
         self._rate = _RateLimiter(limits.max_requests_per_minute)
+        # Characters of answer text per frame: the protocol's field limit, and room in a frame
+        # (4 bytes per character at worst, plus the envelope).
+        self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
         self._connections: set[_Connection] = set()
         self._server: Server | None = None
         self._draining = False
@@ -154,20 +157,27 @@ class CloudServer:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        for conn in list(self._connections):
-            if conn.session.is_open:
-                for request_id in conn.session.in_flight_ids():
-                    conn.session.send(
-                        make_error(
-                            ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request_id
-                        )
-                    )
-                conn.session.send(Goodbye(reason="shutdown", retry_after_s=5))
-            else:
-                conn.session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
-            await self._flush(conn)
+        await asyncio.gather(*(self._goodbye(c, grace_s) for c in list(self._connections)))
         if self._server is not None:
             await self._server.wait_closed()
+
+    async def _goodbye(self, conn: _Connection, grace_s: float) -> None:
+        session = conn.session
+        if session.is_open:
+            for request_id in session.in_flight_ids():
+                session.send(
+                    make_error(
+                        ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request_id
+                    )
+                )
+            session.send(Goodbye(reason="shutdown", retry_after_s=5))
+        else:
+            session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        try:
+            await asyncio.wait_for(self._flush(conn), timeout=max(0.1, grace_s))
+        except TimeoutError:
+            # A peer that does not read cannot hold the shutdown hostage.
+            conn.ws.transport.abort()
 
     # --- one connection -------------------------------------------------------------------
 
@@ -397,22 +407,17 @@ class CloudServer:
         outcome, answer, error_name = "ok", None, None
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                seq = 0
-                async for item in self.agent.answer(request, deadline=deadline, pii_kinds=pii):
-                    if isinstance(item, Answer):
-                        answer = item
-                    elif request.stream and item:
-                        await self._send(
-                            conn, Delta(request_id=request.request_id, seq=seq, text=item)
-                        )
-                        seq += 1
-            assert answer is not None
+                answer = await self._generate(conn, request, deadline, pii)
+            text, finish = answer.text, answer.finish_reason
+            if len(text) > self._max_text:
+                # Longer than a frame may carry: cut, and say so.
+                text, finish = text[: self._max_text], "length"
             await self._send(
                 conn,
                 Result(
                     request_id=request.request_id,
-                    text=answer.text,
-                    finish_reason=answer.finish_reason,
+                    text=text,
+                    finish_reason=finish,
                     usage=Usage(
                         prompt_tokens=answer.prompt_tokens,
                         completion_tokens=answer.completion_tokens,
@@ -442,6 +447,11 @@ class CloudServer:
         except BackendError as exc:
             outcome = error_name = "backend_error"
             await self._fail(conn, request, ErrorCode.BACKEND_ERROR, str(exc))
+        except Exception:
+            # A bug must not leave the device waiting: end the request, keep the trace.
+            log.exception("escalation %s failed", request.request_id)
+            outcome = error_name = "internal_error"
+            await self._fail(conn, request, ErrorCode.INTERNAL_ERROR, "internal error")
         finally:
             elapsed = time.monotonic() - started
             self.metrics.requests.labels(request.priority, outcome).inc()
@@ -472,6 +482,56 @@ class CloudServer:
                 )
             )
 
+    async def _generate(
+        self, conn: _Connection, request: Escalate, deadline: float, pii: tuple[str, ...]
+    ) -> Answer:
+        """Run the agent and stream its pieces to the device.
+
+        Generation does not wait for the socket: pieces the device has not taken yet are
+        coalesced into the next delta. So a device that reads slowly costs its own memory
+        (bounded by the answer's length), never backend capacity other devices need.
+        """
+        pending: list[str] = []
+        ready = asyncio.Event()
+        finished = False
+
+        async def sender() -> None:
+            seq = 0
+            while True:
+                await ready.wait()
+                ready.clear()
+                if pending:
+                    text = "".join(pending)
+                    pending.clear()
+                    for start in range(0, len(text), self._max_text):
+                        piece = text[start : start + self._max_text]
+                        await self._send(
+                            conn, Delta(request_id=request.request_id, seq=seq, text=piece)
+                        )
+                        seq += 1
+                if finished and not pending:
+                    return
+
+        answer: Answer | None = None
+        streaming = asyncio.create_task(sender()) if request.stream else None
+        try:
+            async for item in self.agent.answer(request, deadline=deadline, pii_kinds=pii):
+                if isinstance(item, Answer):
+                    answer = item
+                elif item and streaming is not None:
+                    pending.append(item)
+                    ready.set()
+            finished = True
+            ready.set()
+            if streaming is not None:
+                await streaming
+        finally:
+            if streaming is not None and not streaming.done():
+                streaming.cancel()
+                await asyncio.gather(streaming, return_exceptions=True)
+        assert answer is not None, "the agent ends every answer with an Answer"
+        return answer
+
     async def _send(self, conn: _Connection, message: Any) -> None:
         if conn.session.closed or not conn.session.in_flight(message.request_id):
             return
@@ -481,7 +541,8 @@ class CloudServer:
     async def _fail(self, conn: _Connection, request: Escalate, code: ErrorCode, text: str) -> None:
         if conn.session.is_open and conn.session.in_flight(request.request_id):
             conn.session.send(make_error(code, text, request_id=request.request_id))
-            await asyncio.shield(self._flush(conn))
+            if not self._draining:  # on shutdown, `_goodbye` flushes with a time limit
+                await asyncio.shield(self._flush(conn))
 
     async def _best_effort(self, write: Awaitable[Any]) -> None:
         """Writes whose failure must not fail the request (logs, bookkeeping)."""

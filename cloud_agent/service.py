@@ -116,7 +116,9 @@ class CloudService:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         signing_key = SigningKey.load_or_create(config.data_dir / "server.key")
         admin_token = config.admin_token or _load_or_create_token(config.data_dir / "admin.token")
-        store = await Store.open(config.resolved_database_url())
+        store = await Store.open(
+            config.resolved_database_url(), lock_timeout_s=config.store_lock_timeout_s
+        )
         try:
             chosen = (
                 backend if backend is not None else await asyncio.to_thread(build_backend, config)

@@ -123,9 +123,14 @@ class Device:
 
     @classmethod
     async def connect(
-        cls, url: str, credentials: DeviceCredentials | EnrollmentCredentials, **kw: Any
+        cls,
+        url: str,
+        credentials: DeviceCredentials | EnrollmentCredentials,
+        *,
+        ssl: Any = None,
+        **kw: Any,
     ) -> Device:
-        ws = await connect(url, subprotocols=[SUBPROTOCOL], proxy=None)  # type: ignore[list-item]
+        ws = await connect(url, subprotocols=[SUBPROTOCOL], proxy=None, ssl=ssl)  # type: ignore[list-item]
         device = cls(ws, ClientSession(credentials, sdk=SDK, **kw))
         device.session.start()
         await _flush(ws, device.session.data_to_send())

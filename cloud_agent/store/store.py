@@ -90,16 +90,23 @@ class Store(JobStore):
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    async def open(cls, url: str, *, migrate: bool = True) -> Store:
-        """Connect to `url` and bring its schema up to date."""
+    async def open(cls, url: str, *, migrate: bool = True, lock_timeout_s: float = 15.0) -> Store:
+        """Connect to `url` and bring its schema up to date.
+
+        `lock_timeout_s` is how long a SQLite write waits for another writer before the store
+        reports itself unavailable.
+        """
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            kwargs["connect_args"] = {"timeout": 15}
+            kwargs["connect_args"] = {"timeout": lock_timeout_s}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
         engine = create_async_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            busy_ms = int(lock_timeout_s * 1000)
+            event.listen(
+                engine.sync_engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms)
+            )
         store = cls(engine)
         if migrate:
             try:
@@ -403,10 +410,10 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=15000")
+    cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cursor.close()

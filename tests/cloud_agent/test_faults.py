@@ -1,0 +1,239 @@
+"""Faults: slow consumers, a locked database, garbage from the backend, several replicas, TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import sqlite3
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.errors import BackendResponseError
+from cloud_agent.service import CloudService
+from examples.handshake import Device
+from protocol import (
+    AckReceived,
+    ChatMessage,
+    DeltaReceived,
+    DeviceCredentials,
+    EnrollmentCompleted,
+    EnrollmentCredentials,
+    Escalate,
+    Feedback,
+    RequestFailed,
+    ResultReceived,
+    Welcomed,
+)
+from shared import SigningKey
+from tests.cloud_agent.conftest import Cloud, make_config
+
+pytestmark = pytest.mark.slow
+
+
+def ask(text: str, request_id: str, *, stream: bool = True) -> Escalate:
+    return Escalate(
+        request_id=request_id,
+        messages=[ChatMessage(role="user", content=text)],
+        deadline_ms=20_000,
+        max_tokens=64,
+        stream=stream,
+    )
+
+
+# More than loopback socket buffers hold for a reader that stopped: 8 x 1.2 MB.
+LONG_ANSWER = " ".join(["x" * 6000] * 200)
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(LONG_ANSWER), capacity=4)
+async def test_a_client_that_stops_reading_neither_grows_memory_nor_stalls_others(
+    cloud: Cloud,
+) -> None:
+    slow, _ = await cloud.enroll()
+    slow.ws.transport.pause_reading()  # it never reads again
+    for i in range(4):
+        await slow.send(ask("Tell me everything about tents, at great length please.", f"req_{i}"))
+    fast, _ = await cloud.enroll()
+    for i in range(3):
+        await fast.send(
+            ask("Is the Alps trail open in winter months at all?", f"fast_{i}", stream=False)
+        )
+        event = await fast.next_event(ResultReceived, RequestFailed)
+        assert isinstance(event, ResultReceived), event
+    [server_side] = [
+        c
+        for c in cloud.service.server._connections
+        if c.device_id and c.ws is not None and c.session.in_flight_count > 0
+    ]
+    buffered = server_side.ws.transport.get_write_buffer_size()
+    assert buffered < 1 << 20, f"{buffered} bytes buffered for a client that does not read"
+    await fast.close()
+    slow.ws.transport.abort()
+    await slow.ws.wait_closed()
+
+
+async def test_feedback_is_not_acknowledged_while_the_database_is_locked_and_is_stored_once_after(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    config = make_config(tmp_path, kb_path, store_lock_timeout_s=0.2)
+    service = await CloudService.create(config, backend=ScriptedBackend())
+    await service.start()
+    try:
+        token = await service.store.create_enrollment_token()
+        url = f"ws://127.0.0.1:{service.port}/v1"
+        device = await Device.connect(url, EnrollmentCredentials(token, SigningKey.generate()))
+        assert isinstance(await device.next_event(Welcomed), Welcomed)
+        feedback = Feedback(idempotency_key="idk_locked", request_id="req_1", rating="positive")
+
+        blocker = sqlite3.connect(config.data_dir / "cloud.db", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        await device.send(feedback)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await device.next_event(AckReceived)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+        await device.send(feedback)  # the device's outbox resends what was never acked
+        ack = await device.next_event(AckReceived)
+        assert isinstance(ack, AckReceived) and ack.ack.duplicate is False
+        await device.send(feedback)
+        ack = await device.next_event(AckReceived)
+        assert isinstance(ack, AckReceived) and ack.ack.duplicate is True
+        summary = await service.store.feedback_summary()
+        assert summary.positive == 1
+        await device.close()
+    finally:
+        await service.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend("x" * 100_000))
+async def test_an_answer_longer_than_a_frame_may_carry_is_cut_and_marked(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Write me the longest answer you can about ropes.", "req_1"))
+    pieces = []
+    while True:
+        event = await device.next_event(DeltaReceived, ResultReceived, RequestFailed)
+        if not isinstance(event, DeltaReceived):
+            break
+        pieces.append(event.delta.text)
+    assert isinstance(event, ResultReceived), event
+    assert event.result.finish_reason == "length" and len(event.result.text) == 65536
+    assert len("".join(pieces)) == 100_000, "the stream itself carried everything, in pieces"
+    await device.close()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(fail_with=BackendResponseError("not a completion")))
+async def test_garbage_from_the_backend_is_a_typed_error_to_the_device(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Which stove works best above 4000 metres and why?", "req_1"))
+    event = await device.next_event(ResultReceived, RequestFailed)
+    assert isinstance(event, RequestFailed) and event.error.name == "backend_error"
+    await device.close()
+
+
+async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
+    tmp_path: Path, kb_path: Path, postgres_url: str
+) -> None:
+    replicas = []
+    for n in range(2):
+        config = make_config(tmp_path / f"r{n}", kb_path, database_url=postgres_url)
+        service = await CloudService.create(config, backend=ScriptedBackend(f"from replica {n}"))
+        # Both replicas of one cluster sign with the same key: copy the first one's.
+        if replicas:
+            service.server.signing_key = replicas[0].server.signing_key
+        await service.start()
+        replicas.append(service)
+    try:
+        token = await replicas[0].store.create_enrollment_token()
+        key = SigningKey.generate()
+        first = await Device.connect(
+            f"ws://127.0.0.1:{replicas[0].port}/v1", EnrollmentCredentials(token, key)
+        )
+        done = await first.next_event(EnrollmentCompleted)
+        assert isinstance(done, EnrollmentCompleted)
+        assert isinstance(await first.next_event(Welcomed), Welcomed)
+        feedback = Feedback(idempotency_key="idk_replicas", request_id="r", rating="negative")
+        await first.send(feedback)
+        assert isinstance(await first.next_event(AckReceived), AckReceived)
+        await first.close()
+
+        second = await Device.connect(
+            f"ws://127.0.0.1:{replicas[1].port}/v1", DeviceCredentials(done.device_id, key)
+        )
+        assert isinstance(await second.next_event(Welcomed), Welcomed)
+        await second.send(feedback)
+        ack = await second.next_event(AckReceived)
+        assert isinstance(ack, AckReceived) and ack.ack.duplicate is True
+        await second.send(ask("Anything about layering for wet climates in general?", "req_2"))
+        result = await second.next_event(ResultReceived)
+        assert isinstance(result, ResultReceived) and result.result.text == "from replica 1"
+        await second.close()
+    finally:
+        for service in replicas:
+            async with service.store.engine.begin() as conn:
+                from cloud_agent.store.tables import Base
+
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+            break
+        for service in replicas:
+            await service.stop()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_the_service_speaks_wss_with_a_certificate(tmp_path: Path, kb_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    config = make_config(tmp_path, kb_path, tls_cert=cert, tls_key=key)
+    service = await CloudService.create(config, backend=ScriptedBackend())
+    await service.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+        token = await service.store.create_enrollment_token()
+        device = await Device.connect(
+            f"wss://127.0.0.1:{service.port}/v1",
+            EnrollmentCredentials(token, SigningKey.generate()),
+            ssl=client_ctx,
+        )
+        assert isinstance(await device.next_event(Welcomed), Welcomed)
+        await device.close()
+    finally:
+        await service.stop()
