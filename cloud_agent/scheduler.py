@@ -7,9 +7,12 @@ calls the backends serve well at once).
   first and always before offline work. A request that cannot start in time is refused at once
   with `Overloaded` (the device then answers locally) rather than left to queue: the expected
   wait is estimated from the queue ahead of it and the measured service time.
-- **Offline** work (batch answering, relabelling, evaluation) only fills idle capacity. It may
-  hold at most ``capacity - reserve - online_in_flight`` slots, so it shrinks as online load
-  rises and pauses while online requests queue; it resumes by itself and is never dropped.
+- **Offline** work (batch answering, relabelling, evaluation) only fills idle capacity. The
+  scheduler keeps ``ceil(L + headroom * sqrt(L))`` slots for online work, where ``L`` is the
+  online concurrency it measures (arrival rate over the last window times service time, by
+  Little's law) and the square root covers Poisson bursts; offline work may use the rest. So
+  offline work takes everything when nothing is online, shrinks as online load rises, pauses
+  while online requests queue, resumes by itself, and is never dropped.
 
 Load (slots in use, queue depths, queue wait, service time) is exposed by `load()`.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -68,16 +72,23 @@ class Scheduler:
         self,
         capacity: int,
         *,
-        reserve: int | None = None,
+        reserve: int = 0,
+        headroom: float = 0.75,
+        window_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        # Slots offline work leaves free for online arrivals; with one slot, offline work may
-        # still use it when nothing online is running or waiting.
-        self.reserve = reserve if reserve is not None else max(0, capacity // 4)
+        self.reserve = reserve if reserve is not None else (1 if capacity >= 4 else 0)
+        """Slots always kept from offline work, whatever the measured online load."""
+        self.headroom = headroom
+        """Standard deviations of online burst kept free beyond the mean online concurrency."""
+        self.window_s = window_s
+        self._arrivals: deque[float] = deque()
+        self._recheck: asyncio.TimerHandle | None = None
         self._clock = clock
+        self._started = clock()
         self._online_in_flight = 0
         self._offline_in_flight = 0
         self._online: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -136,17 +147,33 @@ class Scheduler:
     def _online_may_start(self) -> bool:
         return self._online_in_flight + self._offline_in_flight < self.capacity
 
+    def online_demand(self) -> float:
+        """Mean online concurrency now: arrival rate in the window times service time."""
+        now = self._clock()
+        while self._arrivals and self._arrivals[0] < now - self.window_s:
+            self._arrivals.popleft()
+        # Until a whole window has passed, the rate is over the time seen so far.
+        span = min(self.window_s, max(now - self._started, self._service.value, 1e-3))
+        return len(self._arrivals) / span * self._service.value
+
+    def offline_limit(self) -> int:
+        """Slots offline work may hold now."""
+        demand = self.online_demand()
+        kept = math.ceil(demand + self.headroom * math.sqrt(demand)) if demand > 0 else 0
+        kept = max(kept, self.reserve, self._online_in_flight)
+        if self.capacity == 1:
+            kept = self._online_in_flight  # one slot: offline runs whenever online is idle
+        return max(0, self.capacity - kept)
+
     def _offline_may_start(self) -> bool:
         if any(not f.done() for *_, f in self._online):
             return False
-        limit = self.capacity - self.reserve - self._online_in_flight
-        if self.capacity == 1:
-            limit = 1 - self._online_in_flight
         busy = self._online_in_flight + self._offline_in_flight
-        return self._offline_in_flight < limit and busy < self.capacity
+        return self._offline_in_flight < self.offline_limit() and busy < self.capacity
 
     async def _acquire_online(self, deadline: float) -> None:
         now = self._clock()
+        self._arrivals.append(now)
         expected = self.expected_wait() + self._service.value
         if now + expected > deadline:
             self._refused += 1
@@ -181,6 +208,7 @@ class Scheduler:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._offline.append(future)
+        self._dispatch()  # arms the re-check when the limit keeps it waiting
         try:
             await future
         except asyncio.CancelledError:
@@ -200,3 +228,12 @@ class Scheduler:
             if not future.done():
                 self._offline_in_flight += 1
                 future.set_result(None)
+        if self._offline and self._recheck is None:
+            # The offline limit also moves with time (the online load measured over the
+            # window decays); look again even if no slot is released meanwhile.
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(self.window_s / 20, self._recheck_now)
+
+    def _recheck_now(self) -> None:
+        self._recheck = None
+        self._dispatch()
