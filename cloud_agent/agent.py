@@ -64,7 +64,8 @@ class CloudAgent:
     async def answer(
         self, request: Escalate, *, deadline: float, pii_kinds: tuple[str, ...] = ()
     ) -> AsyncIterator[str | Answer]:
-        """Text pieces, then one `Answer`. Raises `Overloaded` or `BackendError`."""
+        """Text pieces, then one `Answer` (streaming escalations). Raises `Overloaded` or
+        `BackendError`."""
         turns = [ChatTurn(m.role, m.content) for m in request.messages]
         async for item in self.respond(
             turns,
@@ -76,13 +77,57 @@ class CloudAgent:
             yield item
 
     async def complete(
-        self, turns: list[ChatTurn], *, max_tokens: int, lane: Lane, deadline: float | None = None
+        self,
+        turns: list[ChatTurn],
+        *,
+        max_tokens: int,
+        lane: Lane,
+        deadline: float | None = None,
+        pii_kinds: tuple[str, ...] = (),
     ) -> Answer:
-        """The whole answer at once (offline work, evaluation)."""
-        async for item in self.respond(turns, max_tokens=max_tokens, lane=lane, deadline=deadline):
-            if isinstance(item, Answer):
-                return item
-        raise AssertionError("respond() ends with an Answer")  # pragma: no cover
+        """The whole answer at once (non-streaming escalations, offline work, evaluation).
+
+        A plain coroutine rather than `respond`'s generator chain: this is the hot path of
+        non-streaming traffic."""
+        messages: tuple[ChatTurn, ...] = tuple(turns)
+        fact_ids: tuple[str, ...] = ()
+        if self.skill is not None:
+            plan = self.skill.plan(turns)
+            messages, fact_ids = plan.messages, plan.fact_ids
+            if plan.grounded_answer is not None:
+                return self._grounded(plan.grounded_answer, fact_ids, pii_kinds)
+        chat = ChatRequest(messages=messages, max_tokens=max_tokens)
+        async with self.scheduler.slot(lane, deadline=deadline):
+            completion = await self.backend.complete(chat)
+        return self._from_completion(completion, fact_ids, pii_kinds)
+
+    @staticmethod
+    def _grounded(text: str, fact_ids: tuple[str, ...], pii_kinds: tuple[str, ...]) -> Answer:
+        return Answer(
+            text=text,
+            finish_reason="stop",
+            prompt_tokens=0,
+            completion_tokens=0,
+            model="knowledge",
+            backend="knowledge",
+            fact_ids=fact_ids,
+            grounded=True,
+            pii_kinds=pii_kinds,
+        )
+
+    def _from_completion(
+        self, completion: Completion, fact_ids: tuple[str, ...], pii_kinds: tuple[str, ...]
+    ) -> Answer:
+        return Answer(
+            text=completion.text,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            model=completion.model,
+            backend=self.backend.name,
+            fact_ids=fact_ids,
+            pii_kinds=pii_kinds,
+        )
 
     async def respond(
         self,
@@ -93,7 +138,9 @@ class CloudAgent:
         deadline: float | None,
         pii_kinds: tuple[str, ...] = (),
     ) -> AsyncIterator[str | Answer]:
-        """Text pieces, then one `Answer`, for a conversation in the given scheduler lane."""
+        """Text pieces as produced, then one `Answer`, in the given scheduler lane."""
+        messages: tuple[ChatTurn, ...] = tuple(turns)
+        fact_ids: tuple[str, ...] = ()
         if self.skill is not None:
             plan = self.skill.plan(turns)
             messages, fact_ids = plan.messages, plan.fact_ids
@@ -101,36 +148,15 @@ class CloudAgent:
                 words = plan.grounded_answer.split(" ")
                 for i, word in enumerate(words):
                     yield word if i == len(words) - 1 else word + " "
-                yield Answer(
-                    text=plan.grounded_answer,
-                    finish_reason="stop",
-                    prompt_tokens=0,
-                    completion_tokens=0,
-                    model="knowledge",
-                    backend="knowledge",
-                    fact_ids=fact_ids,
-                    grounded=True,
-                    pii_kinds=pii_kinds,
-                )
+                yield self._grounded(plan.grounded_answer, fact_ids, pii_kinds)
                 return
-        else:
-            messages, fact_ids = tuple(turns), ()
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
+        completion: Completion | None = None
         async with self.scheduler.slot(lane, deadline=deadline):
-            completion: Completion | None = None
             async for item in self.backend.stream(chat):
                 if isinstance(item, Completion):
                     completion = item
                 else:
                     yield item
         assert completion is not None, "a backend stream ends with a Completion"
-        yield Answer(
-            text=completion.text,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            model=completion.model,
-            backend=self.backend.name,
-            fact_ids=fact_ids,
-            pii_kinds=pii_kinds,
-        )
+        yield self._from_completion(completion, fact_ids, pii_kinds)

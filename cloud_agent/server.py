@@ -19,6 +19,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from cloud_agent.agent import Answer, CloudAgent
+from cloud_agent.backends.base import ChatTurn
 from cloud_agent.errors import (
     BackendError,
     EnrollmentRefused,
@@ -26,6 +27,7 @@ from cloud_agent.errors import (
     StoreError,
 )
 from cloud_agent.metrics import Metrics
+from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.store import NewInteraction, Store
 from protocol import (
     SUBPROTOCOL,
@@ -105,8 +107,10 @@ class CloudServer:
         max_queue: int = 16,
         auth_timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        recorder: InteractionRecorder | None = None,
     ) -> None:
         self.store = store
+        self.recorder = recorder or InteractionRecorder(store)
         self.agent = agent
         self.signing_key = signing_key
         self.server_id = server_id
@@ -407,7 +411,16 @@ class CloudServer:
         outcome, answer, error_name = "ok", None, None
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                answer = await self._generate(conn, request, deadline, pii)
+                if request.stream:
+                    answer = await self._generate(conn, request, deadline, pii)
+                else:
+                    answer = await self.agent.complete(
+                        [ChatTurn(m.role, m.content) for m in request.messages],
+                        max_tokens=request.max_tokens,
+                        lane=request.priority,
+                        deadline=deadline,
+                        pii_kinds=pii,
+                    )
             text, finish = answer.text, answer.finish_reason
             if len(text) > self._max_text:
                 # Longer than a frame may carry: cut, and say so.
@@ -456,29 +469,27 @@ class CloudServer:
             elapsed = time.monotonic() - started
             self.metrics.requests.labels(request.priority, outcome).inc()
             self.metrics.latency.labels(request.priority).observe(elapsed)
-            await self._best_effort(
-                self.store.record_interaction(
-                    NewInteraction(
-                        device_id=conn.device_id,
-                        request_id=request.request_id,
-                        session_id=conn.session_id,
-                        messages=[m.model_dump() for m in request.messages],
-                        placeholders=list(request.placeholders),
-                        status="ok"
-                        if outcome == "ok"
-                        else ("cancelled" if outcome == "cancelled" else "error"),
-                        priority=request.priority,
-                        answer=answer.text if answer else None,
-                        error_name=error_name,
-                        intent=request.intent,
-                        route_reasons=list(request.reasons),
-                        latency_ms=int(elapsed * 1000),
-                        prompt_tokens=answer.prompt_tokens if answer else 0,
-                        completion_tokens=answer.completion_tokens if answer else 0,
-                        backend=answer.backend if answer else None,
-                        model=answer.model if answer else None,
-                        fact_ids=list(answer.fact_ids) if answer else [],
-                    )
+            await self.recorder.record(
+                NewInteraction(
+                    device_id=conn.device_id,
+                    request_id=request.request_id,
+                    session_id=conn.session_id,
+                    messages=[m.model_dump() for m in request.messages],
+                    placeholders=list(request.placeholders),
+                    status="ok"
+                    if outcome == "ok"
+                    else ("cancelled" if outcome == "cancelled" else "error"),
+                    priority=request.priority,
+                    answer=answer.text if answer else None,
+                    error_name=error_name,
+                    intent=request.intent,
+                    route_reasons=list(request.reasons),
+                    latency_ms=int(elapsed * 1000),
+                    prompt_tokens=answer.prompt_tokens if answer else 0,
+                    completion_tokens=answer.completion_tokens if answer else 0,
+                    backend=answer.backend if answer else None,
+                    model=answer.model if answer else None,
+                    fact_ids=list(answer.fact_ids) if answer else [],
                 )
             )
 
@@ -513,20 +524,19 @@ class CloudServer:
                     return
 
         answer: Answer | None = None
-        streaming = asyncio.create_task(sender()) if request.stream else None
+        streaming = asyncio.create_task(sender())
         try:
             async for item in self.agent.answer(request, deadline=deadline, pii_kinds=pii):
                 if isinstance(item, Answer):
                     answer = item
-                elif item and streaming is not None:
+                elif item:
                     pending.append(item)
                     ready.set()
             finished = True
             ready.set()
-            if streaming is not None:
-                await streaming
+            await streaming
         finally:
-            if streaming is not None and not streaming.done():
+            if not streaming.done():
                 streaming.cancel()
                 await asyncio.gather(streaming, return_exceptions=True)
         assert answer is not None, "the agent ends every answer with an Answer"

@@ -131,6 +131,7 @@ class CloudService:
         )
 
     async def start(self) -> None:
+        self.server.recorder.start()
         self.port = await self.server.start(self.config.host, self.config.port)
         self.jobs.start()
         app = build_admin_app(self)
@@ -163,6 +164,7 @@ class CloudService:
         self.draining = True
         await self.server.shutdown(self.config.shutdown_grace_s)
         await self.jobs.stop()
+        await self.server.recorder.stop()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._admin_task is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, func, select, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -226,30 +226,38 @@ class Store(JobStore):
 
     # --- interactions ---------------------------------------------------------------------
 
-    async def record_interaction(self, it: NewInteraction) -> int:
+    async def record_interaction(self, it: NewInteraction) -> None:
+        await self.record_interactions([it])
+
+    async def record_interactions(self, batch: list[NewInteraction]) -> None:
+        """Store many interactions in one transaction (the server writes them in batches)."""
+        if not batch:
+            return
+        now = _now()
+        rows = [
+            {
+                "device_id": it.device_id,
+                "request_id": it.request_id,
+                "session_id": it.session_id,
+                "created_at": now,
+                "prompt": {"messages": it.messages, "placeholders": it.placeholders},
+                "answer": it.answer,
+                "status": it.status,
+                "error_name": it.error_name,
+                "intent": it.intent,
+                "route_reasons": list(it.route_reasons),
+                "priority": it.priority,
+                "latency_ms": it.latency_ms,
+                "prompt_tokens": it.prompt_tokens,
+                "completion_tokens": it.completion_tokens,
+                "backend": it.backend,
+                "model": it.model,
+                "fact_ids": list(it.fact_ids),
+            }
+            for it in batch
+        ]
         async with self._tx() as s:
-            row = t.Interaction(
-                device_id=it.device_id,
-                request_id=it.request_id,
-                session_id=it.session_id,
-                created_at=_now(),
-                prompt={"messages": it.messages, "placeholders": it.placeholders},
-                answer=it.answer,
-                status=it.status,
-                error_name=it.error_name,
-                intent=it.intent,
-                route_reasons=list(it.route_reasons),
-                priority=it.priority,
-                latency_ms=it.latency_ms,
-                prompt_tokens=it.prompt_tokens,
-                completion_tokens=it.completion_tokens,
-                backend=it.backend,
-                model=it.model,
-                fact_ids=list(it.fact_ids),
-            )
-            s.add(row)
-            await s.flush()
-            return row.id
+            await s.execute(insert(t.Interaction), rows)
 
     async def list_interactions(
         self, *, limit: int = 100, device_id: str | None = None, status: str | None = None

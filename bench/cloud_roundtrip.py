@@ -1,0 +1,164 @@
+"""Escalation round trips through the real cloud server, against a plain websockets echo server.
+
+Both servers run in this process on loopback and are driven by the same raw client: N
+connections, each sending a request frame and waiting for one reply frame, as fast as it can.
+
+- ours: `CloudService` (session machine, auth, scheduler, store writes) with a `ScriptedBackend`
+  that answers at once (non-streaming escalations: one `escalate` in, one `result` out);
+- baseline: a websockets server that echoes a reply of the same size for each frame.
+
+Prints round trips per second and p50/p99 latency for each, and the ratio ours/echo
+(target: at least 0.5).
+
+    python -m bench.cloud_roundtrip [--connections 16] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.config import CloudConfig
+from cloud_agent.service import CloudService
+from examples.handshake import Device
+from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
+from protocol.messages import ChatMessage, Escalate
+from shared import SigningKey
+
+
+def escalate_frame(i: int) -> str:
+    return encode(
+        Escalate(
+            request_id=f"req_{i}",
+            messages=[ChatMessage(role="user", content="How do I waterproof my hiking boots?")],
+            deadline_ms=10_000,
+            max_tokens=32,
+        )
+    )
+
+
+async def drive(
+    sockets: list[ClientConnection], frames: list[list[str]], seconds: float
+) -> tuple[int, list[float]]:
+    """Each socket sends its next frame, waits for one reply, repeats until time is up."""
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + seconds
+
+    async def one(ws: ClientConnection, own: list[str]) -> None:
+        i = 0
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await ws.send(own[i % len(own)])
+            await ws.recv()
+            latencies.append(time.perf_counter() - t0)
+            i += 1
+
+    await asyncio.gather(*(one(ws, f) for ws, f in zip(sockets, frames, strict=True)))
+    return len(latencies), latencies
+
+
+async def bench_ours(n: int, seconds: float) -> tuple[float, list[float], int]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = CloudConfig.model_validate(
+            {
+                "data_dir": Path(tmp),
+                "port": 0,
+                "admin_port": 0,
+                "capacity": 64,
+                "limits": {"max_requests_per_minute": 10**6},
+            }
+        )
+        service = await CloudService.create(config, backend=ScriptedBackend("Use wax, then dry."))
+        await service.start()
+        try:
+            url = f"ws://127.0.0.1:{service.port}/v1"
+            devices = []
+            for _ in range(n):
+                token = await service.store.create_enrollment_token()
+                device = await Device.connect(
+                    url, EnrollmentCredentials(token, SigningKey.generate())
+                )
+                assert isinstance(await device.next_event(Welcomed), Welcomed)
+                devices.append(device)
+            # Unique request ids per connection: a request id may not repeat while in flight,
+            # and interactions are stored per (device, request id).
+            frames = [[escalate_frame(k * 1_000_000 + i) for i in range(20_000)] for k in range(n)]
+            reply = json.loads(await _sample(devices[0].ws, frames[0][0]))
+            assert reply["type"] == "result", reply
+            frames = [f[1:] for f in frames]
+            count, lat = await drive([d.ws for d in devices], frames, seconds)
+            size = len(json.dumps(reply))
+            for d in devices:
+                await d.ws.close()
+        finally:
+            await service.stop()
+    return count / seconds, lat, size
+
+
+async def _sample(ws: ClientConnection, frame: str) -> str:
+    await ws.send(frame)
+    data = await ws.recv()
+    return data if isinstance(data, str) else data.decode()
+
+
+async def bench_echo(n: int, seconds: float, reply_size: int) -> tuple[float, list[float]]:
+    reply = "x" * reply_size
+
+    async def echo(ws: ServerConnection) -> None:
+        async for _ in ws:
+            await ws.send(reply)
+
+    async with serve(echo, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], compression=None) as server:  # type: ignore[list-item]
+        port = next(iter(server.sockets)).getsockname()[1]
+        sockets = [
+            await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=[SUBPROTOCOL], proxy=None,  # type: ignore[list-item]
+                          compression=None)
+            for _ in range(n)
+        ]  # fmt: skip
+        frames = [[escalate_frame(i)] for i in range(n)]
+        count, lat = await drive(sockets, frames, seconds)
+        for ws in sockets:
+            await ws.close()
+    return count / seconds, lat
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    ours_rate, ours_lat, size = await bench_ours(args.connections, args.seconds)
+    echo_rate, echo_lat = await bench_echo(args.connections, args.seconds, size)
+    print(f"{args.connections} connections, {args.seconds:.0f} s each, reply {size} bytes\n")
+    print(f"{'server':<34} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rate, lat in (
+        ("websockets echo (baseline)", echo_rate, echo_lat),
+        ("edgeloop cloud, ScriptedBackend", ours_rate, ours_lat),
+    ):
+        print(
+            f"{name:<34} {rate:>14,.0f} {statistics.median(lat) * 1000:>8.2f} "
+            f"{pct(lat, 0.99) * 1000:>8.2f}"
+        )
+    print(f"\nratio ours/echo: {ours_rate / echo_rate:.2f} (target >= 0.5)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    asyncio.run(main_async(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
