@@ -89,17 +89,22 @@ class CloudAgent:
 
         A plain coroutine rather than `respond`'s generator chain: this is the hot path of
         non-streaming traffic."""
-        messages: tuple[ChatTurn, ...] = tuple(turns)
-        fact_ids: tuple[str, ...] = ()
-        if self.skill is not None:
-            plan = self.skill.plan(turns)
-            messages, fact_ids = plan.messages, plan.fact_ids
-            if plan.grounded_answer is not None:
-                return self._grounded(plan.grounded_answer, fact_ids, pii_kinds)
+        messages, fact_ids, grounded = self._plan(turns)
+        if grounded is not None:
+            return self._grounded(grounded, fact_ids, pii_kinds)
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
         async with self.scheduler.slot(lane, deadline=deadline):
             completion = await self.backend.complete(chat)
         return self._from_completion(completion, fact_ids, pii_kinds)
+
+    def _plan(
+        self, turns: list[ChatTurn]
+    ) -> tuple[tuple[ChatTurn, ...], tuple[str, ...], str | None]:
+        """(messages for the LLM, fact ids, grounded answer or None)."""
+        if self.skill is None:
+            return tuple(turns), (), None
+        plan = self.skill.plan(turns)
+        return plan.messages, plan.fact_ids, plan.grounded_answer
 
     @staticmethod
     def _grounded(text: str, fact_ids: tuple[str, ...], pii_kinds: tuple[str, ...]) -> Answer:
@@ -139,17 +144,13 @@ class CloudAgent:
         pii_kinds: tuple[str, ...] = (),
     ) -> AsyncIterator[str | Answer]:
         """Text pieces as produced, then one `Answer`, in the given scheduler lane."""
-        messages: tuple[ChatTurn, ...] = tuple(turns)
-        fact_ids: tuple[str, ...] = ()
-        if self.skill is not None:
-            plan = self.skill.plan(turns)
-            messages, fact_ids = plan.messages, plan.fact_ids
-            if plan.grounded_answer is not None:
-                words = plan.grounded_answer.split(" ")
-                for i, word in enumerate(words):
-                    yield word if i == len(words) - 1 else word + " "
-                yield self._grounded(plan.grounded_answer, fact_ids, pii_kinds)
-                return
+        messages, fact_ids, grounded = self._plan(turns)
+        if grounded is not None:
+            words = grounded.split(" ")
+            for i, word in enumerate(words):
+                yield word if i == len(words) - 1 else word + " "
+            yield self._grounded(grounded, fact_ids, pii_kinds)
+            return
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
         completion: Completion | None = None
         async with self.scheduler.slot(lane, deadline=deadline):

@@ -62,17 +62,18 @@ def postgres_url() -> Iterator[str]:
         run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def kb_path() -> Path:
-    path = SHARED_DATA / "northwind-kb.md"
+def _shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
     if not path.exists():
         pytest.fail(f"{path} is missing: the suite needs ../shared/data beside the repository")
     return path
+
+
+@pytest.fixture
+def kb_path() -> Path:
+    return _shared_file("northwind-kb.md")
 
 
 @pytest.fixture
 def workload_path() -> Path:
-    path = SHARED_DATA / "northwind-workload-dev.jsonl"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: the suite needs ../shared/data beside the repository")
-    return path
+    return _shared_file("northwind-workload-dev.jsonl")

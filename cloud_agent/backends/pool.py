@@ -114,13 +114,18 @@ class BackendPool:
 
     # --- the backend interface ------------------------------------------------------------
 
+    def _take(self, tried: set[int]) -> tuple[MemberState, float]:
+        """The next member to try (counted as busy from now), and when it started."""
+        member = self._pick(tried)
+        tried.add(self.members.index(member))
+        member.in_flight += 1
+        member.last_used = started = self._clock()
+        return member, started
+
     async def complete(self, request: ChatRequest) -> Completion:
         tried: set[int] = set()
         while True:
-            member = self._pick(tried)
-            tried.add(self.members.index(member))
-            member.in_flight += 1
-            member.last_used = started = self._clock()
+            member, started = self._take(tried)
             try:
                 result = await member.backend.complete(request)
             except BackendError as exc:
@@ -136,10 +141,7 @@ class BackendPool:
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         tried: set[int] = set()
         while True:
-            member = self._pick(tried)
-            tried.add(self.members.index(member))
-            member.in_flight += 1
-            member.last_used = started = self._clock()
+            member, started = self._take(tried)
             produced = False
             try:
                 async for item in member.backend.stream(request):
