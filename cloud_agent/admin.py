@@ -1,6 +1,6 @@
 """The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
-tokens, interactions, feedback, load, and offline jobs. Everything but `/healthz` and `/readyz`
-needs ``Authorization: Bearer <admin token>``."""
+tokens, interactions, feedback, load, adapters, rollouts and offline jobs. Everything but
+`/healthz` and `/readyz` needs ``Authorization: Bearer <admin token>``."""
 
 from __future__ import annotations
 
@@ -129,6 +129,12 @@ def build_admin_app(service: CloudService) -> Starlette:
             }
         )
 
+    async def adapters(request: Request) -> Response:
+        return _json(await service.store.list_adapters())
+
+    async def rollouts(request: Request) -> Response:
+        return _json(await service.store.deployment_summary())
+
     async def submit_job(request: Request) -> Response:
         try:
             body = await request.json()
@@ -164,6 +170,8 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/v1/interactions", guarded(interactions)),
             Route("/v1/feedback/summary", guarded(feedback_summary)),
             Route("/v1/load", guarded(load)),
+            Route("/v1/adapters", guarded(adapters)),
+            Route("/v1/rollouts", guarded(rollouts)),
             Route("/v1/jobs", guarded(list_jobs)),
             Route("/v1/jobs", guarded(submit_job), methods=["POST"]),
             Route("/v1/jobs/{job_id}", guarded(show_job)),

@@ -21,6 +21,7 @@ from shared.pii import PiiKind, detect
 __all__ = ["Answer", "CloudAgent"]
 
 CLOUD_PII_KINDS = (PiiKind.CARD, PiiKind.PHONE, PiiKind.EMAIL, PiiKind.IBAN)
+PHONE_REGIONS = ("US", "GB", "DE", "FR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +53,28 @@ class CloudAgent:
         self.skill = skill
 
     @staticmethod
-    def pii_kinds(request: Escalate) -> tuple[str, ...]:
-        """Kinds of raw personal data in the request (placeholders do not count)."""
-        kinds = {
-            f.kind.value
-            for m in request.messages
-            for f in detect(m.content, CLOUD_PII_KINDS, phone_regions=("US", "GB", "DE", "FR"))
-        }
-        return tuple(sorted(kinds))
+    def scrub(request: Escalate) -> tuple[Escalate, tuple[str, ...]]:
+        """The request with any raw personal data replaced by ``[redacted KIND]``, and the
+        kinds found. Placeholders such as ``<CARD_1>`` are not personal data. What the cloud
+        answers from and stores is the scrubbed copy, so a device that leaks a value does not
+        make the cloud keep it."""
+        kinds: set[str] = set()
+        messages = []
+        for message in request.messages:
+            findings = detect(message.content, CLOUD_PII_KINDS, phone_regions=PHONE_REGIONS)
+            if not findings:
+                messages.append(message)
+                continue
+            text = message.content
+            for finding in reversed(findings):
+                kinds.add(finding.kind.value)
+                text = (
+                    f"{text[: finding.start]}[redacted {finding.kind.value}]{text[finding.end :]}"
+                )
+            messages.append(message.model_copy(update={"content": text}))
+        if not kinds:
+            return request, ()
+        return request.model_copy(update={"messages": messages}), tuple(sorted(kinds))
 
     async def answer(
         self, request: Escalate, *, deadline: float, pii_kinds: tuple[str, ...] = ()

@@ -401,7 +401,7 @@ class CloudServer:
         assert conn.device_id is not None
         started = time.monotonic()
         deadline = started + request.deadline_ms / 1000.0
-        pii = self.agent.pii_kinds(request)
+        request, pii = self.agent.scrub(request)
         if pii:
             for kind in pii:
                 self.metrics.privacy_violations.labels(kind).inc()

@@ -391,6 +391,38 @@ class Store(JobStore):
             corrections=sum(c for _, c in counts.values()),
         )
 
+    # --- adapters and deployments -----------------------------------------------------------
+
+    async def list_adapters(self) -> list[dict[str, Any]]:
+        """Published adapter bundles, newest first (the closed loop writes them)."""
+        async with self._tx() as s:
+            rows = (await s.scalars(select(t.Adapter).order_by(t.Adapter.version.desc()))).all()
+            return [
+                {
+                    "version": r.version,
+                    "name": r.name,
+                    "base_model_sha256": r.base_model_sha256,
+                    "created_at": r.created_at.isoformat(),
+                    "metrics": dict(r.metrics),
+                }
+                for r in rows
+            ]
+
+    async def deployment_summary(self) -> list[dict[str, Any]]:
+        """Per adapter version, how many devices report each deployment status."""
+        async with self._tx() as s:
+            rows = (
+                await s.execute(
+                    select(t.Deployment.version, t.Deployment.status, func.count())
+                    .group_by(t.Deployment.version, t.Deployment.status)
+                    .order_by(t.Deployment.version.desc())
+                )
+            ).all()
+        summary: dict[int, dict[str, int]] = {}
+        for version, status, count in rows:
+            summary.setdefault(version, {})[status] = count
+        return [{"version": v, "devices": c} for v, c in summary.items()]
+
     # --- privacy --------------------------------------------------------------------------
 
     async def record_privacy_event(self, device_id: str, request_id: str, kinds: list[str]) -> None:

@@ -260,6 +260,12 @@ async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(clou
         )
     assert 'edgeloop_privacy_violations_total{kind="credit_card"} 1.0' in metrics.text
     assert "4111" not in metrics.text
+    [row] = await interactions(cloud)
+    stored = json.dumps(row.messages)
+    assert "4111" not in stored and "jo@example.com" not in stored
+    assert "[redacted credit_card]" in stored and "[redacted email]" in stored
+    [call] = cloud.backend.calls
+    assert "4111" not in call.messages[-1].content, "the backend never sees the raw value"
     await device.close()
 
 
@@ -311,4 +317,6 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         revoked = await client.post(f"/v1/devices/{creds.device_id}/revoke", headers=auth)
         assert revoked.json()["revoked"] is True
         assert (await client.get("/v1/feedback/summary", headers=auth)).json()["positive"] == 0
+        assert (await client.get("/v1/adapters", headers=auth)).json() == []
+        assert (await client.get("/v1/rollouts", headers=auth)).json() == []
     await device.close()

@@ -160,3 +160,22 @@ async def test_sessions_are_recorded(store: Store) -> None:
 async def test_an_unreachable_database_is_a_typed_error() -> None:
     with pytest.raises(StoreUnavailable):
         await Store.open("postgresql+asyncpg://nobody@127.0.0.1:1/none")
+
+
+async def test_adapters_and_deployments_are_summarised(store: Store) -> None:
+    from datetime import UTC, datetime
+
+    from cloud_agent.store import tables as t
+
+    await enrolled(store)
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            t.Adapter.__table__.insert(),
+            [{"version": 3, "name": "facts", "base_model_sha256": "ab" * 32, "manifest": "{}",
+              "signature": "s", "directory": "/x", "created_at": datetime.now(UTC),
+              "metrics": {"fact_accuracy": 0.9}}],
+        )  # fmt: skip
+    assert await store.add_update_status("dev_a", "idk_1", 3, "applied", None, {"ok": 1.0}) is False
+    [adapter] = await store.list_adapters()
+    assert adapter["version"] == 3 and adapter["metrics"] == {"fact_accuracy": 0.9}
+    assert await store.deployment_summary() == [{"version": 3, "devices": {"applied": 1}}]
