@@ -1,3 +1,30 @@
-"""The edgeloop device SDK (`EdgeAgent`). Not built yet: see the project's open issues."""
+"""The edgeloop device SDK.
 
-__all__: list[str] = []
+Built so far: privacy (detect, redact to typed placeholders, restore, per-kind policy) and the
+durable outbox. `EdgeAgent`, the local model, the router and the link to the cloud are open
+work (see the project's issues).
+"""
+
+from edge_agent.errors import EdgeAgentError
+from edge_agent.outbox import Outbox, OutboxEntry, OutboxError
+from edge_agent.privacy import (
+    DEFAULT_POLICY,
+    PlaceholderMap,
+    Policy,
+    Redaction,
+    Redactor,
+    StreamRestorer,
+)
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "EdgeAgentError",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "PlaceholderMap",
+    "Policy",
+    "Redaction",
+    "Redactor",
+    "StreamRestorer",
+]

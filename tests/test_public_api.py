@@ -20,7 +20,10 @@ PINNED = {
         "b64url_decode", "b64url_encode", "configure_logging", "load_config", "new_device_id",
         "new_idempotency_key", "new_request_id", "new_session_id",
     },
-    "edge_agent": set(),
+    "edge_agent": {
+        "DEFAULT_POLICY", "EdgeAgentError", "Outbox", "OutboxEntry", "OutboxError",
+        "PlaceholderMap", "Policy", "Redaction", "Redactor", "StreamRestorer",
+    },
     "cloud_agent": set(),
 }  # fmt: skip
 
