@@ -1,11 +1,21 @@
 """The edgeloop device SDK.
 
-Built so far: privacy (detect, redact to typed placeholders, restore, per-kind policy) and the
-durable outbox. `EdgeAgent`, the local model, the router and the link to the cloud are open
-work (see the project's issues).
+Built so far: the local model (llama.cpp, device profiles, confidence, LoRA hot-swap), privacy
+(detect, redact to typed placeholders, restore, per-kind policy) and the durable outbox.
+`EdgeAgent`, the router and the link to the cloud are open work (see the project's issues).
 """
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.local_model import (
+    Adapter,
+    AdapterError,
+    DeviceProfile,
+    Generation,
+    LocalModel,
+    LocalModelError,
+    RuntimeSettings,
+    choose_settings,
+)
 from edge_agent.outbox import Outbox, OutboxEntry, OutboxError
 from edge_agent.privacy import (
     DEFAULT_POLICY,
@@ -18,7 +28,15 @@ from edge_agent.privacy import (
 
 __all__ = [
     "DEFAULT_POLICY",
+    "Adapter",
+    "AdapterError",
+    "DeviceProfile",
     "EdgeAgentError",
+    "Generation",
+    "LocalModel",
+    "LocalModelError",
+    "RuntimeSettings",
+    "choose_settings",
     "Outbox",
     "OutboxEntry",
     "OutboxError",

@@ -21,8 +21,10 @@ PINNED = {
         "new_idempotency_key", "new_request_id", "new_session_id",
     },
     "edge_agent": {
-        "DEFAULT_POLICY", "EdgeAgentError", "Outbox", "OutboxEntry", "OutboxError",
-        "PlaceholderMap", "Policy", "Redaction", "Redactor", "StreamRestorer",
+        "DEFAULT_POLICY", "Adapter", "AdapterError", "DeviceProfile", "EdgeAgentError",
+        "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
+        "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",
+        "choose_settings",
     },
     "cloud_agent": set(),
 }  # fmt: skip

@@ -17,10 +17,9 @@ from typing import Any
 from cloud_agent.backends.base import ChatRequest, Completion, StreamItem
 from cloud_agent.errors import BackendError, BackendResponseError
 from shared.llama import LlamaLoadError, default_model_path, open_llama
+from shared.threads import iterate_in_thread
 
 __all__ = ["LlamaCppBackend"]
-
-_DONE = object()
 
 
 class LlamaCppBackend:
@@ -73,51 +72,36 @@ class LlamaCppBackend:
             raise BackendError(f"llama.cpp failed: {exc}") from exc
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        stop = threading.Event()
+        def produce(stop: threading.Event) -> Iterator[dict[str, Any]]:
+            with self._lock:
+                chunks: Iterator[dict[str, Any]] = self._llm.create_chat_completion(  # type: ignore[assignment]
+                    self._messages(request),
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    stop=list(request.stop) or None,
+                    stream=True,
+                )
+                for chunk in chunks:
+                    if stop.is_set():
+                        break
+                    yield chunk
 
-        def produce() -> None:
-            try:
-                with self._lock:
-                    chunks: Iterator[dict[str, Any]] = self._llm.create_chat_completion(  # type: ignore[assignment]
-                        self._messages(request),
-                        max_tokens=request.max_tokens,
-                        temperature=request.temperature,
-                        stop=list(request.stop) or None,
-                        stream=True,
-                    )
-                    for chunk in chunks:
-                        if stop.is_set():
-                            break
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk)
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer, mapped there
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-
-        worker = loop.run_in_executor(None, produce)
         parts: list[str] = []
         finish = "stop"
         try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, Exception):
-                    raise BackendError(f"llama.cpp failed: {item}") from item
-                choice = item["choices"][0]  # type: ignore[index]
+            async for chunk in iterate_in_thread(produce):
+                choice = chunk["choices"][0]
                 piece = (choice.get("delta") or {}).get("content")
                 if piece:
                     parts.append(piece)
                     yield piece
                 if choice.get("finish_reason") == "length":
                     finish = "length"
-            text = "".join(parts)
-            prompt_tokens = len(self._llm.tokenize(_flat(request).encode(), special=True))
-            yield Completion(text, finish, prompt_tokens, len(parts), self.model)  # type: ignore[arg-type]
-        finally:
-            stop.set()
-            await asyncio.shield(worker)
+        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+            raise BackendError(f"llama.cpp failed: {exc}") from exc
+        text = "".join(parts)
+        prompt_tokens = len(self._llm.tokenize(_flat(request).encode(), special=True))
+        yield Completion(text, finish, prompt_tokens, len(parts), self.model)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         with self._lock:

