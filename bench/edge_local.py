@@ -61,9 +61,8 @@ async def main_async(args: argparse.Namespace) -> None:
         d = await asyncio.to_thread(direct, llm, args.tokens)
         best_ours = (min(best_ours[0], o[0]), max(best_ours[1], o[1]), o[2])
         best_direct = (min(best_direct[0], d[0]), max(best_direct[1], d[1]), d[2])
-    print(
-        f"SmolLM2-135M Q4_1, {args.threads} threads, up to {args.tokens} tokens, best of {args.repeat}\n"
-    )
+    head = f"SmolLM2-135M Q4_1, {args.threads} threads, up to {args.tokens} tokens"
+    print(f"{head}, best of {args.repeat}\n")
     print(f"{'path':<40} {'TTFT ms':>8} {'decode tok/s':>13} {'tokens':>7}")
     for name, (ttft, rate, n) in (
         ("llama-cpp-python create_chat_completion", best_direct),
