@@ -1,6 +1,7 @@
 """The edgeloop device SDK.
 
-Built so far: the local model (llama.cpp, device profiles, confidence, LoRA hot-swap), privacy
+Built so far: the router (intents, privacy, coverage, difficulty cues, link state,
+calibration), the local model (llama.cpp, device profiles, confidence, LoRA hot-swap), privacy
 (detect, redact to typed placeholders, restore, per-kind policy) and the durable outbox.
 `EdgeAgent`, the router and the link to the cloud are open work (see the project's issues).
 """
@@ -25,6 +26,15 @@ from edge_agent.privacy import (
     Redactor,
     StreamRestorer,
 )
+from edge_agent.router import (
+    Coverage,
+    IntentIndex,
+    RouteDecision,
+    Router,
+    Target,
+    calibrate,
+    difficulty,
+)
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -37,6 +47,13 @@ __all__ = [
     "LocalModelError",
     "RuntimeSettings",
     "choose_settings",
+    "Coverage",
+    "IntentIndex",
+    "RouteDecision",
+    "Router",
+    "Target",
+    "calibrate",
+    "difficulty",
     "Outbox",
     "OutboxEntry",
     "OutboxError",

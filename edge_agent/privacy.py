@@ -117,13 +117,17 @@ class Redaction:
 
 
 class Redactor:
-    """Applies a per-kind policy to personal data found in text."""
+    """Applies a per-kind policy to personal data found in text.
+
+    `phone_regions`: where numbers written without a ``+`` country code are read (a UK kiosk
+    says ``("GB",)``); numbers with a country code are found whatever the region.
+    """
 
     def __init__(
         self,
         policy: Mapping[PiiKind, Policy] | None = None,
         *,
-        phone_regions: tuple[str, ...] = ("US", "GB", "CN", "DE", "FR"),
+        phone_regions: tuple[str, ...] = ("US",),
     ) -> None:
         self.policy = dict(DEFAULT_POLICY)
         if policy:

@@ -24,7 +24,8 @@ PINNED = {
         "DEFAULT_POLICY", "Adapter", "AdapterError", "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
         "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",
-        "choose_settings",
+        "choose_settings", "Coverage", "IntentIndex", "RouteDecision", "Router", "Target",
+        "calibrate", "difficulty",
     },
     "cloud_agent": set(),
 }  # fmt: skip

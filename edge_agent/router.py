@@ -1,0 +1,236 @@
+"""The router: where a request is answered, decided from cheap signals, with its reasons.
+
+Signals, in order: an app override; privacy (personal data keeps the request on the device,
+`local_only` kinds always); the app's intents (nearest example utterance); coverage shipped with
+the latest update bundle (request kinds the active adapter answers well); difficulty cues (length,
+multi-step asks, comparisons, writing tasks); the link and cloud back-pressure; device load.
+
+`threshold` is the one knob: a request is kept local when its match score (intent or coverage,
+minus difficulty) reaches it. Lower keeps more on the device (cheaper), higher sends more to the
+cloud (better answers). `calibrate` sets it from labelled requests to reach a target local share.
+A decision takes well under a millisecond: no model is called.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+from edge_agent.privacy import PlaceholderMap, Redactor
+
+__all__ = [
+    "Coverage",
+    "IntentIndex",
+    "RouteDecision",
+    "Router",
+    "Target",
+    "calibrate",
+    "difficulty",
+]
+
+_WORD = re.compile(r"[a-z0-9]+")
+_CUES: tuple[tuple[str, float, re.Pattern[str]], ...] = (
+    ("difficulty.comparison", 0.35, re.compile(
+        r"\b(compare|comparison|versus|vs\.?|difference|differences|better|which is best)\b")),
+    ("difficulty.multi_step", 0.3, re.compile(
+        r"\b(and then|step by step|plan|first .* then|itinerary)\b")),
+    ("difficulty.writing", 0.3, re.compile(
+        r"\b(write|draft|explain|describe|recommend|analy[sz]e|help me choose|how should|"
+        r"how do i choose|what .* recommend|why)\b")),
+)  # fmt: skip
+
+
+class Target(StrEnum):
+    LOCAL = "local"
+    CLOUD = "cloud"
+    LOCAL_ONLY = "local_only"
+    LOCAL_FALLBACK = "local_fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """Where a request goes and why."""
+
+    target: Target
+    reasons: tuple[str, ...]
+    scores: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    intent: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.target is not Target.CLOUD
+
+    def explain(self) -> str:
+        scores = ", ".join(f"{k}={v:.2f}" for k, v in self.scores.items())
+        return f"{self.target.value}: {', '.join(self.reasons)}" + (
+            f" ({scores})" if scores else ""
+        )
+
+
+def _features(text: str) -> tuple[frozenset[str], frozenset[str]]:
+    lowered = text.lower()
+    words = frozenset(
+        w[:-1] if len(w) > 3 and w.endswith("s") else w for w in _WORD.findall(lowered)
+    )
+    squashed = f" {' '.join(_WORD.findall(lowered))} "
+    grams = frozenset(squashed[i : i + 3] for i in range(len(squashed) - 2))
+    return words, grams
+
+
+def _similarity(
+    a: tuple[frozenset[str], frozenset[str]], b: tuple[frozenset[str], frozenset[str]]
+) -> float:
+    def dice(x: frozenset[str], y: frozenset[str]) -> float:
+        return 2 * len(x & y) / (len(x) + len(y)) if x and y else 0.0
+
+    return 0.5 * dice(a[0], b[0]) + 0.5 * dice(a[1], b[1])
+
+
+class IntentIndex:
+    """The app's intents, matched to a request by its nearest example utterance."""
+
+    def __init__(self) -> None:
+        self._examples: list[tuple[str, tuple[frozenset[str], frozenset[str]]]] = []
+
+    def add(self, name: str, examples: Iterable[str]) -> None:
+        self._examples += [(name, _features(e)) for e in examples]
+
+    def match(self, text: str) -> tuple[str | None, float]:
+        features = _features(text)
+        best, score = None, 0.0
+        for name, example in self._examples:
+            s = _similarity(features, example)
+            if s > score:
+                best, score = name, s
+        return best, score
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the active adapter answers well: example requests with their measured accuracy."""
+
+    examples: tuple[tuple[str, float], ...] = ()
+
+    def match(self, text: str) -> float:
+        features = _features(text)
+        return max(
+            (_similarity(features, _features(e)) * accuracy for e, accuracy in self.examples),
+            default=0.0,
+        )
+
+
+def difficulty(text: str) -> tuple[float, tuple[str, ...]]:
+    """How hard a request looks, from cues, and which cues fired."""
+    lowered = text.lower()
+    score, reasons = 0.0, []
+    for reason, weight, pattern in _CUES:
+        if pattern.search(lowered):
+            score += weight
+            reasons.append(reason)
+    words = len(lowered.split())
+    if words > 16:
+        score += 0.2
+        reasons.append("difficulty.long")
+    return score, tuple(reasons)
+
+
+class Router:
+    """Decides local or cloud for each request, and counts its decisions."""
+
+    def __init__(
+        self,
+        intents: IntentIndex,
+        *,
+        redactor: Redactor | None = None,
+        threshold: float = 0.5,
+        coverage: Coverage | None = None,
+    ) -> None:
+        self.intents = intents
+        self.redactor = redactor or Redactor()
+        self.threshold = threshold
+        self.coverage = coverage or Coverage()
+        self.counts: Counter[str] = Counter()
+
+    def decide(
+        self,
+        text: str,
+        *,
+        override: Target | None = None,
+        link_up: bool = True,
+        backpressure: bool = False,
+        device_busy: bool = False,
+    ) -> RouteDecision:
+        decision = self._decide(text, override, link_up, backpressure, device_busy)
+        self.counts[decision.target.value] += 1
+        for reason in decision.reasons:
+            self.counts[reason] += 1
+        return decision
+
+    def _decide(
+        self, text: str, override: Target | None, link_up: bool, backpressure: bool, busy: bool
+    ) -> RouteDecision:
+        if override is not None:
+            return RouteDecision(override, ("app.override",))
+        redaction = self.redactor.redact(text, PlaceholderMap())
+        if redaction.local_only:
+            kinds = tuple(f"privacy.local_only.{k.value}" for k in redaction.local_only)
+            return RouteDecision(Target.LOCAL_ONLY, kinds)
+        intent, intent_score = self.intents.match(text)
+        hard, cues = difficulty(text)
+        covered = self.coverage.match(text)
+        scores = {"intent": round(intent_score, 3), "coverage": round(covered, 3),
+                  "difficulty": round(hard, 3)}  # fmt: skip
+        if redaction.kinds:
+            # Privacy-sensitive requests are answered on the device; only requests that
+            # clearly need the cloud go there, redacted.
+            kinds = tuple(f"privacy.{k.value}" for k in redaction.kinds)
+            if hard < 0.3 or not link_up:
+                return RouteDecision(Target.LOCAL, kinds, scores, intent)
+            return RouteDecision(Target.CLOUD, (*kinds, "privacy.redacted", *cues), scores)
+        if intent_score - hard >= self.threshold:
+            return RouteDecision(Target.LOCAL, (f"intent.{intent}",), scores, intent)
+        if covered - hard >= self.threshold and not busy:
+            return RouteDecision(Target.LOCAL, ("coverage.match",), scores)
+        if not link_up:
+            return RouteDecision(Target.LOCAL_FALLBACK, ("link.down",), scores)
+        if backpressure:
+            return RouteDecision(Target.LOCAL_FALLBACK, ("cloud.backpressure",), scores)
+        reasons = ("intent.unknown", *cues) + (("device.load",) if busy else ())
+        return RouteDecision(Target.CLOUD, reasons, scores)
+
+
+def calibrate(router: Router, texts: Sequence[str], target_local_share: float) -> float:
+    """Set `router.threshold` so that about `target_local_share` of `texts` stay local.
+
+    Returns the threshold. Requests that privacy keeps local count as local whatever the knob.
+    """
+    if not 0.0 <= target_local_share <= 1.0:
+        raise ValueError("target_local_share must be within [0, 1]")
+    margins = []
+    forced = 0
+    for text in texts:
+        redaction = router.redactor.redact(text, PlaceholderMap())
+        if redaction.kinds:
+            forced += 1
+            continue
+        _, intent_score = router.intents.match(text)
+        hard, _ = difficulty(text)
+        margins.append(max(intent_score, router.coverage.match(text)) - hard)
+    wanted = round(target_local_share * len(texts)) - forced
+    # Scores tie (several requests match an example exactly): choose, among the thresholds
+    # that make a difference, the one whose local count comes closest to what was asked.
+    candidates = sorted(set(margins), reverse=True)
+    best, best_gap = (candidates[0] + 1e-6) if candidates else 1.0, abs(wanted)
+    for value in candidates:
+        gap = abs(sum(1 for m in margins if m >= value) - wanted)
+        if gap < best_gap:
+            best, best_gap = value, gap
+    router.threshold = best
+    return best
