@@ -1,12 +1,14 @@
 """The edgeloop device SDK.
 
-Built so far: the router (intents, privacy, coverage, difficulty cues, link state,
-calibration), the local model (llama.cpp, device profiles, confidence, LoRA hot-swap), privacy
-(detect, redact to typed placeholders, restore, per-kind policy) and the durable outbox.
-`EdgeAgent`, the router and the link to the cloud are open work (see the project's issues).
+Built so far: the cloud link (enroll once, authenticate, reconnect with backoff, typed
+unavailability, outbox delivery), the router (intents, privacy, coverage, difficulty cues,
+link state, calibration), the local model (llama.cpp, device profiles, confidence, LoRA
+hot-swap), privacy (detect, redact to typed placeholders, restore, per-kind policy) and the
+durable outbox. `EdgeAgent`, which composes them, is open work (see the project's issues).
 """
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import (
     Adapter,
     AdapterError,
@@ -40,6 +42,9 @@ __all__ = [
     "DEFAULT_POLICY",
     "Adapter",
     "AdapterError",
+    "CloudLink",
+    "CloudUnavailable",
+    "LinkState",
     "DeviceProfile",
     "EdgeAgentError",
     "Generation",

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The real cloud service fixture (`cloud`) serves the cloud, edge and end-to-end tests alike.
+pytest_plugins = ["tests.cloud_fixtures"]
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PG_HOST = os.environ.get("EDGELOOP_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("EDGELOOP_TEST_PG_PORT", "5432"))

@@ -11,7 +11,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from cloud_agent.conformance import run_conformance
 from protocol import SUBPROTOCOL
 from shared.cli import main
-from tests.cloud_agent.conftest import Cloud
+from tests.cloud_fixtures import Cloud
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey
-from tests.cloud_agent.conftest import Cloud, make_config
+from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from cloud_agent.backends import ScriptedBackend
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
 from cloud_agent.store.store import sqlite_url
 from shared.cli import main
-from tests.cloud_agent.conftest import Cloud
+from tests.cloud_fixtures import Cloud
 
 pytestmark = pytest.mark.slow
 

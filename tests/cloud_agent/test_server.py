@@ -30,7 +30,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey
-from tests.cloud_agent.conftest import Cloud
+from tests.cloud_fixtures import Cloud
 
 pytestmark = pytest.mark.slow
 

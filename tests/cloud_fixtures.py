@@ -1,4 +1,4 @@
-"""A real cloud service on loopback with a scripted backend, and a device to talk to it."""
+"""Fixtures: a real cloud service on loopback with a scripted backend, and devices for it."""
 
 from __future__ import annotations
 

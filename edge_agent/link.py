@@ -1,0 +1,360 @@
+"""`CloudLink`: the device's connection to the cloud agent.
+
+A websockets client driving `protocol.ClientSession`. It enrolls once with a one-time token
+(persisting the device id and pinning the cloud's bundle-signing key), authenticates on every
+connection, and reconnects with capped exponential backoff and full jitter. Escalations are
+correlated by request id; one that cannot be answered (link down, deadline, `overloaded`,
+`rate_limited`, connection lost) raises `CloudUnavailable`, so the caller answers locally.
+Messages that must arrive (feedback, reports, update statuses) go through the `Outbox` and are
+resent until acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl as ssl_module
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from edge_agent.errors import EdgeAgentError
+from edge_agent.outbox import Outbox
+from protocol import (
+    SUBPROTOCOL,
+    AckReceived,
+    BaseModelRef,
+    Cancel,
+    ClientSession,
+    CloseFrame,
+    DeltaReceived,
+    DeviceCredentials,
+    EnrollmentCompleted,
+    EnrollmentCredentials,
+    Escalate,
+    Feedback,
+    Limits,
+    Message,
+    PeerError,
+    Report,
+    RequestCancelled,
+    RequestFailed,
+    Result,
+    ResultReceived,
+    SessionClosed,
+    UpdateStatus,
+    Welcomed,
+)
+from shared.keys import SigningKey
+
+__all__ = ["CloudLink", "CloudUnavailable", "LinkState"]
+
+log = logging.getLogger("edgeloop.edge.link")
+
+SDK = "edgeloop-python/0.1.0"
+_OUTBOX_MESSAGE: TypeAdapter[Feedback | Report | UpdateStatus] = TypeAdapter(
+    Feedback | Report | UpdateStatus
+)
+
+
+class CloudUnavailable(EdgeAgentError):
+    """The cloud cannot answer this request now; `reason` is a router-style code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class LinkState(StrEnum):
+    DOWN = "down"
+    CONNECTING = "connecting"
+    UP = "up"
+
+
+@dataclass
+class _Identity:
+    device_id: str | None
+    server_key: str | None
+
+
+class CloudLink:
+    """Keeps a session with the cloud open and carries requests over it."""
+
+    def __init__(
+        self,
+        url: str,
+        state_dir: str | Path,
+        *,
+        enrollment_token: str | None = None,
+        device_name: str | None = None,
+        base_model: BaseModelRef | None = None,
+        outbox: Outbox | None = None,
+        ssl: ssl_module.SSLContext | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.key = SigningKey.load_or_create(self.state_dir / "device.key")
+        self.enrollment_token = enrollment_token
+        self.device_name = device_name
+        self.base_model = base_model
+        self.outbox = outbox
+        self.ssl = ssl
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.state = LinkState.DOWN
+        self.limits: Limits | None = None
+        self.identity = self._load_identity()
+        self._ws: ClientConnection | None = None
+        self._session: ClientSession | None = None
+        self._waiters: dict[str, asyncio.Queue[Any]] = {}
+        self._write_lock = asyncio.Lock()
+        self._up = asyncio.Event()
+        self._outbox_kick = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._refused: str | None = None
+
+    # --- identity ---------------------------------------------------------------------------
+
+    def _load_identity(self) -> _Identity:
+        path = self.state_dir / "identity.json"
+        try:
+            data = json.loads(path.read_text())
+            return _Identity(data.get("device_id"), data.get("server_key"))
+        except (OSError, ValueError):
+            return _Identity(None, None)
+
+    def _save_identity(self) -> None:
+        path = self.state_dir / "identity.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"device_id": self.identity.device_id,
+                                   "server_key": self.identity.server_key}))  # fmt: skip
+        tmp.replace(path)
+
+    @property
+    def enrolled(self) -> bool:
+        return self.identity.device_id is not None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="cloud-link")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._ws is not None:
+            await self._ws.close()
+        self._set_down()
+
+    async def wait_up(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect_once()
+                attempt = 0
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                log.info("cloud link down: %s", type(exc).__name__)
+            finally:
+                self._set_down()
+            if self._refused is not None:
+                log.warning("cloud refused this device (%s); not reconnecting", self._refused)
+                return
+            attempt += 1
+            cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(attempt, 16))
+            await asyncio.sleep(random.uniform(0, cap))  # full jitter
+
+    async def _connect_once(self) -> None:
+        if self.identity.device_id is not None:
+            credentials: DeviceCredentials | EnrollmentCredentials = DeviceCredentials(
+                self.identity.device_id, self.key
+            )
+        elif self.enrollment_token is not None:
+            credentials = EnrollmentCredentials(self.enrollment_token, self.key, self.device_name)
+        else:
+            raise EdgeAgentError("not enrolled and no enrollment token")
+        self.state = LinkState.CONNECTING
+        async with connect(
+            self.url, subprotocols=[SUBPROTOCOL], proxy=None, ssl=self.ssl, open_timeout=10,  # type: ignore[list-item]
+        ) as ws:  # fmt: skip
+            self._ws = ws
+            session = ClientSession(credentials, sdk=SDK, base_model=self.base_model)
+            self._session = session
+            session.start()
+            await self._flush()
+            drain = asyncio.create_task(self._drain_outbox())
+            try:
+                async for data in ws:
+                    if isinstance(data, str):
+                        session.receive_text(data)
+                    else:
+                        session.receive_binary(data)
+                    self._dispatch(session)
+                    await self._flush()
+                    if session.closed:
+                        break
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd else 1006
+                session.receive_close(code, "")
+                self._dispatch(session)
+            finally:
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+                if not session.closed:
+                    session.receive_close(ws.close_code or 1006, "")
+                    self._dispatch(session)
+
+    def _dispatch(self, session: ClientSession) -> None:
+        for event in session.events_received():
+            match event:
+                case EnrollmentCompleted(device_id=device_id, server_key=server_key):
+                    self.identity = _Identity(device_id, server_key)
+                    self._save_identity()
+                case Welcomed(welcome=welcome):
+                    self.state, self.limits = LinkState.UP, welcome.limits
+                    self._up.set()
+                    self._outbox_kick.set()
+                case DeltaReceived(delta=delta):
+                    self._deliver(delta.request_id, delta.text)
+                case ResultReceived(result=result):
+                    self._deliver(result.request_id, result)
+                case RequestFailed(request_id=rid, error=error):
+                    self._deliver(rid, CloudUnavailable(_reason(error.name), error.message))
+                case RequestCancelled(message=message):
+                    self._deliver(message.request_id, CloudUnavailable("cloud.cancelled"))
+                case AckReceived(ack=ack):
+                    if self.outbox is not None:
+                        self.outbox.ack(ack.idempotency_key)
+                case PeerError(error=error):
+                    if not session.is_open and error.name in (
+                        "unknown_device", "device_revoked", "invalid_enrollment_token",
+                    ):  # fmt: skip
+                        self._refused = error.name
+                case SessionClosed():
+                    self._set_down()
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        queue = self._waiters.get(request_id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _set_down(self) -> None:
+        self.state = LinkState.DOWN
+        self._up.clear()
+        self._session = None
+        self._ws = None
+        for queue in self._waiters.values():
+            queue.put_nowait(CloudUnavailable("link.down", "connection lost"))
+
+    async def _flush(self) -> None:
+        session, ws = self._session, self._ws
+        if session is None or ws is None:
+            return
+        async with self._write_lock:
+            for frame in session.data_to_send():
+                if isinstance(frame, CloseFrame):
+                    await ws.close(int(frame.code), frame.reason)
+                    return
+                await ws.send(frame.data)
+
+    async def _send(self, message: Message) -> None:
+        if self._session is None or not self._session.is_open:
+            raise CloudUnavailable("link.down")
+        self._session.send(message)
+        await self._flush()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def escalate(self, request: Escalate) -> AsyncIterator[str | Result]:
+        """Text pieces (for streaming requests), then the `Result`; or `CloudUnavailable`."""
+        session = self._session
+        if session is None or not session.is_open:
+            raise CloudUnavailable("link.down")
+        if not session.can_start_request():
+            raise CloudUnavailable("cloud.backpressure", "in-flight limit reached")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiters[request.request_id] = queue
+        try:
+            await self._send(request)
+            async with asyncio.timeout(request.deadline_ms / 1000):
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, CloudUnavailable):
+                        raise item
+                    yield item
+                    if isinstance(item, Result):
+                        return
+        except TimeoutError:
+            await self._cancel(request.request_id)
+            raise CloudUnavailable("cloud.deadline") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            await asyncio.shield(self._cancel(request.request_id))
+            raise
+        finally:
+            self._waiters.pop(request.request_id, None)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            await self._send(Cancel(request_id=request_id, reason="device stopped waiting"))
+        except (CloudUnavailable, ConnectionClosed):
+            pass
+
+    # --- reliable messages --------------------------------------------------------------------
+
+    def queue_reliable(self, message: Feedback | Report | UpdateStatus) -> None:
+        """Persist in the outbox (durable on return); sent now if the link is up, else later."""
+        if self.outbox is None:
+            raise EdgeAgentError("this link has no outbox")
+        self.outbox.put(message.type, message.idempotency_key, message.model_dump(mode="json"))
+        self._outbox_kick.set()
+
+    async def _drain_outbox(self) -> None:
+        if self.outbox is None:
+            return
+        while True:
+            await self._outbox_kick.wait()
+            self._outbox_kick.clear()
+            if self._session is None or not self._session.is_open:
+                continue
+            for entry in self.outbox.pending(limit=100):
+                try:
+                    message = _OUTBOX_MESSAGE.validate_python(entry.payload)
+                except ValidationError:
+                    log.warning("dropping an unreadable outbox entry (%s)", entry.kind)
+                    self.outbox.ack(entry.idempotency_key)
+                    continue
+                try:
+                    await self._send(message)
+                except CloudUnavailable:
+                    break
+
+
+def _reason(error_name: str) -> str:
+    return {
+        "overloaded": "cloud.overloaded",
+        "rate_limited": "cloud.rate_limited",
+        "deadline_exceeded": "cloud.deadline",
+        "connection_lost": "link.down",
+        "shutting_down": "cloud.shutting_down",
+    }.get(error_name, f"cloud.{error_name}")

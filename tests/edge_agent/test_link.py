@@ -1,0 +1,131 @@
+"""The device's link against the real cloud agent on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.service import CloudService
+from edge_agent.link import CloudLink, CloudUnavailable, LinkState
+from edge_agent.outbox import Outbox
+from protocol import ChatMessage, Escalate, Feedback, Result
+from tests.cloud_fixtures import Cloud, make_config
+
+pytestmark = pytest.mark.slow
+
+
+def ask(text: str, rid: str, *, stream: bool = True, deadline_ms: int = 5000) -> Escalate:
+    return Escalate(
+        request_id=rid, messages=[ChatMessage(role="user", content=text)],
+        deadline_ms=deadline_ms, max_tokens=32, stream=stream,
+    )  # fmt: skip
+
+
+async def enrolled_link(cloud: Cloud, state: Path, **kw: object) -> CloudLink:
+    token = await cloud.service.store.create_enrollment_token()
+    link = CloudLink(cloud.url, state, enrollment_token=token, backoff_initial_s=0.05, **kw)  # type: ignore[arg-type]
+    link.start()
+    assert await link.wait_up(10)
+    return link
+
+
+async def test_the_link_enrolls_once_and_authenticates_after_a_restart(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    device_id = link.identity.device_id
+    assert device_id is not None and link.identity.server_key
+    await link.stop()
+    again = CloudLink(cloud.url, tmp_path / "dev")  # no token any more
+    again.start()
+    assert await again.wait_up(10) and again.identity.device_id == device_id
+    assert [d.id for d in await cloud.service.store.list_devices()] == [device_id]
+    await again.stop()
+
+
+async def test_escalations_stream_pieces_then_the_result(cloud: Cloud, tmp_path: Path) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    items = [i async for i in link.escalate(ask("Any tips for a wet autumn hike in Wales?", "r1"))]
+    assert isinstance(items[-1], Result)
+    assert "".join(i for i in items if isinstance(i, str)) == items[-1].text
+    await link.stop()
+
+
+async def test_a_link_that_is_down_says_so_at_once(tmp_path: Path) -> None:
+    link = CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev", enrollment_token="elt_x" * 3)
+    with pytest.raises(CloudUnavailable) as info:
+        async for _ in link.escalate(ask("hello?", "r1")):
+            pass
+    assert info.value.reason == "link.down" and link.state is LinkState.DOWN
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_a_missed_deadline_cancels_at_the_cloud_and_says_so(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    with pytest.raises(CloudUnavailable) as info:
+        async for _ in link.escalate(
+            ask("Plan a month in Patagonia with gear.", "r1", deadline_ms=300)
+        ):
+            pass
+    assert info.value.reason in ("cloud.deadline", "cloud.overloaded")
+    async with asyncio.timeout(5):
+        while cloud.backend.cancelled == 0 and cloud.service.scheduler.load().online_in_flight:
+            await asyncio.sleep(0.01)
+    await link.stop()
+
+
+@pytest.mark.cloud(limits={"max_requests_per_minute": 1})
+async def test_refusals_become_typed_reasons(cloud: Cloud, tmp_path: Path) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    [_ async for _ in link.escalate(ask("A first question about boots for winter?", "r1"))]
+    with pytest.raises(CloudUnavailable) as info:
+        [_ async for _ in link.escalate(ask("A second question about boots for winter?", "r2"))]
+    assert info.value.reason == "cloud.rate_limited"
+    await link.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    port = free_port()
+    config = make_config(tmp_path / "cloud", kb_path, port=port)
+    first = await CloudService.create(config, backend=ScriptedBackend())
+    await first.start()
+    token = await first.store.create_enrollment_token()
+    outbox = Outbox(tmp_path / "dev" / "outbox.db")
+    link = CloudLink(f"ws://127.0.0.1:{port}/v1", tmp_path / "dev", enrollment_token=token,
+                     outbox=outbox, backoff_initial_s=0.05, backoff_max_s=0.2)  # fmt: skip
+    link.start()
+    assert await link.wait_up(10)
+    await first.stop()
+    async with asyncio.timeout(5):
+        while link.state is LinkState.UP:
+            await asyncio.sleep(0.01)
+
+    link.queue_reliable(Feedback(idempotency_key="idk_off", request_id="r9", rating="negative"))
+    assert len(outbox) == 1
+
+    second = await CloudService.create(config, backend=ScriptedBackend())
+    await second.start()
+    try:
+        assert await link.wait_up(10)
+        async with asyncio.timeout(5):
+            while len(outbox):
+                await asyncio.sleep(0.01)
+        summary = await second.store.feedback_summary()
+        assert summary.negative == 1
+    finally:
+        await link.stop()
+        await second.stop()
