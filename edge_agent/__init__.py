@@ -1,12 +1,11 @@
 """The edgeloop device SDK.
 
-Built so far: the cloud link (enroll once, authenticate, reconnect with backoff, typed
-unavailability, outbox delivery), the router (intents, privacy, coverage, difficulty cues,
-link state, calibration), the local model (llama.cpp, device profiles, confidence, LoRA
-hot-swap), privacy (detect, redact to typed placeholders, restore, per-kind policy) and the
-durable outbox. `EdgeAgent`, which composes them, is open work (see the project's issues).
+`EdgeAgent` answers locally what it can (app intents, the local model), escalates the rest with
+personal data replaced by placeholders, and answers on the device when the cloud cannot. Its
+parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox`.
 """
 
+from edge_agent.agent import BlockingEdgeAgent, EdgeAgent, Reply, ReplyStream
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import (
@@ -42,6 +41,10 @@ __all__ = [
     "DEFAULT_POLICY",
     "Adapter",
     "AdapterError",
+    "BlockingEdgeAgent",
+    "EdgeAgent",
+    "Reply",
+    "ReplyStream",
     "CloudLink",
     "CloudUnavailable",
     "LinkState",

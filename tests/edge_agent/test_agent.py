@@ -1,0 +1,152 @@
+"""EdgeAgent end to end: the real local model, the real cloud on loopback, a spy on every frame."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from cloud_agent.backends import ChatRequest, ScriptedBackend
+from edge_agent.agent import BlockingEdgeAgent, EdgeAgent
+from edge_agent.link import CloudLink
+from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
+from edge_agent.outbox import Outbox
+from edge_agent.router import Target
+from examples.kiosk.intents import KIOSK_INTENTS
+from tests.cloud_fixtures import Cloud
+
+pytestmark = pytest.mark.slow
+
+
+def echo_placeholders(request: ChatRequest) -> str:
+    question = request.messages[-1].content
+    held = [w.strip(",.?") for w in question.split() if w.startswith("<") and ">" in w]
+    return f"Noted {' and '.join(held)} for you." if held else "Here is a considered answer."
+
+
+@pytest.fixture(scope="module")
+def model() -> LocalModel:
+    settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8)
+    return LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
+
+
+async def make_agent(cloud: Cloud, model: LocalModel, tmp_path: Path) -> EdgeAgent:
+    token = await cloud.service.store.create_enrollment_token()
+    outbox = Outbox(tmp_path / "dev" / "outbox.db")
+    link = CloudLink(
+        cloud.url, tmp_path / "dev", enrollment_token=token, outbox=outbox, backoff_initial_s=0.05
+    )
+    agent = EdgeAgent(model, link=link, local_max_tokens=8)
+    for name, examples in KIOSK_INTENTS.items():
+        agent.intent(
+            name,
+            examples,
+            handler=(lambda text: "Your cart has 2 items.") if name == "cart_show" else None,
+        )
+    await agent.start()
+    assert await link.wait_up(10)
+    return agent
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_each_route_answers_and_says_where_it_came_from(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    tool = await agent.ask("Show my cart")
+    assert tool.text == "Your cart has 2 items." and not tool.from_cloud
+    assert tool.decision.reasons == ("intent.cart_show",)
+    cloud_reply = await agent.ask(
+        "Compare three-season and four-season tents and explain when each makes sense"
+    )
+    assert cloud_reply.from_cloud and cloud_reply.text == "Here is a considered answer."
+    local = await agent.ask("Update my phone number to (212) 555-0187")
+    assert (
+        not local.from_cloud
+        and local.decision.target is Target.LOCAL
+        and local.confidence is not None
+    )
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_placeholders_go_out_and_values_come_back_in_the_stream(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    text = (
+        "My card 4111 1111 1111 1111 was declined at checkout, explain why and compare my options"
+    )
+    stream = agent.stream(text)
+    shown = "".join([piece async for piece in stream])
+    assert stream.reply is not None and stream.reply.from_cloud
+    assert shown == stream.reply.text == "Noted 4111 1111 1111 1111 for you."
+    async with asyncio.timeout(5):  # interactions are written just after the reply
+        while not (rows := await cloud.service.store.list_interactions()):
+            await asyncio.sleep(0.01)
+    [row] = rows
+    assert "4111" not in json.dumps(row.messages) and "<CARD_1>" in json.dumps(row.messages)
+    assert row.placeholders == ["<CARD_1>"]
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_when_the_cloud_is_too_slow_the_device_answers_and_says_why(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    agent.deadline_ms = 300
+    reply = await agent.ask("Plan a two-week trek across Patagonia and compare gear options")
+    assert not reply.from_cloud and reply.fallback_reason in ("cloud.deadline", "cloud.overloaded")
+    assert reply.text.strip()
+    await agent.stop()
+    down = await agent.ask("Plan a two-week trek across Patagonia and compare gear options")
+    assert down.decision.target is Target.LOCAL_FALLBACK and down.text.strip()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_no_raw_personal_value_from_the_workload_leaves_the_device(
+    cloud: Cloud, model: LocalModel, tmp_path: Path, workload_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    assert agent.link is not None
+    sent: list[str] = []
+    ws = agent.link._ws
+    assert ws is not None
+    original = ws.send
+
+    async def spy(message, text=None):  # type: ignore[no-untyped-def]
+        sent.append(message if isinstance(message, str) else message.decode("utf-8", "replace"))
+        return await original(message)
+
+    ws.send = spy  # type: ignore[method-assign]
+    rows = [json.loads(line) for line in workload_path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["class"] in ("private", "cloud_complex", "learnable_fact"):
+            await agent.ask(row["text"])
+    for row in rows:
+        if row["class"] == "private":
+            await agent.feedback(
+                "req_x", "negative", correction=f"Use {row['pii'][0]['value']} instead"
+            )
+    values = {p["value"] for r in rows if r["class"] == "private" for p in r["pii"]}
+    assert len(sent) > 100, "the spy saw the traffic"
+    leaks = [v for v in values for frame in sent if v in frame]
+    assert leaks == []
+    await agent.stop()
+
+
+def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel) -> None:
+    agent = EdgeAgent(model, local_max_tokens=8)
+    agent.intent("greet", ["hello", "hi"], handler=lambda text: "Hello! How can I help?")
+    blocking = BlockingEdgeAgent(agent)
+    try:
+        assert blocking.ask("hello").text == "Hello! How can I help?"
+        assert (
+            blocking.ask("What is the warmest sleeping bag?").decision.target
+            is Target.LOCAL_FALLBACK
+        )
+    finally:
+        blocking.close()
