@@ -46,21 +46,33 @@ class Reply:
 
 
 class ReplyStream:
-    """Text pieces as they are produced; `reply` is set once the stream is exhausted."""
+    """Text pieces as they are produced. `decision` is set by `start()` (or the first piece),
+    `reply` once the stream is exhausted."""
 
-    def __init__(self, pieces: AsyncIterator[str | Reply]) -> None:
+    def __init__(self, pieces: AsyncIterator[str | Reply | RouteDecision]) -> None:
         self._pieces = pieces
+        self.decision: RouteDecision | None = None
         self.reply: Reply | None = None
+
+    async def start(self) -> RouteDecision:
+        """Route the request (before any text), e.g. to put the route in a response header."""
+        if self.decision is None:
+            item = await self._pieces.__anext__()
+            assert isinstance(item, RouteDecision)
+            self.decision = item
+        return self.decision
 
     def __aiter__(self) -> ReplyStream:
         return self
 
     async def __anext__(self) -> str:
+        await self.start()
         while True:
             item = await self._pieces.__anext__()
             if isinstance(item, Reply):
                 self.reply = item
                 continue
+            assert isinstance(item, str)
             return item
 
 
@@ -133,11 +145,14 @@ class EdgeAgent:
 
     # --- one request ------------------------------------------------------------------------
 
-    async def _answer(self, text: str, override: Target | None) -> AsyncIterator[str | Reply]:
+    async def _answer(
+        self, text: str, override: Target | None
+    ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
         request_id = new_request_id()
         link_up = self.link is not None and self.link.state is LinkState.UP
         decision = self.router.decide(text, override=override, link_up=link_up)
+        yield decision
 
         def reply(body: str, tokens: int, **kw: object) -> Reply:
             return Reply(

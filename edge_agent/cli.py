@@ -1,0 +1,152 @@
+"""`edgeloop edge ...`: enroll a device, chat in the terminal, serve the local OpenAI endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import EdgeConfig
+from shared.config import load_config
+
+__all__ = ["register"]
+
+ENV_PREFIX = "EDGELOOP_EDGE__"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("edge", help="the device side: enroll, chat, local endpoint")
+    sub = parser.add_subparsers(title="edge commands", metavar="COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help=f"TOML file; {ENV_PREFIX}* variables win")
+        p.add_argument("--cloud", dest="cloud_url", help="cloud URL, e.g. ws://127.0.0.1:8765/v1")
+        p.add_argument("--state-dir", type=Path, help="device key, identity and outbox")
+        p.add_argument("--model", dest="model_path", type=Path, help="GGUF model file")
+
+    enroll = sub.add_parser("enroll", help="enroll this device with a one-time token")
+    common(enroll)
+    enroll.add_argument("--token", required=True, help="token from `edgeloop cloud enroll-token`")
+    enroll.set_defaults(func=_enroll)
+
+    chat = sub.add_parser("chat", help="chat in the terminal, showing the route of each answer")
+    common(chat)
+    chat.set_defaults(func=_chat)
+
+    serve = sub.add_parser("serve", help="serve /v1/chat/completions and /v1/models locally")
+    common(serve)
+    serve.add_argument("--port", type=int, help="port (default 8080)")
+    serve.set_defaults(func=_serve)
+
+
+def _config(args: argparse.Namespace) -> EdgeConfig:
+    config = load_config(EdgeConfig, args.config, prefix=ENV_PREFIX)
+    data = config.model_dump()
+    for key in ("cloud_url", "state_dir", "model_path", "port"):
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    return EdgeConfig.model_validate(data)
+
+
+def _link(config: EdgeConfig, token: str | None = None) -> Any:
+    from edge_agent.link import CloudLink
+    from edge_agent.outbox import Outbox
+
+    if config.cloud_url is None:
+        return None
+    return CloudLink(
+        config.cloud_url,
+        config.state_dir,
+        enrollment_token=token,
+        outbox=Outbox(config.state_dir / "outbox.db"),
+    )
+
+
+def _agent(config: EdgeConfig) -> Any:
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.local_model import LocalModel
+
+    return EdgeAgent(
+        LocalModel(config.model_path), link=_link(config), deadline_ms=config.deadline_ms
+    )
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config.cloud_url is None:
+        print("edgeloop: error: --cloud is required to enroll", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        link = _link(config, args.token)
+        if link.enrolled:
+            print(f"already enrolled as {link.identity.device_id}")
+            return 0
+        link.start()
+        up = await link.wait_up(15)
+        await link.stop()
+        if not up or not link.enrolled:
+            print("edgeloop: error: enrollment failed (token used or expired?)", file=sys.stderr)
+            return 1
+        print(f"enrolled as {link.identity.device_id}; identity in {config.state_dir}")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _chat(args: argparse.Namespace) -> int:
+    config = _config(args)
+
+    async def run() -> None:
+        agent = _agent(config)
+        await agent.start()
+        if agent.link is not None:
+            await agent.link.wait_up(5)
+        try:
+            while True:
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                stream = agent.stream(line.strip())
+                async for piece in stream:
+                    print(piece, end="", flush=True)
+                reply = stream.reply
+                where = "cloud" if reply.from_cloud else "device"
+                why = f", fallback: {reply.fallback_reason}" if reply.fallback_reason else ""
+                print(f"\n  [{where}; {reply.decision.explain()}{why}; {reply.latency_ms:.0f} ms]")
+        finally:
+            await agent.stop()
+
+    print("edgeloop edge chat: type a message, Ctrl-D to quit", file=sys.stderr)
+    asyncio.run(run())
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edge_agent.http import build_openai_app
+
+    config = _config(args)
+
+    async def run() -> None:
+        agent = _agent(config)
+        await agent.start()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                build_openai_app(agent), host=config.host, port=config.port, log_level="warning"
+            )
+        )
+        print(f"edgeloop edge endpoint: http://{config.host}:{config.port}/v1", flush=True)
+        try:
+            await server.serve()
+        finally:
+            await agent.stop()
+
+    asyncio.run(run())
+    return 0

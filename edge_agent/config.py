@@ -1,0 +1,26 @@
+"""Configuration of the `edgeloop edge` commands: a TOML file and ``EDGELOOP_EDGE__*`` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["EdgeConfig"]
+
+
+class EdgeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    cloud_url: str | None = None
+    """The cloud agent, e.g. ws://127.0.0.1:8765/v1 (none: the device answers everything)."""
+    state_dir: Path = Path(".edgeloop/edge")
+    """Device key, identity, outbox."""
+    model_path: Path | None = None
+    """GGUF model; default: the packaged SmolLM2-135M-Instruct Q4_1."""
+    host: str = "127.0.0.1"
+    """Where `edgeloop edge serve` listens (keep it on the device)."""
+    port: int = Field(8080, ge=0, le=65535)
+    """Port of the local OpenAI-compatible endpoint."""
+    deadline_ms: int = Field(8000, ge=100, le=600_000)
+    """How long the device waits for the cloud before answering itself."""

@@ -1,0 +1,113 @@
+"""A local OpenAI-compatible endpoint for the edge agent, on 127.0.0.1 only.
+
+`/v1/chat/completions` (plain and SSE streaming) and `/v1/models`, so apps in any language on
+the device, and the official OpenAI client, use the edge agent unchanged. The route taken is in
+the ``X-Edgeloop-Route`` header and in an extra ``edgeloop`` field of the completion.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from edge_agent.agent import EdgeAgent, Reply
+from edge_agent.router import RouteDecision
+
+__all__ = ["build_openai_app"]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "code": None}},
+        status_code=status,
+    )
+
+
+def _route_info(decision: RouteDecision, reply: Reply | None) -> dict[str, Any]:
+    return {
+        "route": decision.target.value,
+        "reasons": list(decision.reasons),
+        "from_cloud": bool(reply and reply.from_cloud),
+        "fallback_reason": reply.fallback_reason if reply else None,
+        "request_id": reply.request_id if reply else None,
+    }
+
+
+def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> Starlette:
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": model_name, "object": "model", "owned_by": "edgeloop"}],
+            }
+        )
+
+    async def completions(request: Request) -> Response:
+        try:
+            body = await request.json()
+            messages = body["messages"]
+            question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError
+        except (ValueError, KeyError, TypeError, StopIteration):
+            return _error(400, "expected {messages: [..., {role: 'user', content: '...'}]}")
+        created = int(time.time())
+        stream = agent.stream(question)
+        decision = await stream.start()
+        headers = {"X-Edgeloop-Route": decision.target.value}
+        if not body.get("stream"):
+            text = "".join([piece async for piece in stream])
+            reply = stream.reply
+            return JSONResponse(
+                {
+                    "id": f"chatcmpl-{reply.request_id if reply else created}",
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": 0,
+                        "completion_tokens": reply.tokens if reply else 0,
+                        "total_tokens": reply.tokens if reply else 0,
+                    },
+                    "edgeloop": _route_info(decision, reply),
+                },  # fmt: skip
+                headers=headers,
+            )
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
+                payload = {
+                    "id": f"chatcmpl-{created}", "object": "chat.completion.chunk",
+                    "created": created, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra,
+                }  # fmt: skip
+                return f"data: {json.dumps(payload)}\n\n"
+
+            yield chunk({"role": "assistant"}, None)
+            async for piece in stream:
+                yield chunk({"content": piece}, None)
+            yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    return Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+        ]
+    )

@@ -1,0 +1,102 @@
+"""The local OpenAI-compatible endpoint (official client) and the `edgeloop edge` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.http import build_openai_app
+from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
+from tests.cloud_fixtures import Cloud
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[str]:
+    settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8)
+    agent = EdgeAgent(LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings))
+    agent.intent("greet", ["hello", "hi there"], handler=lambda text: "Hello! How can I help?")
+    server = uvicorn.Server(
+        uvicorn.Config(build_openai_app(agent), host="127.0.0.1", port=0, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_the_official_client_gets_answers_and_the_route(endpoint: str) -> None:
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="edgeloop-edge", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert raw.headers["x-edgeloop-route"] == "local"
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "Hello! How can I help?"
+    assert completion.model_extra is not None
+    assert completion.model_extra["edgeloop"]["reasons"] == ["intent.greet"]
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["edgeloop-edge"]
+    await client.close()
+
+
+async def test_streaming_chunks_add_up_and_end_with_the_route(endpoint: str) -> None:
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="edgeloop-edge",
+        messages=[{"role": "user", "content": "Which socks keep feet dry?"}],
+        stream=True,
+    )
+    pieces, last = [], None
+    async for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "")
+        last = chunk
+    assert "".join(pieces).strip()
+    assert last is not None and last.model_extra is not None
+    assert last.model_extra["edgeloop"]["route"] == "local_fallback"  # no cloud configured
+    await client.close()
+
+
+async def test_a_bad_request_gets_an_openai_style_error(endpoint: str) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"{endpoint}/chat/completions", json={"messages": []})
+    assert (
+        response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+    )
+
+
+async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    base = [sys.executable, "-m", "shared.cli", "edge"]
+    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+
+    def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            base + args, input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO
+        )
+
+    enrolled = await asyncio.to_thread(run, ["enroll", *state, "--token", token])
+    assert enrolled.returncode == 0, enrolled.stderr
+    assert "enrolled as dev_" in enrolled.stdout
+    chat = await asyncio.to_thread(
+        run, ["chat", *state], "Explain how to layer for ski touring versus resort skiing.\n"
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert "[cloud; cloud: intent.unknown" in chat.stdout
