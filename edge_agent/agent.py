@@ -14,15 +14,25 @@ import asyncio
 import inspect
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import Generation, LocalModel
 from edge_agent.privacy import PlaceholderMap, Redactor, StreamRestorer
 from edge_agent.router import IntentIndex, RouteDecision, Router, Target
-from protocol import ChatMessage, Escalate, Feedback, Result
+from protocol import (
+    ChatMessage,
+    DeviceResources,
+    Escalate,
+    Feedback,
+    Report,
+    Result,
+    RouteCounts,
+)
 from shared.ids import new_idempotency_key, new_request_id
 
 __all__ = ["BlockingEdgeAgent", "EdgeAgent", "Reply", "ReplyStream"]
@@ -30,6 +40,7 @@ __all__ = ["BlockingEdgeAgent", "EdgeAgent", "Reply", "ReplyStream"]
 Handler = Callable[[str], str | Awaitable[str]]
 Rating = Literal["positive", "negative"]
 SYSTEM = "You are a helpful shop assistant. Answer briefly."
+BACKPRESSURE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +111,60 @@ class EdgeAgent:
         self.cloud_max_tokens = cloud_max_tokens
         self.local_max_tokens = local_max_tokens
         self._handlers: dict[str, Handler] = {}
+        self._busy = False
+        self._backpressure_until = 0.0
+        self._period_start = datetime.now(UTC)
+        self._outcomes: Counter[str] = Counter()
 
-    def intent(self, name: str, examples: Iterable[str], handler: Handler | None = None) -> None:
-        """Register an app intent; with a `handler`, matching requests run it locally."""
-        self.router.intents.add(name, examples)
+    def intent(
+        self,
+        name: str,
+        examples: Iterable[str],
+        handler: Handler | None = None,
+        *,
+        privacy: Literal["normal", "local_only"] = "normal",
+    ) -> None:
+        """Register an app intent. With a `handler`, matching requests run it on the device;
+        without, the local model answers them. `privacy="local_only"` keeps them on the
+        device whatever else the router sees."""
+        self.router.intents.add(name, examples, local_only=privacy == "local_only")
         if handler is not None:
             self._handlers[name] = handler
+
+    def set_device_state(
+        self, *, battery_pct: int | None = None, charging: bool | None = None,
+        thermal: str | None = None,
+    ) -> None:  # fmt: skip
+        """What the app knows about the device now; a hot or draining device sends
+        generation-heavy requests to the cloud rather than its own model."""
+        self._busy = thermal in ("serious", "critical") or (
+            battery_pct is not None and battery_pct < 15 and not charging
+        )
+
+    def report(self) -> Report:
+        """Where requests were answered since the last report, and why, as a protocol
+        `report` (then reset). A cloud request answered by the device counts as a fallback."""
+        now = datetime.now(UTC)
+        counts, self._outcomes = self._outcomes, Counter()
+        routes = RouteCounts(**{t.value: counts.get(t.value, 0) for t in Target})
+        reasons = {k: v for k, v in counts.items() if k not in {t.value for t in Target}}
+        report = Report(
+            idempotency_key=new_idempotency_key(),
+            period_start=self._period_start,
+            period_end=now,
+            routes=routes,
+            reasons=dict(list(reasons.items())[:128]),
+            resources=DeviceResources(
+                cores=self.model.profile.cores, memory_mb=self.model.profile.memory_mb
+            ),
+        )
+        self._period_start = now
+        return report
+
+    async def send_report(self) -> None:
+        """Queue a routing report durably for the cloud."""
+        if self.link is not None:
+            await asyncio.to_thread(self.link.queue_reliable, self.report())
 
     async def start(self) -> None:
         if self.link is not None:
@@ -151,10 +210,21 @@ class EdgeAgent:
         started = time.perf_counter()
         request_id = new_request_id()
         link_up = self.link is not None and self.link.state is LinkState.UP
-        decision = self.router.decide(text, override=override, link_up=link_up)
+        decision = self.router.decide(
+            text,
+            override=override,
+            link_up=link_up,
+            backpressure=time.monotonic() < self._backpressure_until,
+            device_busy=self._busy,
+        )
         yield decision
 
         def reply(body: str, tokens: int, **kw: object) -> Reply:
+            fallback = kw.get("fallback_reason")
+            target = Target.LOCAL_FALLBACK if fallback else decision.target
+            self._outcomes[target.value] += 1
+            for reason in (*decision.reasons, *([fallback] if fallback else [])):
+                self._outcomes[str(reason)] += 1
             return Reply(
                 text=body, request_id=request_id, decision=decision,
                 latency_ms=(time.perf_counter() - started) * 1000, tokens=tokens, **kw,  # type: ignore[arg-type]
@@ -201,6 +271,9 @@ class EdgeAgent:
                     # Part of the cloud's answer is already on screen; finish locally after it.
                     yield "\n"
                 fallback = exc.reason
+                if exc.reason in ("cloud.overloaded", "cloud.rate_limited", "cloud.backpressure"):
+                    # The cloud asked for room: keep new requests local for a while.
+                    self._backpressure_until = time.monotonic() + BACKPRESSURE_S
             else:  # pragma: no cover - escalate always ends with a Result or raises
                 return
         else:

@@ -1,9 +1,11 @@
-"""`edgeloop edge ...`: enroll a device, chat in the terminal, serve the local OpenAI endpoint."""
+"""`edgeloop edge ...`: enroll a device, chat in the terminal, serve the local OpenAI endpoint,
+calibrate the router."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,19 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.set_defaults(func=_serve)
 
+    calibrate = sub.add_parser(
+        "calibrate", help="set the router's threshold from labelled requests to a local share"
+    )
+    common(calibrate)
+    calibrate.add_argument("--workload", type=Path, required=True, help="JSONL with a `text` field")
+    calibrate.add_argument(
+        "--target-local-share", type=float, required=True, help="share to keep local, 0 to 1"
+    )
+    calibrate.set_defaults(func=_calibrate)
+
+    for p in (chat, serve, calibrate):
+        p.add_argument("--intents", type=Path, help="JSON object: intent name -> example list")
+
 
 def _config(args: argparse.Namespace) -> EdgeConfig:
     config = load_config(EdgeConfig, args.config, prefix=ENV_PREFIX)
@@ -65,13 +80,49 @@ def _link(config: EdgeConfig, token: str | None = None) -> Any:
     )
 
 
-def _agent(config: EdgeConfig) -> Any:
+def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
+    from edge_agent.router import IntentIndex, Router
+
+    intents = IntentIndex()
+    if intents_file is not None:
+        for name, examples in json.loads(intents_file.read_text()).items():
+            intents.add(name, examples)
+    router = Router(intents)
+    saved = config.state_dir / "router.json"
+    if saved.exists():
+        router.threshold = float(json.loads(saved.read_text())["threshold"])
+    return router
+
+
+def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
     from edge_agent.agent import EdgeAgent
     from edge_agent.local_model import LocalModel
 
     return EdgeAgent(
-        LocalModel(config.model_path), link=_link(config), deadline_ms=config.deadline_ms
+        LocalModel(config.model_path),
+        link=_link(config),
+        router=_router(config, intents_file),
+        deadline_ms=config.deadline_ms,
     )
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from edge_agent.router import calibrate
+
+    config = _config(args)
+    texts = [
+        json.loads(line)["text"]
+        for line in args.workload.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    router = _router(config, args.intents)
+    threshold = calibrate(router, texts, args.target_local_share)
+    local = sum(router.decide(t).local for t in texts) / len(texts)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    (config.state_dir / "router.json").write_text(json.dumps({"threshold": threshold}))
+    print(f"threshold {threshold:.4f}: {local:.1%} of {len(texts)} requests stay on the device")
+    print(f"saved in {config.state_dir / 'router.json'}")
+    return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
@@ -101,7 +152,7 @@ def _chat(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def run() -> None:
-        agent = _agent(config)
+        agent = _agent(config, args.intents)
         await agent.start()
         if agent.link is not None:
             await agent.link.wait_up(5)
@@ -135,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
 
     async def run() -> None:
-        agent = _agent(config)
+        agent = _agent(config, args.intents)
         await agent.start()
         server = uvicorn.Server(
             uvicorn.Config(

@@ -95,9 +95,13 @@ class IntentIndex:
 
     def __init__(self) -> None:
         self._examples: list[tuple[str, tuple[frozenset[str], frozenset[str]]]] = []
+        self.local_only: set[str] = set()
+        """Intents whose requests never leave the device (the app's privacy class)."""
 
-    def add(self, name: str, examples: Iterable[str]) -> None:
+    def add(self, name: str, examples: Iterable[str], *, local_only: bool = False) -> None:
         self._examples += [(name, _features(e)) for e in examples]
+        if local_only:
+            self.local_only.add(name)
 
     def match(self, text: str) -> tuple[str | None, float]:
         features = _features(text)
@@ -183,6 +187,10 @@ class Router:
             kinds = tuple(f"privacy.local_only.{k.value}" for k in redaction.local_only)
             return RouteDecision(Target.LOCAL_ONLY, kinds)
         intent, intent_score = self.intents.match(text)
+        if intent in self.intents.local_only and intent_score >= self.threshold:
+            return RouteDecision(
+                Target.LOCAL_ONLY, (f"intent.{intent}", "privacy.intent"), {}, intent
+            )
         hard, cues = difficulty(text)
         covered = self.coverage.match(text)
         scores = {"intent": round(intent_score, 3), "coverage": round(covered, 3),

@@ -13,7 +13,7 @@ from edge_agent.agent import BlockingEdgeAgent, EdgeAgent
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
-from edge_agent.router import Target
+from edge_agent.router import Coverage, Target
 from examples.kiosk.intents import KIOSK_INTENTS
 from tests.cloud_fixtures import Cloud
 
@@ -150,3 +150,40 @@ def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel
         )
     finally:
         blocking.close()
+
+
+@pytest.mark.cloud(
+    backend=ScriptedBackend(echo_placeholders), limits={"max_requests_per_minute": 1}
+)
+async def test_back_pressure_hot_devices_and_reports(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    hard = "Compare three-season and four-season tents and explain when each makes sense"
+    assert (await agent.ask(hard)).from_cloud
+    refused = await agent.ask(hard)  # the cloud's rate limit answers `rate_limited`
+    assert refused.fallback_reason == "cloud.rate_limited" and not refused.from_cloud
+    held = await agent.ask(hard)  # back-pressure: stays local without asking the cloud
+    assert held.decision.reasons == ("cloud.backpressure",)
+    agent.router.coverage = Coverage((("how long do I have to return a jacket", 0.9),))
+    assert (
+        await agent.ask("How long do I have to return a jacket?")
+    ).decision.target is Target.LOCAL
+    agent.set_device_state(thermal="critical")
+    hot = agent.router.decide("How long do I have to return a jacket?", device_busy=agent._busy)
+    assert hot.target is not Target.LOCAL or "coverage.match" not in hot.reasons
+    report = agent.report()
+    assert report.routes.cloud == 1 and report.routes.local_fallback >= 2
+    assert report.reasons.get("cloud.backpressure") == 1
+    await agent.send_report()
+    async with asyncio.timeout(5):
+        while agent.link is not None and agent.link.outbox is not None and len(agent.link.outbox):
+            await asyncio.sleep(0.01)
+    await agent.stop()
+
+
+def test_an_intent_can_be_kept_on_the_device_by_its_privacy_class(model: LocalModel) -> None:
+    agent = EdgeAgent(model, local_max_tokens=4)
+    agent.intent("account", ["show my saved addresses"], privacy="local_only")
+    decision = agent.router.decide("show my saved addresses")
+    assert decision.target is Target.LOCAL_ONLY

@@ -81,3 +81,26 @@ def test_calibration_reaches_a_target_local_share(
     threshold = calibrate(router, texts, share)
     local = sum(router.decide(t).local for t in texts) / len(texts)
     assert abs(local - share) <= 0.05, (threshold, local)
+
+
+def test_an_intent_of_the_local_only_privacy_class_never_leaves_the_device() -> None:
+    intents = IntentIndex()
+    intents.add("account", ["show my saved addresses", "change my password"], local_only=True)
+    decision = Router(intents).decide("show my saved addresses please")
+    assert decision.target is Target.LOCAL_ONLY and "privacy.intent" in decision.reasons
+
+
+def test_the_calibrate_command_saves_a_threshold_the_agent_uses(
+    tmp_path: Path, workload_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.cli import main
+
+    intents = tmp_path / "intents.json"
+    intents.write_text(json.dumps(KIOSK_INTENTS))
+    args = ["edge", "calibrate", "--state-dir", str(tmp_path / "dev"), "--intents", str(intents),
+            "--workload", str(workload_path), "--target-local-share", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "stay on the device" in out
+    saved = json.loads((tmp_path / "dev" / "router.json").read_text())
+    assert 0.0 < saved["threshold"] <= 1.5
