@@ -1,0 +1,75 @@
+"""Signed update bundles: a manifest plus files, signed with the cloud's Ed25519 key.
+
+The manifest (`protocol.BundleManifest`) names the bundle, a version that only grows, the base
+model's sha256, each file's sha256 and size, creation and expiry times and the evaluation
+metrics. It is serialised once; those exact UTF-8 bytes are what is signed and what the
+`update_offer` carries, so no canonical-JSON rules are needed on either side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from protocol import BundleFile, BundleManifest, UpdateOffer
+from shared.keys import SigningKey, b64url_encode
+
+__all__ = ["build_bundle"]
+
+FileKind = Literal["adapter", "coverage", "other"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_bundle(
+    directory: Path,
+    *,
+    name: str,
+    version: int,
+    base_model_sha256: str,
+    files: Mapping[str, tuple[Path, FileKind]],
+    key: SigningKey,
+    metrics: Mapping[str, float] | None = None,
+    ttl: timedelta = timedelta(days=30),
+    now: datetime | None = None,
+) -> UpdateOffer:
+    """Copy `files` into ``directory/<version>/``, write and sign the manifest, return the offer."""
+    target = directory / str(version)
+    target.mkdir(parents=True, exist_ok=False)
+    entries = []
+    for file_name, (source, kind) in files.items():
+        destination = target / file_name
+        shutil.copyfile(source, destination)
+        entries.append(
+            BundleFile(
+                name=file_name,
+                kind=kind,
+                sha256=_sha256(destination),
+                size=destination.stat().st_size,
+            )
+        )
+    created = now or datetime.now(UTC)
+    manifest = BundleManifest(
+        name=name,
+        version=version,
+        base_model_sha256=base_model_sha256,
+        files=entries,
+        created_at=created,
+        expires_at=created + ttl,
+        metrics=dict(metrics or {}),
+    )
+    text = manifest.model_dump_json()
+    (target / "manifest.json").write_text(text, encoding="utf-8")
+    signature = b64url_encode(key.sign(text.encode("utf-8")))
+    (target / "manifest.sig").write_text(signature)
+    return UpdateOffer(manifest=text, signature=signature)
