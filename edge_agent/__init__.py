@@ -6,6 +6,7 @@ parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox
 """
 
 from edge_agent.agent import BlockingEdgeAgent, EdgeAgent, Reply, ReplyStream
+from edge_agent.apply import ApplyResult, UpdateManager
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import (
@@ -36,11 +37,17 @@ from edge_agent.router import (
     calibrate,
     difficulty,
 )
+from edge_agent.updates import BundleDownload, UpdateRejected, verify_offer
 
 __all__ = [
     "DEFAULT_POLICY",
     "Adapter",
     "AdapterError",
+    "ApplyResult",
+    "BundleDownload",
+    "UpdateManager",
+    "UpdateRejected",
+    "verify_offer",
     "BlockingEdgeAgent",
     "EdgeAgent",
     "Reply",

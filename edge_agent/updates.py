@@ -66,9 +66,11 @@ def verify_offer(
 class BundleDownload:
     """Receives the files of one verified manifest into a staging directory."""
 
-    def __init__(self, manifest: BundleManifest, staging: Path) -> None:
+    def __init__(
+        self, manifest: BundleManifest, staging: Path, *, directory: Path | None = None
+    ) -> None:
         self.manifest = manifest
-        self.directory = staging / f"{manifest.name}-{manifest.version}"
+        self.directory = directory or staging / f"{manifest.name}-{manifest.version}"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._files = {f.name: f for f in manifest.files}
 

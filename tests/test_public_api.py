@@ -21,8 +21,9 @@ PINNED = {
         "new_idempotency_key", "new_request_id", "new_session_id",
     },
     "edge_agent": {
-        "DEFAULT_POLICY", "Adapter", "AdapterError", "BlockingEdgeAgent", "EdgeAgent", "Reply",
-        "ReplyStream", "CloudLink", "CloudUnavailable", "LinkState",
+        "DEFAULT_POLICY", "Adapter", "AdapterError", "ApplyResult", "BundleDownload",
+        "UpdateManager", "UpdateRejected", "verify_offer", "BlockingEdgeAgent", "EdgeAgent",
+        "Reply", "ReplyStream", "CloudLink", "CloudUnavailable", "LinkState",
         "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
         "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",
