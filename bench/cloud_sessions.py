@@ -73,6 +73,13 @@ async def enroll_devices(data_dir: Path, n: int) -> list[DeviceCredentials]:
     return creds
 
 
+async def _connect(url: str) -> ClientConnection:
+    return await connect(
+        url, subprotocols=[SUBPROTOCOL], proxy=None, compression=None,  # type: ignore[list-item]
+        ping_interval=None, open_timeout=60,
+    )  # fmt: skip
+
+
 async def open_sessions(
     url: str, creds: list[DeviceCredentials], concurrency: int
 ) -> list[ClientConnection]:
@@ -81,8 +88,7 @@ async def open_sessions(
 
     async def one(c: DeviceCredentials) -> None:
         async with slots:
-            ws = await connect(url, subprotocols=[SUBPROTOCOL], proxy=None, compression=None,  # type: ignore[list-item]
-                               ping_interval=None, open_timeout=60)  # fmt: skip
+            ws = await _connect(url)
             session = ClientSession(c, sdk="bench/1")
             session.start()
             while not session.is_open:
@@ -124,8 +130,7 @@ async def plain_connections(url: str, n: int, concurrency: int) -> list[ClientCo
 
     async def one() -> None:
         async with slots:
-            ws = await connect(url, subprotocols=[SUBPROTOCOL], proxy=None, compression=None,  # type: ignore[list-item]
-                               ping_interval=None, open_timeout=60)  # fmt: skip
+            ws = await _connect(url)
             await ws.send("hello")
             await ws.recv()
             sockets.append(ws)

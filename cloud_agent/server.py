@@ -33,7 +33,6 @@ from protocol import (
     SUBPROTOCOL,
     Ack,
     AuthRequested,
-    BinaryFrame,
     CancelRequested,
     CloseCode,
     CloseFrame,
@@ -239,7 +238,7 @@ class CloudServer:
                     if isinstance(frame, CloseFrame):
                         await conn.ws.close(int(frame.code), frame.reason)
                         return
-                    await conn.ws.send(frame.data if isinstance(frame, BinaryFrame) else frame.data)
+                    await conn.ws.send(frame.data)
                 except ConnectionClosed:
                     conn.session.receive_close(1006, "connection lost")
                     return

@@ -118,10 +118,7 @@ class UpdateManager:
             shutil.rmtree(target)
         os.replace(download.directory, target)  # staged: same filesystem, atomic
         (target / "manifest.json").write_text(manifest.model_dump_json(), encoding="utf-8")
-        try:
-            _, paths = self._bundle(version)
-        except UpdateRejected as exc:
-            return ApplyResult("rejected", version, exc.reason)
+        paths = {f.name: target / f.name for f in manifest.files}  # verified just above
         previous = self._adapter
         try:
             adapter = self._load(manifest, paths)

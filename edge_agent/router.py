@@ -121,11 +121,18 @@ class Coverage:
     """What the active adapter answers well: example requests with their measured accuracy."""
 
     examples: tuple[tuple[str, float], ...] = ()
+    _features: tuple[tuple[tuple[frozenset[str], frozenset[str]], float], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        # Featurised once here: `match` runs on every routing decision.
+        object.__setattr__(self, "_features", tuple((_features(e), a) for e, a in self.examples))
 
     def match(self, text: str) -> float:
         features = _features(text)
         return max(
-            (_similarity(features, _features(e)) * accuracy for e, accuracy in self.examples),
+            (_similarity(features, example) * accuracy for example, accuracy in self._features),
             default=0.0,
         )
 

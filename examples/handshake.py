@@ -26,7 +26,6 @@ from protocol import (
     Ack,
     AckReceived,
     AuthRequested,
-    BinaryFrame,
     ClientSession,
     CloseCode,
     CloseFrame,
@@ -112,7 +111,7 @@ async def _flush(ws: ServerConnection | ClientConnection, frames: list[Frame]) -
         if isinstance(frame, CloseFrame):
             await ws.close(int(frame.code), frame.reason)
             return
-        await ws.send(frame.data if isinstance(frame, BinaryFrame) else frame.data)
+        await ws.send(frame.data)
 
 
 class Device:

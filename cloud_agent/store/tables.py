@@ -14,7 +14,6 @@ class Base(DeclarativeBase):
     type_annotation_map = {
         datetime: DateTime(timezone=True),
         dict[str, Any]: JSON,
-        dict[str, Any] | None: JSON,
         list[str]: JSON,
     }
 
