@@ -186,7 +186,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 ws.transport.abort()
         finally:
             server.terminate()
-            server.wait(timeout=30)
+            try:
+                # Each closed session is one fsync'd store write on the way out: give it time.
+                server.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
     print(f"{n} idle sessions, {args.concurrency} connecting at a time\n")
     print(f"{'server':<32} {'connect all s':>13} {'sessions/s':>11} {'KiB/session':>12}")
