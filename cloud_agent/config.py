@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BackendConfig", "CloudConfig", "LimitsConfig"]
+__all__ = ["BackendConfig", "CloudConfig", "LimitsConfig", "RolloutConfig"]
 
 
 class _Section(BaseModel):
@@ -60,6 +60,19 @@ class LimitsConfig(_Section):
     """A connection not authenticated within this time is closed (4002)."""
 
 
+class RolloutConfig(_Section):
+    canary_share: float = Field(0.1, gt=0.0, le=1.0)
+    """Share of enrolled devices offered a new bundle first (at least one device)."""
+    max_canary_failures: int = Field(0, ge=0)
+    """Canary devices that may reject or roll back a bundle before its rollout halts."""
+    min_feedback: int = Field(10, ge=1)
+    """Ratings of a new adapter's answers needed before negative feedback can halt it."""
+    max_negative_share: float = Field(0.3, gt=0.0, le=1.0)
+    """Share of negative ratings on a new adapter's answers above which its rollout halts."""
+    poll_s: float = Field(10.0, gt=0)
+    """How often replicas re-read rollouts (PostgreSQL also notifies them at once)."""
+
+
 class CloudConfig(_Section):
     server_id: str = "edgeloop-cloud"
     """Id of this service in proofs and logs; replicas of one cluster share it."""
@@ -91,6 +104,7 @@ class CloudConfig(_Section):
     """Backend calls served at once (scheduler slots)."""
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
+    rollout: RolloutConfig = RolloutConfig()
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight requests may take to finish."""
 

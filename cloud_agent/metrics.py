@@ -51,6 +51,12 @@ class Metrics:
         self.acks = Counter(
             "edgeloop_acks_total", "Acknowledged messages", ["type", "duplicate"], registry=r
         )
+        self.update_offers = Counter(
+            "edgeloop_update_offers_total", "Update offers sent to devices", registry=r
+        )
+        self.bundle_bytes = Counter(
+            "edgeloop_bundle_bytes_total", "Bundle bytes served over fetch", registry=r
+        )
         self.in_flight = Gauge(
             "edgeloop_scheduler_in_flight", "Backend slots in use", ["lane"], registry=r
         )

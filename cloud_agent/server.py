@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -28,12 +29,14 @@ from cloud_agent.errors import (
 )
 from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
+from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import NewInteraction, Store
 from protocol import (
     SUBPROTOCOL,
     Ack,
     AuthRequested,
     CancelRequested,
+    Chunk,
     CloseCode,
     CloseFrame,
     Delta,
@@ -43,6 +46,7 @@ from protocol import (
     EscalationReceived,
     Event,
     FeedbackReceived,
+    Fetch,
     FetchReceived,
     Goodbye,
     HelloReceived,
@@ -89,6 +93,9 @@ class _Connection:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     device_id: str | None = None
+    adapter_version: int | None = None
+    base_model_sha256: str | None = None
+    offered: int | None = None
 
 
 class CloudServer:
@@ -107,6 +114,7 @@ class CloudServer:
         auth_timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         recorder: InteractionRecorder | None = None,
+        rollout_policy: RolloutPolicy | None = None,
     ) -> None:
         self.store = store
         self.recorder = recorder or InteractionRecorder(store)
@@ -119,9 +127,13 @@ class CloudServer:
         self.auth_timeout_s = auth_timeout_s
         self.ssl_context = ssl_context
         self._rate = _RateLimiter(limits.max_requests_per_minute)
+        self.rollout_policy = rollout_policy or RolloutPolicy()
+        self.on_rollout_change: Callable[[], Awaitable[None]] | None = None
+        """Called when a rollout changed state here (the service announces it to replicas)."""
         # Characters of answer text per frame: the protocol's field limit, and room in a frame
         # (4 bytes per character at worst, plus the envelope).
         self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
+        self._max_chunk = max(1024, limits.max_message_bytes - 1024)
         self._connections: set[_Connection] = set()
         self._server: Server | None = None
         self._draining = False
@@ -287,9 +299,12 @@ class CloudServer:
                     "feedback",
                     fb.idempotency_key,
                     lambda device: self.store.add_feedback(
-                        device, fb.idempotency_key, fb.request_id, fb.rating, fb.correction
+                        device, fb.idempotency_key, fb.request_id, fb.rating, fb.correction,
+                        fb.adapter_version,
                     ),
-                )
+                )  # fmt: skip
+                if fb.adapter_version is not None:
+                    await self._review(fb.adapter_version)
             case ReportReceived(message=rp):
                 body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
                 await self._acknowledge(
@@ -307,14 +322,11 @@ class CloudServer:
                         device, us.idempotency_key, us.version, us.status, us.reason, us.self_check
                     ),
                 )
+                if us.status == "applied":
+                    conn.adapter_version = us.version
+                await self._review(us.version)
             case FetchReceived(request=request):
-                session.send(
-                    make_error(
-                        ErrorCode.UNKNOWN_BUNDLE,
-                        f"no bundle version {request.version}",
-                        request_id=request.request_id,
-                    )
-                )
+                await self._fetch(conn, request)
             case ProtocolViolation(code=code):
                 self.metrics.protocol_violations.labels(code.wire_name).inc()
 
@@ -352,6 +364,82 @@ class CloudServer:
                 base_model_sha256=hello.base_model.sha256 if hello and hello.base_model else None,
             )
         )
+        conn.adapter_version = hello.adapter_version if hello else None
+        conn.base_model_sha256 = hello.base_model.sha256 if hello and hello.base_model else None
+        await self._offer(conn)
+
+    # --- updates --------------------------------------------------------------------------
+
+    async def _offer(self, conn: _Connection) -> None:
+        """Offer the device the newest bundle its rollout cohort should run, once."""
+        if conn.device_id is None or not conn.session.is_open:
+            return
+        try:
+            record = await self.store.offer_for(conn.device_id, conn.base_model_sha256)
+        except StoreError:
+            return  # offered again on the next change or connection
+        if record is None or record.version == conn.offered:
+            return
+        if conn.adapter_version is not None and record.version <= conn.adapter_version:
+            return
+        conn.offered = record.version
+        self.metrics.update_offers.inc()
+        conn.session.send(record.offer)
+
+    async def push_offers(self) -> None:
+        """Re-check offers for every connected device (a bundle was published or moved on)."""
+        for conn in list(self._connections):
+            await self._offer(conn)
+            await self._flush(conn)
+
+    async def _review(self, version: int) -> None:
+        try:
+            changed = await self.rollout_policy.review(self.store, version)
+        except StoreError:
+            return
+        if changed is not None:
+            log.info("rollout of version %s is now %s", version, changed)
+            if self.on_rollout_change is not None:
+                await self.on_rollout_change()
+            else:
+                await self.push_offers()
+
+    async def _fetch(self, conn: _Connection, request: Fetch) -> None:
+        """Serve one range of a published bundle's file as a `chunk` and a binary frame."""
+        session = conn.session
+        rid = request.request_id
+        try:
+            record = await self.store.get_adapter(request.version)
+        except StoreError:
+            session.send(make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid))
+            return
+        if record is None:
+            session.send(
+                make_error(
+                    ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}", request_id=rid
+                )
+            )
+            return
+        entry = record.files.get(request.file)
+        if entry is None:
+            session.send(
+                make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)
+            )
+            return
+        path, size = entry
+        if request.offset > size:
+            session.send(
+                make_error(
+                    ErrorCode.INVALID_RANGE, f"offset {request.offset} past {size}", request_id=rid
+                )
+            )
+            return
+        length = min(request.length, size - request.offset, self._max_chunk)
+        data = await asyncio.to_thread(_read_range, path, request.offset, length)
+        header = Chunk(request_id=rid, file=request.file, offset=request.offset,
+                       length=len(data), size=size)  # fmt: skip
+        session.send_chunk(header, data)
+        self.metrics.bundle_bytes.inc(len(data))
 
     async def _acknowledge(
         self,
@@ -564,3 +652,9 @@ class CloudServer:
 def _loop_time(monotonic_deadline: float) -> float:
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        return fh.read(length)

@@ -26,6 +26,7 @@ from cloud_agent.config import CloudConfig
 from cloud_agent.jobs import JobRunner
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
+from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
 from cloud_agent.scheduler import Scheduler
 from cloud_agent.server import CloudServer
 from cloud_agent.skills import KnowledgeSkill
@@ -101,7 +102,20 @@ class CloudService:
             max_queue=config.limits.max_queue,
             auth_timeout_s=config.limits.auth_timeout_s,
             ssl_context=_ssl_context(config),
+            rollout_policy=RolloutPolicy(
+                max_canary_failures=config.rollout.max_canary_failures,
+                min_feedback=config.rollout.min_feedback,
+                max_negative_share=config.rollout.max_negative_share,
+            ),
         )
+        self.bundles_dir = config.data_dir / "bundles"
+        self.feed = PublicationFeed(
+            store,
+            self.server.push_offers,
+            database_url=config.resolved_database_url(),
+            poll_s=config.rollout.poll_s,
+        )
+        self.server.on_rollout_change = self.feed.announce
         self.port: int | None = None
         self.admin_port: int | None = None
         self.draining = False
@@ -133,6 +147,7 @@ class CloudService:
     async def start(self) -> None:
         self.server.recorder.start()
         self.port = await self.server.start(self.config.host, self.config.port)
+        await self.feed.start()
         self.jobs.start()
         app = build_admin_app(self)
         uv_config = uvicorn.Config(
@@ -162,6 +177,7 @@ class CloudService:
     async def stop(self) -> None:
         """Graceful: stop accepting, drain in-flight work, close everything."""
         self.draining = True
+        await self.feed.stop()
         await self.server.shutdown(self.config.shutdown_grace_s)
         await self.jobs.stop()
         await self.server.recorder.stop()
@@ -171,6 +187,18 @@ class CloudService:
             await self._admin_task
         await self.backend.aclose()
         await self.store.close()
+
+    async def published(self) -> None:
+        """A bundle was published (by `distill` or a rollback): offer it everywhere."""
+        await self.feed.announce()
+
+    async def rollback(self, version: int) -> int:
+        """Operator rollback of `version`; returns the new version that undoes it."""
+        new_version = await rollback(
+            self.store, version, signing_key=self.signing_key, bundles_dir=self.bundles_dir
+        )
+        await self.published()
+        return new_version
 
     def refresh_gauges(self) -> None:
         load = self.scheduler.load()

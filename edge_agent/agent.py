@@ -34,12 +34,13 @@ from protocol import (
     RouteCounts,
 )
 from shared.ids import new_idempotency_key, new_request_id
+from shared.llama import DEVICE_SYSTEM_PROMPT
 
 __all__ = ["BlockingEdgeAgent", "EdgeAgent", "Reply", "ReplyStream"]
 
 Handler = Callable[[str], str | Awaitable[str]]
 Rating = Literal["positive", "negative"]
-SYSTEM = "You are a helpful shop assistant. Answer briefly."
+SYSTEM = DEVICE_SYSTEM_PROMPT
 BACKPRESSURE_S = 5.0
 
 

@@ -30,7 +30,13 @@ from typing import Any, Literal
 import numpy as np
 
 from edge_agent.errors import EdgeAgentError
-from shared.llama import LlamaLoadError, default_model_path, file_sha256, open_llama
+from shared.llama import (
+    ChatTemplate,
+    LlamaLoadError,
+    default_model_path,
+    file_sha256,
+    open_llama,
+)
 from shared.threads import iterate_in_thread
 
 __all__ = [
@@ -138,17 +144,10 @@ class LocalModel:
             )
         except LlamaLoadError as exc:
             raise LocalModelError(str(exc)) from exc
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise LocalModelError(f"{self.path.name} has no chat template in its metadata")
-        model = self._llm._model
-        self._format = Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(self._llm.token_eos()),
-            bos_token=model.token_get_text(self._llm.token_bos()),
-        )
+        try:
+            self._template = ChatTemplate(self._llm)
+        except LlamaLoadError as exc:
+            raise LocalModelError(f"{self.path.name}: {exc}") from exc
         self._lock = threading.Lock()
         self._active: Adapter | None = None
         self._adapters: list[Adapter] = []
@@ -163,12 +162,6 @@ class LocalModel:
 
     # --- generation -----------------------------------------------------------------------
 
-    def _prompt(self, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[str]]:
-        formatted = self._format(messages=list(messages))  # type: ignore[arg-type]
-        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
-        stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
-        return tokens, [s for s in stops if s]
-
     def _steps(
         self, messages: Sequence[dict[str, str]], max_tokens: int, stop: threading.Event
     ) -> Iterator[str | Generation]:
@@ -176,7 +169,7 @@ class LocalModel:
         import llama_cpp
 
         with self._lock:
-            prompt, stops = self._prompt(messages)
+            prompt, stops = self._template.tokens(list(messages))
             if len(prompt) + max_tokens > self.settings.n_ctx:
                 max_tokens = max(1, self.settings.n_ctx - len(prompt))
                 if len(prompt) >= self.settings.n_ctx:

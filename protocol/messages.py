@@ -464,6 +464,9 @@ class Feedback(_Message):
     """Thumbs up or down."""
     correction: Text | None = None
     """A better answer, personal data replaced by placeholders."""
+    adapter_version: int | None = Field(default=None, ge=1, le=2**53)
+    """Set when the device answered the request itself with this adapter version active, so
+    the cloud can watch the answers of a rollout (and halt it)."""
 
 
 class Report(_Message):

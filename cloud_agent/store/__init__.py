@@ -10,6 +10,12 @@ from cloud_agent.store.records import (
     InteractionRecord,
     NewInteraction,
 )
+from cloud_agent.store.rollouts import AdapterRecord, RolloutHealth
 from cloud_agent.store.store import Store
 
-__all__ = ["DeviceRecord", "FeedbackSummary", "InteractionRecord", "NewInteraction", "Store"]
+__all__ = [
+    "AdapterRecord",
+    "DeviceRecord", "FeedbackSummary", "InteractionRecord", "NewInteraction",
+    "RolloutHealth",
+    "Store",
+]

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
 from cloud_agent.store.jobs import JobStore
+from cloud_agent.store.rollouts import RolloutStore
 from cloud_agent.store.records import (
     DeviceRecord,
     FeedbackSummary,
@@ -82,7 +83,7 @@ def _device(row: t.Device) -> DeviceRecord:
     )
 
 
-class Store(JobStore):
+class Store(JobStore, RolloutStore):
     """The cloud agent's persistent state."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -327,6 +328,7 @@ class Store(JobStore):
         request_id: str,
         rating: str,
         correction: str | None = None,
+        adapter_version: int | None = None,
     ) -> bool:
         return await self._insert_once(
             t.Feedback(
@@ -336,6 +338,7 @@ class Store(JobStore):
                 rating=rating,
                 correction=correction,
                 created_at=_now(),
+                adapter_version=adapter_version,
             )
         )
 

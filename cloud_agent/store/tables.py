@@ -6,7 +6,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -88,6 +98,8 @@ class Feedback(Base):
     rating: Mapped[str] = mapped_column(String(16))
     correction: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
+    adapter_version: Mapped[int | None] = mapped_column(Integer)
+    """Set when the device answered with that adapter active (rollouts watch these)."""
 
 
 class Report(Base):
@@ -110,6 +122,21 @@ class Adapter(Base):
     directory: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
     metrics: Mapped[dict[str, Any]]
+
+
+class Rollout(Base):
+    """One published bundle's rollout: canary, active, halted or rolled_back."""
+
+    __tablename__ = "rollouts"
+
+    version: Mapped[int] = mapped_column(
+        ForeignKey("adapters.version"), primary_key=True, autoincrement=False
+    )
+    state: Mapped[str] = mapped_column(String(16))
+    canary_share: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class Deployment(Base):

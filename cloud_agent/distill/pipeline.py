@@ -1,0 +1,201 @@
+"""One distillation cycle: dataset -> LoRA -> GGUF -> evaluation gate -> signed bundle.
+
+`distill` reads the store, trains on CPU (or a GPU), exports the adapter, measures it with
+llama.cpp against the base on the held-out set and on simple prompts, and publishes a signed
+bundle (adapter + router coverage) only when the adapter is better by `min_gain` and simple
+prompts did not regress. Every figure is recorded with the adapter, published or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from cloud_agent.bundles import build_bundle
+from cloud_agent.distill.dataset import Dataset, Example, build_dataset
+from cloud_agent.distill.evaluate import (
+    SIMPLE_PROMPTS,
+    GreedyModel,
+    accuracy,
+    coverage,
+    score,
+    simple_regressions,
+)
+from cloud_agent.distill.export import export_gguf_lora
+from cloud_agent.distill.train import LoraSettings, load_base, train_lora
+from cloud_agent.store import Store
+from shared.keys import SigningKey
+from shared.llama import default_model_path, file_sha256
+
+__all__ = ["DistillConfig", "DistillResult", "distill", "train_and_measure"]
+
+log = logging.getLogger("edgeloop.cloud.distill")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    base_model: Path | None = None
+    """The device's GGUF (default: the packaged SmolLM2); training reads its weights."""
+    lora: LoraSettings = LoraSettings()
+    heldout_share: float = 0.2
+    min_examples: int = 8
+    """Fewer training examples than this: no training (nothing worth shipping)."""
+    min_gain: float = 0.1
+    """Publish only if held-out fact accuracy rises by at least this much (absolute)."""
+    max_simple_regressions: int = 0
+    """Simple prompts allowed to lose their answer or start reciting facts."""
+    coverage_min_accuracy: float = 0.75
+    """Topics the adapter answers at least this well go into the router coverage."""
+    eval_max_tokens: int = 48
+    require_facts: bool = True
+    """Train on answers grounded in knowledge facts only (what a small model can learn)."""
+    simple_prompts: tuple[str, ...] = SIMPLE_PROMPTS
+    expectations: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
+    """Labelled ``expect`` groups by normalised question (see `expectations_from_workload`)."""
+    canary_share: float = 0.1
+    bundle_ttl: timedelta = timedelta(days=30)
+
+    @property
+    def base_path(self) -> Path:
+        return self.base_model or default_model_path()
+
+
+@dataclass
+class DistillResult:
+    published: bool
+    reason: str
+    metrics: dict[str, float]
+    version: int | None = None
+    adapter_path: Path | None = None
+    coverage: list[tuple[str, float]] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+
+
+def train_and_measure(
+    dataset: Dataset, config: DistillConfig, work_dir: Path, progress: Progress = log.info
+) -> DistillResult:
+    """Train, export and measure (blocking; runs in a worker thread). Does not publish."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    base = config.base_path
+    started = time.perf_counter()
+    progress(f"loading {base.name} as float32 for training")
+    model, tokenizer = load_base(base)
+    progress(f"training on {len(dataset.train)} examples, {config.lora.steps} steps")
+    trained = train_lora(model, tokenizer, dataset.train, config.lora)
+    adapter = export_gguf_lora(
+        trained.weights, alpha=trained.alpha, base_gguf=base, path=work_dir / "adapter.gguf"
+    )
+    del model, trained
+    train_s = time.perf_counter() - started
+    progress("evaluating base and adapter with llama.cpp on held-out questions")
+    evaluator = GreedyModel(base)
+    try:
+        tokens = config.eval_max_tokens
+        before = score(evaluator, dataset.heldout, tokens)
+        simple_before = [evaluator.answer(p, max_tokens=tokens) for p in config.simple_prompts]
+        evaluator.set_adapter(adapter)
+        after = score(evaluator, dataset.heldout, tokens)
+        seen = score(evaluator, dataset.train, tokens)
+        simple_after = [evaluator.answer(p, max_tokens=tokens) for p in config.simple_prompts]
+    finally:
+        evaluator.close()
+    regressions = simple_regressions(
+        simple_before, simple_after, [e.answer for e in dataset.train]
+    )
+    covered = coverage([*seen, *after], min_accuracy=config.coverage_min_accuracy)
+    (work_dir / "coverage.json").write_text(
+        json.dumps({"examples": covered}, ensure_ascii=False, indent=1), encoding="utf-8"
+    )
+    base_size = base.stat().st_size
+    metrics = {
+        "train_examples": float(len(dataset.train)),
+        "heldout_examples": float(len(after)),
+        "heldout_accuracy_before": round(accuracy(before), 4),
+        "heldout_accuracy_after": round(accuracy(after), 4),
+        "train_accuracy_after": round(accuracy(seen), 4),
+        "simple_regressions": float(regressions),
+        "coverage_examples": float(len(covered)),
+        "adapter_bytes": float(adapter.stat().st_size),
+        "adapter_share_of_base": round(adapter.stat().st_size / base_size, 4),
+        "train_seconds": round(train_s, 1),
+    }
+    gain = metrics["heldout_accuracy_after"] - metrics["heldout_accuracy_before"]
+    if not after:
+        reason = "no held-out question with a known expectation: cannot gate"
+    elif gain < config.min_gain:
+        reason = f"held-out accuracy gain {gain:+.2f} below the margin {config.min_gain:.2f}"
+    elif regressions > config.max_simple_regressions:
+        reason = f"{regressions} simple prompt(s) regressed"
+    else:
+        reason = f"held-out accuracy {gain:+.2f}"
+        return DistillResult(True, reason, metrics, None, adapter, covered)
+    return DistillResult(False, reason, metrics, None, adapter, covered)
+
+
+async def distill(
+    store: Store,
+    *,
+    config: DistillConfig,
+    work_dir: Path,
+    bundles_dir: Path,
+    signing_key: SigningKey,
+    progress: Progress = log.info,
+    extra_examples: list[Example] | None = None,
+) -> DistillResult:
+    """One full cycle; publishes a bundle (and starts its rollout) if the gate passes."""
+    dataset = await build_dataset(
+        store,
+        heldout_share=config.heldout_share,
+        seed=config.lora.seed,
+        require_facts=config.require_facts,
+        expectations=config.expectations,
+    )
+    if extra_examples:
+        dataset = Dataset([*dataset.train, *extra_examples], dataset.heldout, dataset.dropped)
+    progress(
+        f"dataset: {len(dataset.train)} train, {len(dataset.heldout)} held out, "
+        f"dropped {dataset.dropped}"
+    )
+    if len(dataset.train) < config.min_examples:
+        return DistillResult(
+            False,
+            f"{len(dataset.train)} training examples, fewer than {config.min_examples}",
+            {"train_examples": float(len(dataset.train))},
+        )
+    cycle_dir = work_dir / f"cycle-{int(time.time() * 1000)}"
+    result = await asyncio.to_thread(train_and_measure, dataset, config, cycle_dir, progress)
+    dataset.save(cycle_dir / "dataset.jsonl")
+    if not result.published:
+        progress(f"not published: {result.reason}")
+        return result
+    assert result.adapter_path is not None
+    version = await store.next_adapter_version()
+    offer = build_bundle(
+        bundles_dir,
+        name="edgeloop-adapter",
+        version=version,
+        base_model_sha256=file_sha256(config.base_path),
+        files={
+            "adapter.gguf": (result.adapter_path, "adapter"),
+            "coverage.json": (cycle_dir / "coverage.json", "coverage"),
+        },
+        key=signing_key,
+        metrics={k: v for k, v in result.metrics.items() if math.isfinite(v)},
+        ttl=config.bundle_ttl,
+    )
+    await store.add_adapter(
+        offer, directory=bundles_dir / str(version), canary_share=config.canary_share
+    )
+    result.version = version
+    progress(f"published bundle version {version}: {result.reason}")
+    return result
+

@@ -1,0 +1,192 @@
+"""Rollout policy, operator rollback, and telling every replica that offers changed.
+
+- `RolloutPolicy.review(version)` after each update status or feedback on a version: a
+  canary rollout halts when canary devices reject or roll back (more than
+  `max_canary_failures`), and goes ``active`` (offered to everyone) once enough canary devices
+  applied it; any rollout halts when negative feedback on answers from its adapter passes
+  `max_negative_share` (after `min_feedback` ratings).
+- `rollback(version)`: the operator's undo. The bundle before it (or the base model alone,
+  when there was none) is published again under a new, higher version, active at once, so
+  devices that only ever move forward accept it.
+- `PublicationFeed`: replicas learn of publications and state changes through PostgreSQL
+  ``LISTEN/NOTIFY`` (channel ``edgeloop_rollouts``) when the store is PostgreSQL, and in any
+  case by polling the store every `poll_s` (SQLite, or a notification lost with a connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloud_agent.bundles import build_bundle
+from cloud_agent.errors import CloudAgentError
+from cloud_agent.store import Store
+from protocol import BundleManifest
+from shared.keys import SigningKey
+
+__all__ = ["CHANNEL", "PublicationFeed", "RolloutPolicy", "rollback"]
+
+log = logging.getLogger("edgeloop.cloud.rollout")
+CHANNEL = "edgeloop_rollouts"
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    max_canary_failures: int = 0
+    min_canary_applied_share: float = 0.5
+    min_feedback: int = 10
+    max_negative_share: float = 0.3
+
+    async def review(self, store: Store, version: int) -> str | None:
+        """Apply the policy to one rollout; returns the new state if it changed."""
+        health = await store.rollout_health(version)
+        if health is None or health.state not in ("canary", "active"):
+            return None
+        rated = health.feedback_positive + health.feedback_negative
+        if rated >= self.min_feedback and health.feedback_negative / rated > self.max_negative_share:
+            reason = f"negative feedback {health.feedback_negative}/{rated}"
+            if await store.set_rollout_state(version, "halted", reason):
+                return "halted"
+        if health.state != "canary":
+            return None
+        if health.canary_failed > self.max_canary_failures:
+            reason = f"{health.canary_failed} canary device(s) rejected or rolled back"
+            if await store.set_rollout_state(version, "halted", reason):
+                return "halted"
+        needed = max(1, round(self.min_canary_applied_share * health.canary_size))
+        if health.canary_applied >= needed and health.canary_failed <= self.max_canary_failures:
+            reason = f"{health.canary_applied}/{health.canary_size} canary devices applied"
+            if await store.set_rollout_state(version, "active", reason):
+                return "active"
+        return None
+
+
+async def rollback(
+    store: Store, version: int, *, signing_key: SigningKey, bundles_dir: Path
+) -> int:
+    """Halt `version` and publish what came before it again, as a new active version."""
+    current = await store.get_adapter(version)
+    if current is None:
+        raise CloudAgentError(f"no adapter version {version}")
+    previous = None
+    for candidate in range(version - 1, 0, -1):
+        record = await store.get_adapter(candidate)
+        if record is not None and record.state not in ("halted", "rolled_back"):
+            previous = record
+            break
+    manifest = BundleManifest.model_validate_json(current.manifest)
+    new_version = await store.next_adapter_version()
+    with tempfile.TemporaryDirectory() as tmp:
+        if previous is not None:
+            files = {
+                name: (path, kind)
+                for name, (path, _), kind in (
+                    (f.name, previous.files[f.name], f.kind)
+                    for f in BundleManifest.model_validate_json(previous.manifest).files
+                )
+            }
+        else:  # back to the base model: a bundle with no adapter and empty coverage
+            empty = Path(tmp) / "coverage.json"
+            empty.write_text(json.dumps({"examples": []}))
+            files = {"coverage.json": (empty, "coverage")}
+        offer = build_bundle(
+            bundles_dir,
+            name=f"rollback-of-{version}",
+            version=new_version,
+            base_model_sha256=manifest.base_model_sha256,
+            files=files,  # type: ignore[arg-type]
+            key=signing_key,
+            metrics={"rollback_of": float(version)},
+        )
+    await store.set_rollout_state(version, "rolled_back", f"operator rollback to {new_version}")
+    await store.add_adapter(offer, directory=bundles_dir / str(new_version), state="active")
+    return new_version
+
+
+class PublicationFeed:
+    """Calls `on_change()` whenever rollouts may have changed, on this replica or another."""
+
+    def __init__(
+        self,
+        store: Store,
+        on_change: Callable[[], Awaitable[None]],
+        *,
+        database_url: str,
+        poll_s: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.on_change = on_change
+        self.database_url = database_url
+        self.poll_s = poll_s
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: Any = None
+        self._seen: list[dict[str, Any]] | None = None
+
+    @property
+    def postgres(self) -> bool:
+        return self.database_url.startswith("postgresql")
+
+    async def start(self) -> None:
+        if self.postgres:
+            await self._listen()
+        self._seen = await self.store.list_rollouts()
+        self._tasks.append(asyncio.create_task(self._poll()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+
+    async def announce(self) -> None:
+        """Tell every replica (this one included) that rollouts changed."""
+        if self.postgres:
+            import asyncpg
+
+            conn = await asyncpg.connect(_asyncpg_dsn(self.database_url))
+            try:
+                await conn.execute("SELECT pg_notify($1, 'changed')", CHANNEL)
+            finally:
+                await conn.close()
+        else:
+            await self._changed()
+
+    async def _listen(self) -> None:
+        import asyncpg
+
+        self._listener = await asyncpg.connect(_asyncpg_dsn(self.database_url))
+
+        def notified(*_: Any) -> None:
+            self._tasks.append(asyncio.create_task(self._changed()))
+
+        await self._listener.add_listener(CHANNEL, notified)
+
+    async def _changed(self) -> None:
+        try:
+            self._seen = await self.store.list_rollouts()
+            await self.on_change()
+        except Exception:  # noqa: BLE001 - a failed push is retried by the next poll
+            log.exception("could not push rollout changes")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                now = await self.store.list_rollouts()
+            except Exception:  # noqa: BLE001 - the store may be briefly unavailable
+                continue
+            if now != self._seen:
+                await self._changed()
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)

@@ -1,0 +1,216 @@
+"""Store operations for adapter bundles and their rollouts (a mixin of `Store`).
+
+A published bundle gets a rollout that starts as ``canary``: a deterministic share of the
+enrolled devices (ranked by a hash of version and device id, at least one device) is offered
+it first. The rollout policy (`cloud_agent.rollout`) moves it to ``active`` (every device),
+``halted`` or ``rolled_back``; this module only records and answers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from cloud_agent.store import tables as t
+from cloud_agent.store.jobs import _Transactional
+from protocol import BundleManifest, UpdateOffer
+
+__all__ = ["AdapterRecord", "RolloutHealth", "RolloutStore"]
+
+OFFERED_STATES = ("canary", "active")
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRecord:
+    version: int
+    name: str
+    base_model_sha256: str
+    manifest: str
+    signature: str
+    directory: Path
+    state: str
+    canary_share: float
+
+    @property
+    def offer(self) -> UpdateOffer:
+        return UpdateOffer(manifest=self.manifest, signature=self.signature)
+
+    @property
+    def files(self) -> dict[str, tuple[Path, int]]:
+        """File name -> (path, declared size), from the signed manifest."""
+        manifest = BundleManifest.model_validate_json(self.manifest)
+        return {f.name: (self.directory / f.name, f.size) for f in manifest.files}
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutHealth:
+    version: int
+    state: str
+    canary_size: int
+    canary_applied: int
+    canary_failed: int
+    applied: int
+    failed: int
+    feedback_positive: int
+    feedback_negative: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rank(version: int, device_id: str) -> str:
+    return hashlib.sha256(f"{version}:{device_id}".encode()).hexdigest()
+
+
+def _record(adapter: t.Adapter, rollout: t.Rollout) -> AdapterRecord:
+    return AdapterRecord(
+        version=adapter.version,
+        name=adapter.name,
+        base_model_sha256=adapter.base_model_sha256,
+        manifest=adapter.manifest,
+        signature=adapter.signature,
+        directory=Path(adapter.directory),
+        state=rollout.state,
+        canary_share=rollout.canary_share,
+    )
+
+
+class RolloutStore:
+    """Adapters, rollouts and per-device deployment state."""
+
+    async def next_adapter_version(self: _Transactional) -> int:
+        async with self._tx() as s:
+            return int(await s.scalar(select(func.max(t.Adapter.version))) or 0) + 1
+
+    async def add_adapter(
+        self: _Transactional,
+        offer: UpdateOffer,
+        *,
+        directory: Path,
+        canary_share: float = 0.1,
+        state: str = "canary",
+    ) -> int:
+        manifest = BundleManifest.model_validate_json(offer.manifest)
+        now = _now()
+        async with self._tx() as s:
+            s.add(
+                t.Adapter(
+                    version=manifest.version, name=manifest.name,
+                    base_model_sha256=manifest.base_model_sha256, manifest=offer.manifest,
+                    signature=offer.signature, directory=str(directory),
+                    created_at=manifest.created_at, metrics=dict(manifest.metrics),
+                )
+            )  # fmt: skip
+            await s.flush()
+            s.add(
+                t.Rollout(
+                    version=manifest.version, state=state, canary_share=canary_share,
+                    reason=None, created_at=now, updated_at=now,
+                )
+            )  # fmt: skip
+        return manifest.version
+
+    async def get_adapter(self: _Transactional, version: int) -> AdapterRecord | None:
+        async with self._tx() as s:
+            row = (
+                await s.execute(
+                    select(t.Adapter, t.Rollout)
+                    .join(t.Rollout, t.Rollout.version == t.Adapter.version)
+                    .where(t.Adapter.version == version)
+                )
+            ).first()
+            return _record(*row) if row else None
+
+    async def list_rollouts(self: _Transactional) -> list[dict[str, Any]]:
+        async with self._tx() as s:
+            rows = (await s.scalars(select(t.Rollout).order_by(t.Rollout.version.desc()))).all()
+            return [
+                {
+                    "version": r.version,
+                    "state": r.state,
+                    "canary_share": r.canary_share,
+                    "reason": r.reason,
+                    "updated_at": r.updated_at.isoformat(),
+                }
+                for r in rows
+            ]
+
+    async def set_rollout_state(
+        self: _Transactional, version: int, state: str, reason: str | None = None
+    ) -> bool:
+        """Move a rollout to `state`; False if there is no such rollout or nothing changed."""
+        async with self._tx() as s:
+            result: Any = await s.execute(
+                update(t.Rollout)
+                .where(t.Rollout.version == version, t.Rollout.state != state)
+                .values(state=state, reason=reason, updated_at=_now())
+            )
+            return bool(result.rowcount)
+
+    async def _canary(self: _Transactional, s: Any, version: int, share: float) -> set[str]:
+        ids = (await s.scalars(select(t.Device.id).where(t.Device.revoked_at.is_(None)))).all()
+        size = max(1, math.ceil(share * len(ids))) if ids else 0
+        return set(sorted(ids, key=lambda d: _rank(version, d))[:size])
+
+    async def offer_for(
+        self: _Transactional, device_id: str, base_model_sha256: str | None = None
+    ) -> AdapterRecord | None:
+        """The newest bundle this device should run now (its cohort and base model permitting)."""
+        async with self._tx() as s:
+            query = (
+                select(t.Adapter, t.Rollout)
+                .join(t.Rollout, t.Rollout.version == t.Adapter.version)
+                .where(t.Rollout.state.in_(OFFERED_STATES))
+                .order_by(t.Adapter.version.desc())
+            )
+            if base_model_sha256 is not None:
+                query = query.where(t.Adapter.base_model_sha256 == base_model_sha256)
+            for adapter, rollout in (await s.execute(query)).all():
+                if rollout.state == "active":
+                    return _record(adapter, rollout)
+                canary = await RolloutStore._canary(self, s, adapter.version, rollout.canary_share)
+                if device_id in canary:
+                    return _record(adapter, rollout)
+            return None
+
+    async def rollout_health(self: _Transactional, version: int) -> RolloutHealth | None:
+        async with self._tx() as s:
+            rollout = await s.get(t.Rollout, version)
+            if rollout is None:
+                return None
+            canary = await RolloutStore._canary(self, s, version, rollout.canary_share)
+            rows = (
+                await s.execute(
+                    select(t.Deployment.device_id, t.Deployment.status).where(
+                        t.Deployment.version == version
+                    )
+                )
+            ).all()
+            ratings = dict(
+                (
+                    await s.execute(
+                        select(t.Feedback.rating, func.count())
+                        .where(t.Feedback.adapter_version == version)
+                        .group_by(t.Feedback.rating)
+                    )
+                ).all()
+            )
+        failed_states = ("rejected", "rolled_back")
+        return RolloutHealth(
+            version=version,
+            state=rollout.state,
+            canary_size=len(canary),
+            canary_applied=sum(1 for d, st in rows if d in canary and st == "applied"),
+            canary_failed=sum(1 for d, st in rows if d in canary and st in failed_states),
+            applied=sum(1 for _, st in rows if st == "applied"),
+            failed=sum(1 for _, st in rows if st in failed_states),
+            feedback_positive=int(ratings.get("positive", 0)),
+            feedback_negative=int(ratings.get("negative", 0)),
+        )
