@@ -133,7 +133,29 @@ def build_admin_app(service: CloudService) -> Starlette:
         return _json(await service.store.list_adapters())
 
     async def rollouts(request: Request) -> Response:
-        return _json(await service.store.deployment_summary())
+        devices = {d["version"]: d["devices"] for d in await service.store.deployment_summary()}
+        out = await service.store.list_rollouts()
+        for rollout in out:
+            rollout["devices"] = devices.get(rollout["version"], {})
+        return _json(out)
+
+    async def rollout_action(request: Request) -> Response:
+        try:
+            version = int(request.path_params["version"])
+        except ValueError:
+            return _json({"error": "bad_request", "message": "version must be an integer"}, 400)
+        action = request.path_params["action"]
+        if await service.store.get_adapter(version) is None:
+            return _json({"error": "not_found", "message": f"no adapter version {version}"}, 404)
+        if action == "rollback":
+            return _json({"rolled_back": version, "version": await service.rollback(version)})
+        state = {"halt": "halted", "promote": "active"}.get(action)
+        if state is None:
+            return _json({"error": "not_found", "message": "actions: rollback, halt, promote"}, 404)
+        changed = await service.store.set_rollout_state(version, state, f"operator: {action}")
+        if changed:
+            await service.published()
+        return _json({"version": version, "state": state, "changed": changed})
 
     async def submit_job(request: Request) -> Response:
         try:
@@ -172,6 +194,7 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/v1/load", guarded(load)),
             Route("/v1/adapters", guarded(adapters)),
             Route("/v1/rollouts", guarded(rollouts)),
+            Route("/v1/rollouts/{version}/{action}", guarded(rollout_action), methods=["POST"]),
             Route("/v1/jobs", guarded(list_jobs)),
             Route("/v1/jobs", guarded(submit_job), methods=["POST"]),
             Route("/v1/jobs/{job_id}", guarded(show_job)),

@@ -77,6 +77,17 @@ def register(subparsers: Any) -> None:
     show.add_argument("--items", action="store_true")
     show.set_defaults(func=_jobs_show)
 
+    rollouts = sub.add_parser("rollouts", help="list adapter rollouts and their state as JSON")
+    common(rollouts)
+    rollouts.set_defaults(func=_rollouts)
+    rollback = sub.add_parser(
+        "rollback",
+        help="undo an adapter: offer the one before it (or the base) under a new version",
+    )
+    common(rollback)
+    rollback.add_argument("version", type=int)
+    rollback.set_defaults(func=_rollback)
+
     revoke = sub.add_parser("revoke", help="revoke a device; its sessions are refused")
     common(revoke)
     revoke.add_argument("device_id")
@@ -174,6 +185,36 @@ def _revoke(args: argparse.Namespace) -> int:
     changed = asyncio.run(_with_store(_config(args), lambda s: s.revoke_device(args.device_id)))
     print(f"{args.device_id}: {'revoked' if changed else 'already revoked or unknown'}")
     return 0 if changed else 1
+
+
+def _rollouts(args: argparse.Namespace) -> int:
+    print(
+        json.dumps(asyncio.run(_with_store(_config(args), lambda s: s.list_rollouts())), indent=2)
+    )
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from cloud_agent.errors import CloudAgentError
+    from cloud_agent.rollout import rollback
+    from shared.keys import SigningKey
+
+    config = _config(args)
+    key = SigningKey.load_or_create(config.data_dir / "server.key")
+    try:
+        version = asyncio.run(
+            _with_store(
+                config,
+                lambda s: rollback(
+                    s, args.version, signing_key=key, bundles_dir=config.data_dir / "bundles"
+                ),
+            )
+        )
+    except CloudAgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"version {args.version} rolled back; version {version} undoes it")
+    return 0
 
 
 def _jobs_submit(args: argparse.Namespace) -> int:

@@ -50,7 +50,10 @@ class RolloutPolicy:
         if health is None or health.state not in ("canary", "active"):
             return None
         rated = health.feedback_positive + health.feedback_negative
-        if rated >= self.min_feedback and health.feedback_negative / rated > self.max_negative_share:
+        if (
+            rated >= self.min_feedback
+            and health.feedback_negative / rated > self.max_negative_share
+        ):
             reason = f"negative feedback {health.feedback_negative}/{rated}"
             if await store.set_rollout_state(version, "halted", reason):
                 return "halted"
@@ -101,7 +104,7 @@ async def rollback(
             name=f"rollback-of-{version}",
             version=new_version,
             base_model_sha256=manifest.base_model_sha256,
-            files=files,  # type: ignore[arg-type]
+            files=files,
             key=signing_key,
             metrics={"rollback_of": float(version)},
         )

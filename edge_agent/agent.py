@@ -14,16 +14,19 @@ import asyncio
 import inspect
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
+from edge_agent.apply import UpdateManager
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import Generation, LocalModel
 from edge_agent.privacy import PlaceholderMap, Redactor, StreamRestorer
 from edge_agent.router import IntentIndex, RouteDecision, Router, Target
+from edge_agent.updater import Updater
 from protocol import (
     ChatMessage,
     DeviceResources,
@@ -116,6 +119,19 @@ class EdgeAgent:
         self._backpressure_until = 0.0
         self._period_start = datetime.now(UTC)
         self._outcomes: Counter[str] = Counter()
+        self.updates: UpdateManager | None = None
+        self.updater: Updater | None = None
+        self._local_answers: OrderedDict[str, int] = OrderedDict()
+        """request id -> adapter version, for recent answers the adapter gave (feedback)."""
+
+    def enable_updates(self, state_dir: str | Path) -> UpdateManager:
+        """Accept signed adapter bundles from the cloud: restore the active one now, apply
+        new ones as they are offered (verified, hot-swapped, self-checked, reported)."""
+        self.updates = UpdateManager(self.model, self.router, Path(state_dir))
+        self.updates.restore()
+        if self.link is not None:
+            self.updater = Updater(self.updates, self.link, base_model_sha256=self.model.sha256)
+        return self.updates
 
     def intent(
         self,
@@ -200,6 +216,7 @@ class EdgeAgent:
             request_id=request_id,
             rating=rating,
             correction=correction,
+            adapter_version=self._local_answers.get(request_id),
         )
         await asyncio.to_thread(self.link.queue_reliable, message)
 
@@ -279,6 +296,10 @@ class EdgeAgent:
                 return
         else:
             fallback = "link.down" if decision.target is Target.CLOUD else None
+        if self.updates is not None and self.updates.current_version is not None:
+            self._local_answers[request_id] = self.updates.current_version
+            while len(self._local_answers) > 1024:
+                self._local_answers.popitem(last=False)
         async for local in self._local(text):
             if isinstance(local, Generation):
                 yield reply(

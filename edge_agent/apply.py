@@ -128,7 +128,8 @@ class UpdateManager:
         figures = await self._self_check()
         if figures["nonempty"] < 1.0 or figures["confidence"] < self.min_confidence:
             self.model.activate(previous)
-            self.model.unload(adapter)
+            if adapter is not None:
+                self.model.unload(adapter)
             return ApplyResult("rolled_back", version, "self-check failed", figures)
         _write_atomic(self.root / "active.json", json.dumps({"version": version}))  # commit
         if previous is not None:
@@ -150,11 +151,12 @@ class UpdateManager:
             "confidence": round(sum(confidence) / len(confidence), 4),
         }
 
-    def _load(self, manifest: BundleManifest, paths: dict[str, Path]) -> Adapter:
+    def _load(self, manifest: BundleManifest, paths: dict[str, Path]) -> Adapter | None:
+        """The bundle's adapter, loaded; None for a bundle that returns to the base model."""
         adapters = [f for f in manifest.files if f.kind == "adapter"]
-        if len(adapters) != 1:
-            raise AdapterError("a bundle carries exactly one adapter file")
-        return self.model.load_adapter(paths[adapters[0].name])
+        if len(adapters) > 1:
+            raise AdapterError("a bundle carries at most one adapter file")
+        return self.model.load_adapter(paths[adapters[0].name]) if adapters else None
 
     def _activate(self, manifest: BundleManifest, paths: dict[str, Path]) -> None:
         adapter = self._load(manifest, paths)

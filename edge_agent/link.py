@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import ssl as ssl_module
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +33,8 @@ from protocol import (
     AckReceived,
     BaseModelRef,
     Cancel,
+    Chunk,
+    ChunkReceived,
     ClientSession,
     CloseFrame,
     DeltaReceived,
@@ -41,6 +43,7 @@ from protocol import (
     EnrollmentCredentials,
     Escalate,
     Feedback,
+    Fetch,
     Limits,
     Message,
     PeerError,
@@ -50,9 +53,12 @@ from protocol import (
     Result,
     ResultReceived,
     SessionClosed,
+    UpdateOffer,
+    UpdateOffered,
     UpdateStatus,
     Welcomed,
 )
+from shared.ids import new_request_id
 from shared.keys import SigningKey
 
 __all__ = ["CloudLink", "CloudUnavailable", "LinkState"]
@@ -123,6 +129,11 @@ class CloudLink:
         self._outbox_kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._refused: str | None = None
+        self.adapter_version: int | None = None
+        """Announced in `hello`; the updater sets it when a bundle is applied."""
+        self.on_offer: Callable[[UpdateOffer], Coroutine[Any, Any, object]] | None = None
+        """Called (in a task of its own) with each `update_offer` the cloud sends."""
+        self._offer_task: asyncio.Task[object] | None = None
 
     # --- identity ---------------------------------------------------------------------------
 
@@ -152,6 +163,9 @@ class CloudLink:
             self._task = asyncio.create_task(self._run(), name="cloud-link")
 
     async def stop(self) -> None:
+        if self._offer_task is not None:
+            self._offer_task.cancel()
+            await asyncio.gather(self._offer_task, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -199,7 +213,13 @@ class CloudLink:
             self.url, subprotocols=[SUBPROTOCOL], proxy=None, ssl=self.ssl, open_timeout=10,  # type: ignore[list-item]
         ) as ws:  # fmt: skip
             self._ws = ws
-            session = ClientSession(credentials, sdk=SDK, base_model=self.base_model)
+            session = ClientSession(
+                credentials,
+                sdk=SDK,
+                base_model=self.base_model,
+                adapter_version=self.adapter_version,
+                capabilities=("stream", "cancel", "feedback", "report", "updates"),
+            )
             self._session = session
             session.start()
             await self._flush()
@@ -243,6 +263,10 @@ class CloudLink:
                     self._deliver(rid, CloudUnavailable(_reason(error.name), error.message))
                 case RequestCancelled(message=message):
                     self._deliver(message.request_id, CloudUnavailable("cloud.cancelled"))
+                case ChunkReceived(header=header, data=data):
+                    self._deliver(header.request_id, (header, data))
+                case UpdateOffered(offer=offer):
+                    self._start_offer(offer)
                 case AckReceived(ack=ack):
                     if self.outbox is not None:
                         self.outbox.ack(ack.idempotency_key)
@@ -313,6 +337,50 @@ class CloudLink:
             raise
         finally:
             self._waiters.pop(request.request_id, None)
+
+    async def fetch(
+        self, version: int, file: str, offset: int, length: int, *, timeout_s: float = 60.0
+    ) -> tuple[Chunk, bytes]:
+        """One range of a bundle file over the protocol's fetch; `CloudUnavailable` on failure."""
+        session = self._session
+        if session is None or not session.is_open:
+            raise CloudUnavailable("link.down")
+        request = Fetch(
+            request_id=new_request_id(), version=version, file=file, offset=offset, length=length
+        )
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._waiters[request.request_id] = queue
+        try:
+            await self._send(request)
+            async with asyncio.timeout(timeout_s):
+                item = await queue.get()
+        except TimeoutError:
+            raise CloudUnavailable("cloud.deadline", "fetch timed out") from None
+        finally:
+            self._waiters.pop(request.request_id, None)
+        if isinstance(item, CloudUnavailable):
+            raise item
+        header, data = item
+        return header, data
+
+    async def wait_outbox_empty(self, timeout: float) -> bool:
+        """Wait until the cloud acknowledged everything queued (False on timeout)."""
+        if self.outbox is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.outbox):
+                    self._outbox_kick.set()
+                    await asyncio.sleep(0.05)
+            return True
+        except TimeoutError:
+            return False
+
+    def _start_offer(self, offer: UpdateOffer) -> None:
+        # One update at a time; an offer arriving meanwhile is offered again on reconnect.
+        if self.on_offer is None or (self._offer_task and not self._offer_task.done()):
+            return
+        self._offer_task = asyncio.create_task(self.on_offer(offer))
 
     async def _cancel(self, request_id: str) -> None:
         try:

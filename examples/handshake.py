@@ -46,7 +46,7 @@ from protocol import (
 )
 from shared import SigningKey, VerifyKey, new_idempotency_key, new_session_id
 
-__all__ = ["HandshakeServer", "main", "register", "run_handshake"]
+__all__ = ["HandshakeServer", "main", "run_handshake"]
 
 SDK = "edgeloop-handshake-example/1"
 
@@ -249,15 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     width = max(len(r[0]) for r in rows)
     for name, outcome, ms in rows:
         print(f"  {name:<{width}}  {ms:7.1f} ms  {outcome}")
-    print("\nThe kiosk demo (edge model, cloud agent, learning loop) replaces this when it lands.")
     return 0
-
-
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="run the main demonstration on this machine (currently: protocol handshake)"
-    )
-    parser.set_defaults(func=_run)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ From the store: escalations that ended with an answer; negative feedback drops a
 correction replaces it; questions are deduplicated (a correction wins over a rated answer,
 a rated one over an unrated one); a held-out share is split off by a hash of the question, so
 the split does not move when more data arrives. The builder refuses to produce a dataset that
-holds any raw personal value (placeholders such as ``[PHONE_1]`` are fine): the store should
+holds any raw personal value (placeholders such as ``<PHONE_1>`` are fine): the store should
 never hold one, and a training set is where a leak would become permanent.
 """
 

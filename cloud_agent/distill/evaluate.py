@@ -145,7 +145,9 @@ def simple_regressions(
     before: Sequence[str], after: Sequence[str], reference_answers: Sequence[str]
 ) -> int:
     """Simple prompts answered before but not after, or now reciting a trained fact's values."""
-    taught = set().union(*(key_values(a) for a in reference_answers)) if reference_answers else set()
+    taught: set[str] = set()
+    for reference in reference_answers:
+        taught |= key_values(reference)
     count = 0
     for old, new in zip(before, after, strict=True):
         leaked = (key_values(new) & taught) - key_values(old)
@@ -163,9 +165,7 @@ def topic_accuracy(scored: Sequence[Scored]) -> dict[str, float]:
     return {topic: sum(v) / len(v) for topic, v in hits.items()}
 
 
-def coverage(
-    scored: Sequence[Scored], *, min_accuracy: float
-) -> list[tuple[str, float]]:
+def coverage(scored: Sequence[Scored], *, min_accuracy: float) -> list[tuple[str, float]]:
     """Router coverage: every question of a topic answered well enough, with its accuracy."""
     topics = topic_accuracy(scored)
     examples = []

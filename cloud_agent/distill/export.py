@@ -44,9 +44,7 @@ def rotary_permute(rows: Any, heads: int) -> Any:
     shape = rows.shape
     if shape[0] % (2 * heads):
         raise ExportError(f"{shape[0]} rows do not split into {heads} rotary heads")
-    return (
-        rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-    )
+    return rows.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _heads(base_gguf: Path) -> tuple[str, int, int]:

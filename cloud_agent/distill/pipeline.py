@@ -108,9 +108,7 @@ def train_and_measure(
         simple_after = [evaluator.answer(p, max_tokens=tokens) for p in config.simple_prompts]
     finally:
         evaluator.close()
-    regressions = simple_regressions(
-        simple_before, simple_after, [e.answer for e in dataset.train]
-    )
+    regressions = simple_regressions(simple_before, simple_after, [e.answer for e in dataset.train])
     covered = coverage([*seen, *after], min_accuracy=config.coverage_min_accuracy)
     (work_dir / "coverage.json").write_text(
         json.dumps({"examples": covered}, ensure_ascii=False, indent=1), encoding="utf-8"
@@ -198,4 +196,3 @@ async def distill(
     result.version = version
     progress(f"published bundle version {version}: {result.reason}")
     return result
-

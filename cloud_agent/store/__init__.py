@@ -15,7 +15,10 @@ from cloud_agent.store.store import Store
 
 __all__ = [
     "AdapterRecord",
-    "DeviceRecord", "FeedbackSummary", "InteractionRecord", "NewInteraction",
+    "DeviceRecord",
+    "FeedbackSummary",
+    "InteractionRecord",
+    "NewInteraction",
     "RolloutHealth",
     "Store",
 ]

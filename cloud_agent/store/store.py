@@ -32,13 +32,13 @@ from sqlalchemy.ext.asyncio import (
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
 from cloud_agent.store.jobs import JobStore
-from cloud_agent.store.rollouts import RolloutStore
 from cloud_agent.store.records import (
     DeviceRecord,
     FeedbackSummary,
     InteractionRecord,
     NewInteraction,
 )
+from cloud_agent.store.rollouts import RolloutStore
 
 __all__ = ["Store", "hash_token", "sqlite_url"]
 

@@ -77,7 +77,7 @@ async def test_raw_personal_data_refuses_the_whole_dataset(store: Store) -> None
 
 
 async def test_placeholders_are_fine(store: Store) -> None:
-    await ask(store, "r1", "Text [PHONE_1] my order status", "We will text [PHONE_1].")
+    await ask(store, "r1", "Text <PHONE_1> my order status", "We will text <PHONE_1>.")
     dataset = await build_dataset(store, heldout_share=0.0)
     assert len(dataset.train) == 1
 

@@ -1,0 +1,287 @@
+"""The Northwind kiosk demo: the whole loop on one machine, with embedded defaults only.
+
+A cloud agent (SQLite, the packaged SmolLM2 as its LLM, the store's knowledge base) and a
+kiosk edge agent (the same small model, quantized, on the device) start on loopback. The kiosk
+plays a labelled workload; a simulated customer rates each answer (thumbs down when an answer
+misses the expected facts). The cloud distils what it answered into a LoRA adapter, gates it
+on held-out questions, signs it and rolls it out; the kiosk verifies, hot-swaps and reports it.
+Then the workload is played again, and a before/after table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud_agent.config import CloudConfig
+from cloud_agent.distill import DistillConfig, distill
+from cloud_agent.distill.dataset import expectations_from_workload
+from cloud_agent.distill.train import LoraSettings
+from cloud_agent.evaluation import contains_expected
+from cloud_agent.service import CloudService
+from edge_agent import EdgeAgent
+from edge_agent.link import CloudLink
+from edge_agent.local_model import DeviceProfile, LocalModel, choose_settings
+from edge_agent.outbox import Outbox
+from examples.kiosk.intents import KIOSK_INTENTS
+from protocol import BaseModelRef
+
+__all__ = ["Pass", "run_demo"]
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_WORKLOAD = HERE / "northwind-workload-dev.jsonl"
+DEFAULT_KB = HERE / "northwind-kb.md"
+
+
+@dataclass
+class Pass:
+    """What one play of the workload measured."""
+
+    name: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    cloud_tokens: int = 0
+    raw_pii_at_cloud: int = 0
+
+    def share_on_device(self) -> float:
+        return sum(1 for r in self.rows if not r["cloud"]) / max(1, len(self.rows))
+
+    def fact_accuracy(self, *, cloud: bool) -> tuple[int, int]:
+        facts = [r for r in self.rows if r["class"] == "learnable_fact" and r["cloud"] == cloud]
+        return sum(r["correct"] for r in facts), len(facts)
+
+    def latency(self, *, cloud: bool) -> tuple[float, float]:
+        values = sorted(r["latency_ms"] for r in self.rows if r["cloud"] == cloud)
+        if not values:
+            return float("nan"), float("nan")
+        p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+        return statistics.median(values), p95
+
+    def figures(self) -> dict[str, Any]:
+        cloud_ok, cloud_n = self.fact_accuracy(cloud=True)
+        dev_ok, dev_n = self.fact_accuracy(cloud=False)
+        return {
+            "requests": len(self.rows),
+            "share_on_device": round(self.share_on_device(), 4),
+            "cloud_tokens": self.cloud_tokens,
+            "fact_accuracy_cloud": [cloud_ok, cloud_n],
+            "fact_accuracy_device": [dev_ok, dev_n],
+            "raw_pii_at_cloud": self.raw_pii_at_cloud,
+            "latency_ms_device_p50_p95": [round(v, 1) for v in self.latency(cloud=False)],
+            "latency_ms_cloud_p50_p95": [round(v, 1) for v in self.latency(cloud=True)],
+        }
+
+
+def load_workload(path: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for i, row in enumerate(rows):
+        if "text" not in row or "class" not in row:
+            raise ValueError(f"{path}:{i + 1}: each row needs 'text' and 'class'")
+    return rows
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+async def play(
+    name: str, agent: EdgeAgent, service: CloudService, workload: list[dict[str, Any]]
+) -> Pass:
+    result = Pass(name)
+    started = time.perf_counter()
+    for i, row in enumerate(workload, 1):
+        reply = await agent.ask(row["text"])
+        expect = row.get("expect") or []
+        correct = contains_expected(reply.text, expect) if expect else None
+        result.rows.append(
+            {
+                "id": row.get("id"),
+                "class": row["class"],
+                "request_id": reply.request_id,
+                "cloud": reply.from_cloud,
+                "latency_ms": reply.latency_ms,
+                "correct": bool(correct),
+            }
+        )
+        if correct is not None:  # the simulated customer knows the answer it needed
+            await agent.feedback(reply.request_id, "positive" if correct else "negative")
+        if i % 30 == 0 or i == len(workload):
+            say(
+                f"{name}: {i}/{len(workload)} requests, "
+                f"{result.share_on_device():.0%} on the device, "
+                f"{time.perf_counter() - started:.0f} s"
+            )
+    if agent.link is not None:
+        await agent.link.wait_outbox_empty(30)
+    await service.server.recorder.flush()
+    ids = {r["request_id"] for r in result.rows}
+    interactions = [
+        it for it in await service.store.list_interactions(limit=100_000) if it.request_id in ids
+    ]
+    result.cloud_tokens = sum(it.prompt_tokens + it.completion_tokens for it in interactions)
+    raw_values = {value for row in workload for value in row.get("pii", [])}
+    seen = "\n".join(json.dumps(it.messages) for it in interactions)
+    result.raw_pii_at_cloud = sum(1 for value in raw_values if value and value in seen)
+    return result
+
+
+def table(before: Pass, after: Pass, extra: dict[str, Any]) -> str:
+    def frac(ok_n: tuple[int, int]) -> str:
+        ok, n = ok_n
+        return f"{ok}/{n} ({ok / n:.0%})" if n else "-"
+
+    def lat(p: Pass, cloud: bool) -> str:
+        p50, p95 = p.latency(cloud=cloud)
+        return "-" if p50 != p50 else f"{p50:.0f} / {p95:.0f} ms"
+
+    saved = 1 - after.cloud_tokens / before.cloud_tokens if before.cloud_tokens else 0.0
+    lines = [
+        ("", "before", "after one cycle"),
+        ("answered on the device", f"{before.share_on_device():.1%}",
+         f"{after.share_on_device():.1%}"),
+        ("cloud tokens", f"{before.cloud_tokens:,}",
+         f"{after.cloud_tokens:,} ({saved:.0%} fewer)"),
+        ("fact accuracy, cloud answers", frac(before.fact_accuracy(cloud=True)),
+         frac(after.fact_accuracy(cloud=True))),
+        ("fact accuracy, device answers", frac(before.fact_accuracy(cloud=False)),
+         frac(after.fact_accuracy(cloud=False))),
+        ("raw PII values seen by the cloud", str(before.raw_pii_at_cloud),
+         str(after.raw_pii_at_cloud)),
+        ("latency p50 / p95, device", lat(before, False), lat(after, False)),
+        ("latency p50 / p95, cloud", lat(before, True), lat(after, True)),
+    ]  # fmt: skip
+    width = [max(len(row[i]) for row in lines) for i in range(3)]
+    out = [f"  {a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}" for a, b, c in lines]
+    out.insert(1, "  " + "-" * (sum(width) + 4))
+    out.append("")
+    out.extend(f"  {k}: {v}" for k, v in extra.items())
+    return "\n".join(out)
+
+
+async def run_demo(
+    workload_path: Path = DEFAULT_WORKLOAD,
+    *,
+    work_dir: Path,
+    steps: int = 120,
+    json_path: Path | None = None,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    workload = load_workload(workload_path)
+    config = CloudConfig.model_validate(
+        {
+            "data_dir": work_dir / "cloud",
+            "port": 0,
+            "admin_port": 0,
+            "knowledge": DEFAULT_KB,
+            "store_name": "Northwind Outfitters",
+            "backend": {"n_ctx": 1024},
+            "rollout": {"canary_share": 0.1},
+        }
+    )
+    say("starting the cloud agent (SQLite, embedded SmolLM2, Northwind knowledge base)")
+    service = await CloudService.create(config)
+    await service.start()
+    agent: EdgeAgent | None = None
+    try:
+        say("starting the kiosk (SmolLM2-135M Q4_1 on the device) and enrolling it")
+        profile = DeviceProfile.detect()
+        model = LocalModel(
+            profile=profile,
+            settings=dataclasses.replace(choose_settings(profile), n_ctx=1024, max_tokens=48),
+        )
+        token = await service.store.create_enrollment_token(note="northwind kiosk demo")
+        state = work_dir / "kiosk"
+        link = CloudLink(
+            f"ws://127.0.0.1:{service.port}/v1", state, enrollment_token=token,
+            base_model=BaseModelRef(id=model.model_id, sha256=model.sha256),
+            outbox=Outbox(state / "outbox.db"), device_name="kiosk-aisle-3",
+        )  # fmt: skip
+        agent = EdgeAgent(model, link=link, cloud_max_tokens=96, local_max_tokens=48)
+        for name, examples in KIOSK_INTENTS.items():
+            agent.intent(name, examples)
+        agent.enable_updates(state)
+        await agent.start()
+        if not await link.wait_up(15):
+            raise RuntimeError("the kiosk could not reach the cloud")
+
+        say(f"pass 1: playing {len(workload)} requests from {workload_path.name}")
+        before = await play("pass 1", agent, service, workload)
+
+        say("distilling: dataset from the cloud's answers and the ratings, LoRA training")
+        dconfig = DistillConfig(
+            lora=LoraSettings(steps=steps, progress=sys.stderr.isatty()),
+            expectations=expectations_from_workload(workload_path),
+            canary_share=config.rollout.canary_share,
+        )
+        result = await distill(
+            service.store, config=dconfig, work_dir=work_dir / "distill",
+            bundles_dir=service.bundles_dir, signing_key=service.signing_key, progress=say,
+        )  # fmt: skip
+        if result.published:
+            await service.published()
+            assert agent.updater is not None
+            await asyncio.wait_for(agent.updater.applied.wait(), 120)
+            say(f"the kiosk verified, hot-swapped and reported bundle {result.version}")
+        else:
+            say(f"no bundle published: {result.reason}")
+
+        say("pass 2: playing the workload again")
+        after = await play("pass 2", agent, service, workload)
+    finally:
+        if agent is not None:
+            await agent.stop()
+        await service.stop()
+
+    extra = {
+        "adapter": result.reason,
+        **{k: v for k, v in result.metrics.items()},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    figures = {"before": before.figures(), "after": after.figures(), "distill": extra}
+    print()
+    print(table(before, after, extra))
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    work_dir = Path(tempfile.mkdtemp(prefix="edgeloop-demo-")) if args.dir is None else args.dir
+    try:
+        asyncio.run(
+            run_demo(args.workload, work_dir=work_dir, steps=args.steps, json_path=args.json)
+        )
+    finally:
+        if args.dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the Northwind kiosk demo: cloud + edge on this machine, one learning cycle",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--workload", type=Path, default=DEFAULT_WORKLOAD,
+        help="JSON lines with text, class and optional expect/pii (default: the dev workload)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--steps", type=int, default=120, help="LoRA training steps")
+    parser.add_argument(
+        "--dir", type=Path, help="keep the cloud's and kiosk's state here (default: a temp dir)"
+    )
+    parser.set_defaults(func=_run)
