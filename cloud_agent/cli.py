@@ -57,9 +57,14 @@ def register(subparsers: Any) -> None:
         "submit", help="queue offline work; a running `cloud serve` on this store answers it"
     )
     common(submit)
-    submit.add_argument("--kind", choices=("answer", "evaluate", "relabel"), required=True)
     submit.add_argument(
-        "--file", type=Path, help="JSONL items ({question|text|messages}, evaluate: +expect)"
+        "--kind", choices=("answer", "evaluate", "relabel", "distill"), required=True
+    )
+    submit.add_argument(
+        "--file",
+        type=Path,
+        help="JSONL items ({question|text|messages}, evaluate: +expect; distill: one line of "
+        "parameters such as steps, min_gain, labels)",
     )
     submit.add_argument(
         "--negative-feedback",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from cloud_agent.agent import CloudAgent
@@ -30,8 +31,11 @@ __all__ = ["JOB_KINDS", "JobRunner", "JobSpecError", "job_items_from_rows"]
 
 log = logging.getLogger("edgeloop.cloud.jobs")
 
-JobKind = Literal["answer", "evaluate", "relabel"]
-JOB_KINDS: tuple[JobKind, ...] = ("answer", "evaluate", "relabel")
+JobKind = Literal["answer", "evaluate", "relabel", "distill"]
+JOB_KINDS: tuple[JobKind, ...] = ("answer", "evaluate", "relabel", "distill")
+DISTILL_PARAMS = frozenset(
+    {"steps", "rank", "alpha", "learning_rate", "batch_size", "seed", "min_gain", "labels"}
+)
 
 
 class JobSpecError(CloudAgentError):
@@ -52,6 +56,14 @@ def job_items_from_rows(kind: str, rows: list[dict[str, Any]]) -> list[dict[str,
     """Validate and normalise submitted items (workload rows use ``text`` for the question)."""
     if kind not in JOB_KINDS:
         raise JobSpecError(f"unknown job kind {kind!r}; expected one of {', '.join(JOB_KINDS)}")
+    if kind == "distill":
+        # One item: the cycle's parameters (all optional).
+        params = rows[0] if rows else {}
+        if len(rows) > 1 or not isinstance(params, dict) or set(params) - DISTILL_PARAMS:
+            raise JobSpecError(
+                f"a distill job takes one item with keys from {sorted(DISTILL_PARAMS)}"
+            )
+        return [dict(params)]
     if not rows:
         raise JobSpecError("a job needs at least one item")
     items = []
@@ -84,12 +96,14 @@ class JobRunner:
         workers: int = 2,
         poll_s: float = 2.0,
         max_tokens: int = 256,
+        distiller: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.store = store
         self.agent = agent
         self.workers = workers
         self.poll_s = poll_s
         self.max_tokens = max_tokens
+        self.distiller = distiller
         self.runner_id = f"run_{secrets.token_hex(6)}"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -140,6 +154,9 @@ class JobRunner:
             await asyncio.gather(*active, return_exceptions=True)
 
     async def _work(self, job_id: str, idx: int, kind: str, item: dict[str, Any]) -> None:
+        if kind == "distill":
+            await self._distill(job_id, idx, item)
+            return
         try:
             answer = await self.agent.complete(
                 _turns(item), max_tokens=self.max_tokens, lane="offline"
@@ -157,6 +174,22 @@ class JobRunner:
         }
         if kind == "evaluate":
             output["correct"] = contains_expected(answer.text, item["expect"])
+        await self._finish(job_id, idx, output=output)
+
+    async def _distill(self, job_id: str, idx: int, params: dict[str, Any]) -> None:
+        if self.distiller is None:
+            await self._finish(job_id, idx, error="this cloud cannot distil (no distiller)")
+            return
+        # Admitted by the scheduler's offline lane: it starts only when online traffic leaves
+        # room. Training itself runs in a worker thread, not in a backend slot.
+        async with self.agent.scheduler.slot("offline"):
+            pass
+        try:
+            output = await self.distiller(params)
+        except Exception as exc:  # noqa: BLE001 - any failure is the job's result, kept
+            log.exception("distillation failed")
+            await self._finish(job_id, idx, error=f"{type(exc).__name__}: {exc}"[:256])
+            return
         await self._finish(job_id, idx, output=output)
 
     async def _finish(self, job_id: str, idx: int, **result: Any) -> None:

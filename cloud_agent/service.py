@@ -85,7 +85,9 @@ class CloudService:
                 KnowledgeBase.from_file(config.knowledge), store_name=config.store_name
             )
         self.agent = CloudAgent(backend, self.scheduler, skill)
-        self.jobs = JobRunner(store, self.agent, workers=config.capacity)
+        self.jobs = JobRunner(
+            store, self.agent, workers=config.capacity, distiller=self._distill_job
+        )
         limits = Limits(
             max_message_bytes=config.limits.max_message_bytes,
             max_in_flight=config.limits.max_in_flight,
@@ -187,6 +189,37 @@ class CloudService:
             await self._admin_task
         await self.backend.aclose()
         await self.store.close()
+
+    async def _distill_job(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A `distill` job: one cycle with `params` over this cloud's store and key."""
+        from cloud_agent.distill import DistillConfig, distill
+        from cloud_agent.distill.dataset import expectations_from_workload
+        from cloud_agent.distill.train import LoraSettings
+
+        lora_keys = ("steps", "rank", "alpha", "learning_rate", "batch_size", "seed")
+        lora = LoraSettings(progress=False, **{k: params[k] for k in lora_keys if k in params})
+        labels = params.get("labels")
+        config = DistillConfig(
+            lora=lora,
+            min_gain=float(params.get("min_gain", 0.1)),
+            expectations=expectations_from_workload(Path(labels)) if labels else {},
+            canary_share=self.config.rollout.canary_share,
+        )
+        result = await distill(
+            self.store,
+            config=config,
+            work_dir=self.config.data_dir / "distill",
+            bundles_dir=self.bundles_dir,
+            signing_key=self.signing_key,
+        )
+        if result.published:
+            await self.published()
+        return {
+            "published": result.published,
+            "version": result.version,
+            "reason": result.reason,
+            "metrics": result.metrics,
+        }
 
     async def published(self) -> None:
         """A bundle was published (by `distill` or a rollback): offer it everywhere."""

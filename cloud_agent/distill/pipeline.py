@@ -126,17 +126,23 @@ def train_and_measure(
         "adapter_share_of_base": round(adapter.stat().st_size / base_size, 4),
         "train_seconds": round(train_s, 1),
     }
+    passed, reason = gate(metrics, config)
+    return DistillResult(passed, reason, metrics, None, adapter, covered)
+
+
+def gate(metrics: dict[str, float], config: DistillConfig) -> tuple[bool, str]:
+    """Whether an adapter may be published, and why (from its measured figures)."""
     gain = metrics["heldout_accuracy_after"] - metrics["heldout_accuracy_before"]
-    if not after:
-        reason = "no held-out question with a known expectation: cannot gate"
-    elif gain < config.min_gain:
-        reason = f"held-out accuracy gain {gain:+.2f} below the margin {config.min_gain:.2f}"
-    elif regressions > config.max_simple_regressions:
-        reason = f"{regressions} simple prompt(s) regressed"
-    else:
-        reason = f"held-out accuracy {gain:+.2f}"
-        return DistillResult(True, reason, metrics, None, adapter, covered)
-    return DistillResult(False, reason, metrics, None, adapter, covered)
+    if not metrics["heldout_examples"]:
+        return False, "no held-out question with a known expectation: cannot gate"
+    if gain < config.min_gain:
+        return False, f"held-out accuracy gain {gain:+.2f} below the margin {config.min_gain:.2f}"
+    if metrics["simple_regressions"] > config.max_simple_regressions:
+        return False, f"{metrics['simple_regressions']:.0f} simple prompt(s) regressed"
+    return True, (
+        f"held-out accuracy {metrics['heldout_accuracy_before']:.0%} -> "
+        f"{metrics['heldout_accuracy_after']:.0%}"
+    )
 
 
 async def distill(

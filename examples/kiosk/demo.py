@@ -34,7 +34,7 @@ from edge_agent import EdgeAgent
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, choose_settings
 from edge_agent.outbox import Outbox
-from examples.kiosk.intents import KIOSK_INTENTS
+from examples.kiosk.intents import KIOSK_INTENTS, KIOSK_REPLIES
 from protocol import BaseModelRef
 
 __all__ = ["Pass", "run_demo"]
@@ -129,7 +129,11 @@ async def play(
         it for it in await service.store.list_interactions(limit=100_000) if it.request_id in ids
     ]
     result.cloud_tokens = sum(it.prompt_tokens + it.completion_tokens for it in interactions)
-    raw_values = {value for row in workload for value in row.get("pii", [])}
+    raw_values = {
+        item["value"] if isinstance(item, dict) else str(item)
+        for row in workload
+        for item in row.get("pii", [])
+    }
     seen = "\n".join(json.dumps(it.messages) for it in interactions)
     result.raw_pii_at_cloud = sum(1 for value in raw_values if value and value in seen)
     return result
@@ -208,7 +212,8 @@ async def run_demo(
         )  # fmt: skip
         agent = EdgeAgent(model, link=link, cloud_max_tokens=96, local_max_tokens=48)
         for name, examples in KIOSK_INTENTS.items():
-            agent.intent(name, examples)
+            reply = KIOSK_REPLIES.get(name)
+            agent.intent(name, examples, (lambda _text, r=reply: r) if reply else None)
         agent.enable_updates(state)
         await agent.start()
         if not await link.wait_up(15):

@@ -53,3 +53,22 @@ KIOSK_INTENTS: dict[str, list[str]] = {
     "member_card": ["scan my member card", "log in with my loyalty card"],
     "smalltalk": ["are you a robot", "what's your name", "who are you", "yes", "no"],
 }
+
+# What the kiosk app does for the intents it handles itself (it would also drive its screens).
+KIOSK_REPLIES: dict[str, str] = {
+    "greet": "Hello! Welcome to Northwind Outfitters. How can I help you today?",
+    "thanks": "You're welcome! Anything else I can do for you?",
+    "goodbye": "Goodbye, and enjoy your day outdoors!",
+    "help": "I can answer questions about our products and policies, manage your cart, "
+    "or call a member of staff.",
+    "call_staff": "A member of staff is on the way to this kiosk.",
+    "cart_show": "Here is your cart.",
+    "cart_add": "Added to your cart.",
+    "cart_remove": "Removed from your cart.",
+    "wishlist": "Your wishlist is open.",
+    "checkout": "Taking you to checkout.",
+    "orders": "Here are your orders.",
+    "navigate": "Back to the home screen.",
+    "accessibility": "Display settings updated.",
+    "member_card": "Please hold your member card under the scanner.",
+}

@@ -47,6 +47,23 @@ async def test_an_evaluation_job_scores_answers_against_expected_facts(cloud: Cl
     assert shown["items"][0]["output"]["grounded"] is True
 
 
+async def test_a_distill_job_runs_a_cycle_and_keeps_its_outcome(cloud: Cloud) -> None:
+    """With nothing learned yet, the cycle declines to train; its reason is the job's output."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cloud.service.admin_port}") as client:
+        created = await client.post(
+            "/v1/jobs", headers=auth(cloud), json={"kind": "distill", "items": [{"steps": 3}]}
+        )
+        assert created.status_code == 201
+        job = await wait_done(cloud, created.json()["id"])
+        shown = (await client.get(f"/v1/jobs/{job.id}?items=1", headers=auth(cloud))).json()
+        refused = await client.post(
+            "/v1/jobs", headers=auth(cloud), json={"kind": "distill", "items": [{"epochs": 3}]}
+        )
+    output = shown["items"][0]["output"]
+    assert output["published"] is False and "fewer than" in output["reason"]
+    assert refused.status_code == 400
+
+
 async def test_bad_job_submissions_are_refused_with_a_reason(cloud: Cloud) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cloud.service.admin_port}") as client:
         bodies = [
