@@ -37,6 +37,7 @@ from edge_agent.router import (
     calibrate,
     difficulty,
 )
+from edge_agent.updater import Updater
 from edge_agent.updates import BundleDownload, UpdateRejected, verify_offer
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "BundleDownload",
     "UpdateManager",
     "UpdateRejected",
+    "Updater",
     "verify_offer",
     "BlockingEdgeAgent",
     "EdgeAgent",

@@ -22,7 +22,8 @@ PINNED = {
     },
     "edge_agent": {
         "DEFAULT_POLICY", "Adapter", "AdapterError", "ApplyResult", "BundleDownload",
-        "UpdateManager", "UpdateRejected", "verify_offer", "BlockingEdgeAgent", "EdgeAgent",
+        "UpdateManager", "UpdateRejected", "Updater", "verify_offer", "BlockingEdgeAgent",
+        "EdgeAgent",
         "Reply", "ReplyStream", "CloudLink", "CloudUnavailable", "LinkState",
         "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",

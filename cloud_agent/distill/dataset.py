@@ -1,8 +1,10 @@
 """The distillation dataset: what the cloud answered, as the users judged it.
 
 From the store: escalations that ended with an answer; negative feedback drops an answer, a
-correction replaces it; questions are deduplicated (a correction wins over a rated answer,
-a rated one over an unrated one); a held-out share is split off by a hash of the question, so
+correction replaces it; by default only trusted answers are kept (quoted from a knowledge
+fact, rated positive, or corrected: unrated free text from the LLM is not what a device should
+learn); questions are deduplicated (a correction wins over a rated answer, a rated one over an
+unrated one); a held-out share is split off by a hash of the question, so
 the split does not move when more data arrives. The builder refuses to produce a dataset that
 holds any raw personal value (placeholders such as ``<PHONE_1>`` are fine): the store should
 never hold one, and a training set is where a leak would become permanent.
@@ -75,11 +77,11 @@ def _heldout(question: str, share: float, seed: int) -> bool:
 
 
 def examples_from_interactions(
-    records: Iterable[InteractionRecord], *, require_facts: bool = True
+    records: Iterable[InteractionRecord], *, trusted_only: bool = True
 ) -> tuple[list[Example], dict[str, int]]:
     """One example per distinct question, chosen by the users' feedback."""
     best: dict[str, tuple[int, Example]] = {}
-    dropped = {"no_answer": 0, "negative": 0, "ungrounded": 0, "duplicate": 0}
+    dropped = {"no_answer": 0, "negative": 0, "untrusted": 0, "duplicate": 0}
     for record in records:
         user = [m["content"] for m in record.messages if m.get("role") == "user"]
         if record.status != "ok" or not user or not (record.answer or record.correction):
@@ -92,8 +94,9 @@ def examples_from_interactions(
             continue
         else:
             answer, source, rank = record.answer or "", "answer", _RANK.get(record.rating, 1)
-        if require_facts and not record.fact_ids and source != "correction":
-            dropped["ungrounded"] += 1
+        trusted = record.backend == "knowledge" or rank > 1  # quoted fact, thumbs up, corrected
+        if trusted_only and not trusted:
+            dropped["untrusted"] += 1
             continue
         example = Example(
             question=user[-1].strip(),
@@ -149,13 +152,13 @@ async def build_dataset(
     *,
     heldout_share: float = 0.2,
     seed: int = 0,
-    require_facts: bool = True,
+    trusted_only: bool = True,
     expectations: dict[str, tuple[tuple[str, ...], ...]] | None = None,
     limit: int = 100_000,
 ) -> Dataset:
     """The dataset from the store's interactions and feedback (see the module's docstring)."""
     records = await store.list_interactions(limit=limit)
-    examples, dropped = examples_from_interactions(records, require_facts=require_facts)
+    examples, dropped = examples_from_interactions(records, trusted_only=trusted_only)
     check_private(examples)
     if expectations:
         examples = [

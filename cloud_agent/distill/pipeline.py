@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -54,8 +54,8 @@ class DistillConfig:
     coverage_min_accuracy: float = 0.75
     """Topics the adapter answers at least this well go into the router coverage."""
     eval_max_tokens: int = 48
-    require_facts: bool = True
-    """Train on answers grounded in knowledge facts only (what a small model can learn)."""
+    trusted_only: bool = True
+    """Train only on answers quoted from knowledge facts, rated positive or corrected."""
     simple_prompts: tuple[str, ...] = SIMPLE_PROMPTS
     expectations: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     """Labelled ``expect`` groups by normalised question (see `expectations_from_workload`)."""
@@ -78,6 +78,7 @@ class DistillResult:
 
 
 Progress = Callable[[str], None]
+Paraphraser = Callable[[list[Example]], Awaitable[list[Example]]]
 
 
 def train_and_measure(
@@ -153,18 +154,21 @@ async def distill(
     bundles_dir: Path,
     signing_key: SigningKey,
     progress: Progress = log.info,
-    extra_examples: list[Example] | None = None,
+    paraphraser: Paraphraser | None = None,
 ) -> DistillResult:
     """One full cycle; publishes a bundle (and starts its rollout) if the gate passes."""
     dataset = await build_dataset(
         store,
         heldout_share=config.heldout_share,
         seed=config.lora.seed,
-        require_facts=config.require_facts,
+        trusted_only=config.trusted_only,
         expectations=config.expectations,
     )
-    if extra_examples:
-        dataset = Dataset([*dataset.train, *extra_examples], dataset.heldout, dataset.dropped)
+    if paraphraser is not None and dataset.train:
+        progress(f"paraphrasing {len(dataset.train)} training questions in the offline lane")
+        extra = await paraphraser(dataset.train)
+        dataset = Dataset([*dataset.train, *extra], dataset.heldout, dataset.dropped)
+        progress(f"{len(extra)} paraphrases accepted")
     progress(
         f"dataset: {len(dataset.train)} train, {len(dataset.heldout)} held out, "
         f"dropped {dataset.dropped}"

@@ -13,6 +13,7 @@ serving path.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import warnings
@@ -80,9 +81,18 @@ def load_base(gguf_path: Path) -> tuple[Any, Any]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name
     )
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    # transformers' GGUF reader draws a raw tqdm bar per load; tqdm reads TQDM_DISABLE.
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device), tokenizer
 

@@ -35,6 +35,7 @@ async def ask(
         NewInteraction(
             device_id="dev_a", request_id=rid, messages=[{"role": "user", "content": question}],
             placeholders=[], status=status, answer=answer, fact_ids=list(facts),
+            backend="knowledge" if facts else "llama_cpp",
         )
     )  # fmt: skip
 
@@ -43,7 +44,9 @@ async def test_feedback_decides_what_is_kept(store: Store) -> None:
     await ask(store, "r1", "How long do returns take?", "45 days.")
     await ask(store, "r2", "Is shipping free?", "Always free.")  # wrong: rated down
     await ask(store, "r3", "When is the hotline open?", "Noon.")  # corrected
-    await ask(store, "r4", "Tell me a story", "Once upon a time", facts=())  # not grounded
+    await ask(store, "r4", "Tell me a story", "Once upon a time", facts=())  # unrated LLM text
+    await ask(store, "r6", "Any tips for rain?", "Layer up.", facts=())  # LLM text, rated up
+    await store.add_feedback("dev_a", "k6", "r6", "positive")
     await ask(store, "r5", "Broken request", None, status="error")
     await store.add_feedback("dev_a", "k2", "r2", "negative")
     await store.add_feedback("dev_a", "k3", "r3", "negative", "From 7:30 to 21:00.")
@@ -52,9 +55,10 @@ async def test_feedback_decides_what_is_kept(store: Store) -> None:
     assert answers == {
         "How long do returns take?": ("45 days.", "answer"),
         "When is the hotline open?": ("From 7:30 to 21:00.", "correction"),
+        "Any tips for rain?": ("Layer up.", "answer"),
     }
     assert dataset.dropped["negative"] == 1
-    assert dataset.dropped["ungrounded"] == 1
+    assert dataset.dropped["untrusted"] == 1
     assert dataset.dropped["no_answer"] == 1
 
 

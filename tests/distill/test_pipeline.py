@@ -62,7 +62,7 @@ async def store(tmp_path: Path, workload_path: Path) -> AsyncIterator[Store]:
             NewInteraction(
                 device_id="dev_a", request_id=f"req_{n}", status="ok",
                 messages=[{"role": "user", "content": row["text"]}], placeholders=[],
-                answer=kb[row["fact"]], fact_ids=[row["fact"]],
+                answer=kb[row["fact"]], fact_ids=[row["fact"]], backend="knowledge",
             )
         )  # fmt: skip
     yield opened
