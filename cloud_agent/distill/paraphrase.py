@@ -21,9 +21,15 @@ from shared.pii import detect
 
 __all__ = ["paraphrase"]
 
+# Few-shot: a small model told only "rephrase" tends to answer the question instead.
 PROMPT = (
-    "Rewrite the customer's question with different words. Keep its meaning. "
-    "Reply with the new question only."
+    ChatTurn(
+        "system", "You rephrase questions. Reply with one rephrased question and nothing else."
+    ),
+    ChatTurn("user", "Rephrase: How much does delivery cost?"),
+    ChatTurn("assistant", "What is the price of shipping?"),
+    ChatTurn("user", "Rephrase: Can I return shoes?"),
+    ChatTurn("assistant", "Is it possible to send shoes back?"),
 )
 _STOP = frozenset(
     "a an the is are do does can i you my your to of in on for and or what how when where "
@@ -63,10 +69,7 @@ async def paraphrase(
             if accepted >= per_question:
                 break
             request = ChatRequest(
-                messages=(
-                    ChatTurn("system", PROMPT),
-                    ChatTurn("user", example.question),
-                ),
+                messages=(*PROMPT, ChatTurn("user", f"Rephrase: {example.question}")),
                 max_tokens=max_tokens,
                 temperature=0.0 if attempt == 0 else 0.8,
             )

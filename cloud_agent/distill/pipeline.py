@@ -91,7 +91,7 @@ def train_and_measure(
     progress(f"loading {base.name} as float32 for training")
     model, tokenizer = load_base(base)
     progress(f"training on {len(dataset.train)} examples, {config.lora.steps} steps")
-    trained = train_lora(model, tokenizer, dataset.train, config.lora)
+    trained = train_lora(model, tokenizer, dataset.train, config.lora, report=progress)
     adapter = export_gguf_lora(
         trained.weights, alpha=trained.alpha, base_gguf=base, path=work_dir / "adapter.gguf"
     )

@@ -26,7 +26,8 @@ from typing import Any
 
 from cloud_agent.config import CloudConfig
 from cloud_agent.distill import DistillConfig, distill
-from cloud_agent.distill.dataset import expectations_from_workload
+from cloud_agent.distill.dataset import Example, expectations_from_workload
+from cloud_agent.distill.paraphrase import paraphrase
 from cloud_agent.distill.train import LoraSettings
 from cloud_agent.evaluation import contains_expected
 from cloud_agent.service import CloudService
@@ -176,7 +177,8 @@ async def run_demo(
     workload_path: Path = DEFAULT_WORKLOAD,
     *,
     work_dir: Path,
-    steps: int = 120,
+    steps: int = 80,
+    paraphrases: bool = True,
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -201,7 +203,7 @@ async def run_demo(
         profile = DeviceProfile.detect()
         model = LocalModel(
             profile=profile,
-            settings=dataclasses.replace(choose_settings(profile), n_ctx=1024, max_tokens=48),
+            settings=dataclasses.replace(choose_settings(profile), n_ctx=1024, max_tokens=40),
         )
         token = await service.store.create_enrollment_token(note="northwind kiosk demo")
         state = work_dir / "kiosk"
@@ -210,7 +212,7 @@ async def run_demo(
             base_model=BaseModelRef(id=model.model_id, sha256=model.sha256),
             outbox=Outbox(state / "outbox.db"), device_name="kiosk-aisle-3",
         )  # fmt: skip
-        agent = EdgeAgent(model, link=link, cloud_max_tokens=96, local_max_tokens=48)
+        agent = EdgeAgent(model, link=link, cloud_max_tokens=64, local_max_tokens=40)
         for name, examples in KIOSK_INTENTS.items():
             reply = KIOSK_REPLIES.get(name)
             agent.intent(name, examples, (lambda _text, r=reply: r) if reply else None)
@@ -227,10 +229,18 @@ async def run_demo(
             lora=LoraSettings(steps=steps, progress=sys.stderr.isatty()),
             expectations=expectations_from_workload(workload_path),
             canary_share=config.rollout.canary_share,
+            eval_max_tokens=32,
         )
+
+        async def more_wordings(train: list[Example]) -> list[Example]:
+            return await paraphrase(
+                train, backend=service.backend, scheduler=service.scheduler, per_question=1
+            )
+
         result = await distill(
             service.store, config=dconfig, work_dir=work_dir / "distill",
             bundles_dir=service.bundles_dir, signing_key=service.signing_key, progress=say,
+            paraphraser=more_wordings if paraphrases else None,
         )  # fmt: skip
         if result.published:
             await service.published()
@@ -265,7 +275,13 @@ def _run(args: argparse.Namespace) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="edgeloop-demo-")) if args.dir is None else args.dir
     try:
         asyncio.run(
-            run_demo(args.workload, work_dir=work_dir, steps=args.steps, json_path=args.json)
+            run_demo(
+                args.workload,
+                work_dir=work_dir,
+                steps=args.steps,
+                paraphrases=not args.no_paraphrases,
+                json_path=args.json,
+            )
         )
     finally:
         if args.dir is None:
@@ -285,7 +301,10 @@ def register(subparsers: Any) -> None:
         help="JSON lines with text, class and optional expect/pii (default: the dev workload)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--steps", type=int, default=120, help="LoRA training steps")
+    parser.add_argument("--steps", type=int, default=80, help="LoRA training steps")
+    parser.add_argument(
+        "--no-paraphrases", action="store_true", help="train on the observed wordings only"
+    )
     parser.add_argument(
         "--dir", type=Path, help="keep the cloud's and kiosk's state here (default: a temp dir)"
     )

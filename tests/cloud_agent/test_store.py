@@ -179,3 +179,42 @@ async def test_adapters_and_deployments_are_summarised(store: Store) -> None:
     [adapter] = await store.list_adapters()
     assert adapter["version"] == 3 and adapter["metrics"] == {"fact_accuracy": 0.9}
     assert await store.deployment_summary() == [{"version": 3, "devices": {"applied": 1}}]
+
+
+async def publish(store: Store, tmp_path: Path, version: int, **kw: object) -> None:
+    from cloud_agent.bundles import build_bundle
+    from shared import SigningKey
+
+    src = tmp_path / f"a{version}.bin"
+    src.write_bytes(b"adapter %d" % version)
+    offer = build_bundle(
+        tmp_path / "bundles", name="facts", version=version, base_model_sha256="ab" * 32,
+        files={"adapter.gguf": (src, "adapter")}, key=SigningKey.generate(),
+    )  # fmt: skip
+    await store.add_adapter(offer, directory=tmp_path / "bundles" / str(version), **kw)  # type: ignore[arg-type]
+
+
+async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
+    store: Store, tmp_path: Path
+) -> None:
+    ids = [f"dev_{n}" for n in range(10)]
+    for n, device_id in enumerate(ids):
+        await enrolled(store, device_id, chr(ord("A") + n) * 43)
+    assert await store.next_adapter_version() == 1
+    await publish(store, tmp_path, 1, canary_share=0.2)
+    offered = [d for d in ids if await store.offer_for(d, "ab" * 32) is not None]
+    assert len(offered) == 2
+    assert [d for d in ids if await store.offer_for(d) is not None] == offered  # deterministic
+    assert [d for d in ids if await store.offer_for(d, "cd" * 32)] == []  # another base model
+    await store.add_update_status(offered[0], "k1", 1, "applied", None, {})
+    await store.add_feedback(offered[0], "k2", "req_local", "negative", None, adapter_version=1)
+    health = await store.rollout_health(1)
+    assert health is not None
+    assert (health.canary_size, health.canary_applied, health.feedback_negative) == (2, 1, 1)
+    assert await store.set_rollout_state(1, "active", "canary applied")
+    assert not await store.set_rollout_state(1, "active")  # nothing changed
+    assert [d for d in ids if await store.offer_for(d)] == ids
+    await store.set_rollout_state(1, "halted", "feedback")
+    assert [d for d in ids if await store.offer_for(d)] == []
+    record = await store.get_adapter(1)
+    assert record is not None and record.files["adapter.gguf"][1] == len(b"adapter 1")

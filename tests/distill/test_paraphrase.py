@@ -22,7 +22,7 @@ def scripted() -> ScriptedBackend:
     calls: dict[str, int] = {}
 
     def answer(request: ChatRequest) -> str:
-        question = request.messages[-1].content
+        question = request.messages[-1].content.removeprefix("Rephrase: ")
         n = calls.get(question, 0)
         calls[question] = n + 1
         options = REWRITES[question]
