@@ -1,4 +1,5 @@
-"""`InteractionRecorder`: writes interactions to the store in batches, off the request path.
+"""`InteractionRecorder`: writes interactions and session events to the store in batches,
+off the request path.
 
 A reply is never delayed by bookkeeping: escalations hand their record to the recorder, which
 commits whatever has accumulated in one transaction (at most `max_batch` rows, at least every
@@ -14,7 +15,9 @@ import asyncio
 import logging
 
 from cloud_agent.errors import StoreError
-from cloud_agent.store import NewInteraction, Store
+from cloud_agent.store import NewInteraction, SessionEvent, Store
+
+Record = NewInteraction | SessionEvent
 
 __all__ = ["InteractionRecorder"]
 
@@ -37,14 +40,14 @@ class InteractionRecorder:
         self.retry_delay_s = retry_delay_s
         self.lost = 0
         self.written = 0
-        self._queue: asyncio.Queue[NewInteraction | None] = asyncio.Queue(max_queue)
+        self._queue: asyncio.Queue[Record | None] = asyncio.Queue(max_queue)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="interaction-recorder")
 
-    async def record(self, interaction: NewInteraction) -> None:
-        await self._queue.put(interaction)
+    async def record(self, item: Record) -> None:
+        await self._queue.put(item)
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written (or counted as lost)."""
@@ -63,7 +66,7 @@ class InteractionRecorder:
         stopping = False
         while not stopping:
             first = await self._queue.get()
-            batch: list[NewInteraction] = []
+            batch: list[Record] = []
             taken = 1
             if first is None:
                 stopping = True
@@ -89,12 +92,14 @@ class InteractionRecorder:
             for _ in range(taken):
                 self._queue.task_done()
 
-    async def _write(self, batch: list[NewInteraction]) -> None:
+    async def _write(self, batch: list[Record]) -> None:
         if not batch:
             return
+        interactions = [r for r in batch if isinstance(r, NewInteraction)]
+        sessions = [r for r in batch if isinstance(r, SessionEvent)]
         for attempt in range(2):
             try:
-                await self.store.record_interactions(batch)
+                await self.store.record_interactions(interactions, sessions)
                 self.written += len(batch)
                 return
             except StoreError as exc:
@@ -102,4 +107,4 @@ class InteractionRecorder:
                     log.warning("interaction batch failed (%s); retrying once", exc)
                     await asyncio.sleep(self.retry_delay_s)
         self.lost += len(batch)
-        log.error("lost %d interaction records after a retry", len(batch))
+        log.error("lost %d records after a retry", len(batch))

@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from cloud_agent.errors import (
 from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
-from cloud_agent.store import NewInteraction, Store
+from cloud_agent.store import NewInteraction, SessionEvent, Store
 from protocol import (
     SUBPROTOCOL,
     Ack,
@@ -224,8 +225,10 @@ class CloudServer:
                 await asyncio.gather(*conn.tasks.values(), return_exceptions=True)
             if conn.device_id is not None:
                 self.metrics.sessions.dec()
-                close_code = ws.close_code
-                await self._best_effort(self.store.session_ended(conn.session_id, close_code))
+                await self.recorder.record(
+                    SessionEvent("ended", conn.session_id, conn.device_id, _now(),
+                                 close_code=ws.close_code)
+                )  # fmt: skip
 
     async def _auth_watchdog(self, conn: _Connection) -> None:
         await asyncio.sleep(self.auth_timeout_s)
@@ -354,18 +357,16 @@ class CloudServer:
         conn.device_id = device_id
         self.metrics.sessions.inc()
         hello = conn.session.hello
-        await self._best_effort(
-            self.store.session_started(conn.session_id, device_id, self.server_id)
-        )
-        await self._best_effort(
-            self.store.device_seen(
-                device_id,
-                adapter_version=hello.adapter_version if hello else None,
-                base_model_sha256=hello.base_model.sha256 if hello and hello.base_model else None,
-            )
-        )
         conn.adapter_version = hello.adapter_version if hello else None
         conn.base_model_sha256 = hello.base_model.sha256 if hello and hello.base_model else None
+        # Session bookkeeping goes through the batched recorder: connecting thousands of
+        # devices costs a few commits, not two fsyncs each.
+        await self.recorder.record(
+            SessionEvent(
+                "started", conn.session_id, device_id, _now(), server_id=self.server_id,
+                adapter_version=conn.adapter_version, base_model_sha256=conn.base_model_sha256,
+            )
+        )  # fmt: skip
         await self._offer(conn)
 
     # --- updates --------------------------------------------------------------------------
@@ -652,6 +653,10 @@ class CloudServer:
 def _loop_time(monotonic_deadline: float) -> float:
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _read_range(path: Path, offset: int, length: int) -> bytes:

@@ -9,6 +9,7 @@ from cloud_agent.store.records import (
     FeedbackSummary,
     InteractionRecord,
     NewInteraction,
+    SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, RolloutHealth
 from cloud_agent.store.store import Store
@@ -20,5 +21,6 @@ __all__ = [
     "InteractionRecord",
     "NewInteraction",
     "RolloutHealth",
+    "SessionEvent",
     "Store",
 ]

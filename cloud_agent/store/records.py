@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,20 @@ class NewInteraction:
     backend: str | None = None
     model: str | None = None
     fact_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """A session began (with what the device announced) or ended; written in batches."""
+
+    kind: Literal["started", "ended"]
+    session_id: str
+    device_id: str
+    at: datetime
+    server_id: str | None = None
+    adapter_version: int | None = None
+    base_model_sha256: str | None = None
+    close_code: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

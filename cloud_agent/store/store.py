@@ -37,6 +37,7 @@ from cloud_agent.store.records import (
     FeedbackSummary,
     InteractionRecord,
     NewInteraction,
+    SessionEvent,
 )
 from cloud_agent.store.rollouts import RolloutStore
 
@@ -193,46 +194,18 @@ class Store(JobStore, RolloutStore):
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    async def device_seen(
-        self, device_id: str, *, adapter_version: int | None, base_model_sha256: str | None
-    ) -> None:
-        async with self._tx() as s:
-            await s.execute(
-                update(t.Device)
-                .where(t.Device.id == device_id)
-                .values(
-                    last_seen_at=_now(),
-                    adapter_version=adapter_version,
-                    base_model_sha256=base_model_sha256,
-                )
-            )
-
-    # --- sessions -------------------------------------------------------------------------
-
-    async def session_started(self, session_id: str, device_id: str, server_id: str) -> None:
-        async with self._tx() as s:
-            s.add(
-                t.Session(
-                    id=session_id, device_id=device_id, server_id=server_id, started_at=_now()
-                )
-            )
-
-    async def session_ended(self, session_id: str, close_code: int | None) -> None:
-        async with self._tx() as s:
-            await s.execute(
-                update(t.Session)
-                .where(t.Session.id == session_id)
-                .values(ended_at=_now(), close_code=close_code)
-            )
-
     # --- interactions ---------------------------------------------------------------------
 
     async def record_interaction(self, it: NewInteraction) -> None:
         await self.record_interactions([it])
 
-    async def record_interactions(self, batch: list[NewInteraction]) -> None:
-        """Store many interactions in one transaction (the server writes them in batches)."""
-        if not batch:
+    async def record_interactions(
+        self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
+    ) -> None:
+        """Store many interactions and session events in one transaction (the server writes
+        them in batches: one commit, and one fsync, for hundreds of records)."""
+        sessions = sessions or []
+        if not batch and not sessions:
             return
         now = _now()
         rows = [
@@ -257,8 +230,28 @@ class Store(JobStore, RolloutStore):
             }
             for it in batch
         ]
+        started = [e for e in sessions if e.kind == "started"]
+        ended = [e for e in sessions if e.kind == "ended"]
         async with self._tx() as s:
-            await s.execute(insert(t.Interaction), rows)
+            if started:
+                await s.execute(
+                    insert(t.Session),
+                    [{"id": e.session_id, "device_id": e.device_id, "server_id": e.server_id or "",
+                      "started_at": e.at} for e in started],
+                )  # fmt: skip
+                await s.execute(
+                    update(t.Device),
+                    [{"id": e.device_id, "last_seen_at": e.at, "adapter_version": e.adapter_version,
+                      "base_model_sha256": e.base_model_sha256} for e in started],
+                )  # fmt: skip
+            if rows:
+                await s.execute(insert(t.Interaction), rows)
+            if ended:
+                await s.execute(
+                    update(t.Session),
+                    [{"id": e.session_id, "ended_at": e.at, "close_code": e.close_code}
+                     for e in ended],
+                )  # fmt: skip
 
     async def list_interactions(
         self, *, limit: int = 100, device_id: str | None = None, status: str | None = None

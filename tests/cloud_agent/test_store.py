@@ -148,13 +148,28 @@ async def test_privacy_events_count_kinds_against_the_device(store: Store) -> No
     assert "card" in str(kinds) and "email" in str(kinds)
 
 
-async def test_sessions_are_recorded(store: Store) -> None:
+async def test_sessions_are_recorded_in_batches(store: Store) -> None:
+    from datetime import UTC, datetime
+
+    from cloud_agent.store import SessionEvent
+
     await enrolled(store)
-    await store.session_started("ses_1", "dev_a", "cloud-1")
-    await store.session_ended("ses_1", 1000)
-    await store.device_seen("dev_a", adapter_version=2, base_model_sha256="ab" * 32)
+    await enrolled(store, "dev_b", KEY_B)
+    now = datetime.now(UTC)
+    await store.record_interactions(
+        [],
+        [
+            SessionEvent("started", "ses_1", "dev_a", now, server_id="cloud-1", adapter_version=2,
+                         base_model_sha256="ab" * 32),
+            SessionEvent("started", "ses_2", "dev_b", now, server_id="cloud-1"),
+            SessionEvent("ended", "ses_1", "dev_a", now, close_code=1000),
+        ],
+    )  # fmt: skip
     device = await store.get_device("dev_a")
     assert device is not None and device.adapter_version == 2 and device.last_seen_at is not None
+    async with store.engine.connect() as conn:
+        rows = (await conn.exec_driver_sql("SELECT id, close_code FROM sessions ORDER BY id")).all()
+    assert [tuple(r) for r in rows] == [("ses_1", 1000), ("ses_2", None)]
 
 
 async def test_an_unreachable_database_is_a_typed_error() -> None:
