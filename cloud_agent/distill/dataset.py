@@ -34,7 +34,7 @@ __all__ = [
     "normalise",
 ]
 
-Source = Literal["answer", "correction", "paraphrase"]
+Source = Literal["answer", "correction", "paraphrase", "replay"]
 _RANK = {"correction": 3, "positive": 2, None: 1}
 
 

@@ -24,8 +24,35 @@ from cloud_agent.errors import CloudAgentError
 from cloud_agent.evaluation import contains_expected
 from shared.llama import DEVICE_SYSTEM_PROMPT, ChatTemplate, open_llama
 
-__all__ = ["SIMPLE_PROMPTS", "GreedyModel", "expectation", "key_values", "topic_accuracy"]
+__all__ = [
+    "REPLAY_PROMPTS",
+    "SIMPLE_PROMPTS",
+    "GreedyModel",
+    "expectation",
+    "key_values",
+    "topic_accuracy",
+]
 
+# Trained on with the base model's own answers, so the adapter learns facts without forgetting
+# how to chat. Disjoint from SIMPLE_PROMPTS, which the gate checks.
+REPLAY_PROMPTS = (
+    "Hi",
+    "Hey there!",
+    "Good afternoon",
+    "Thank you!",
+    "Thanks a lot, bye.",
+    "Who are you?",
+    "Are you a robot?",
+    "Can you help me?",
+    "I need some help.",
+    "OK",
+    "Yes please",
+    "No thanks",
+    "See you later",
+    "How are you today?",
+    "Nice to meet you",
+    "What do you do?",
+)
 SIMPLE_PROMPTS = (
     "Hello!",
     "Good morning",

@@ -21,6 +21,7 @@ from pathlib import Path
 from cloud_agent.bundles import build_bundle
 from cloud_agent.distill.dataset import Dataset, Example, build_dataset
 from cloud_agent.distill.evaluate import (
+    REPLAY_PROMPTS,
     SIMPLE_PROMPTS,
     GreedyModel,
     accuracy,
@@ -57,6 +58,9 @@ class DistillConfig:
     trusted_only: bool = True
     """Train only on answers quoted from knowledge facts, rated positive or corrected."""
     simple_prompts: tuple[str, ...] = SIMPLE_PROMPTS
+    """Checked by the gate: still answered, and without reciting trained facts."""
+    replay_prompts: tuple[str, ...] = REPLAY_PROMPTS
+    """Trained on with the base model's own answers, against forgetting how to chat."""
     expectations: dict[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict)
     """Labelled ``expect`` groups by normalised question (see `expectations_from_workload`)."""
     canary_share: float = 0.1
@@ -81,6 +85,18 @@ Progress = Callable[[str], None]
 Paraphraser = Callable[[list[Example]], Awaitable[list[Example]]]
 
 
+def base_answers(base: Path, prompts: tuple[str, ...], max_tokens: int) -> list[Example]:
+    """The base model's own greedy answers to `prompts`, as training examples."""
+    if not prompts:
+        return []
+    model = GreedyModel(base)
+    try:
+        pairs = [(p, model.answer(p, max_tokens=max_tokens)) for p in prompts]
+    finally:
+        model.close()
+    return [Example(p, a, source="replay") for p, a in pairs if a]
+
+
 def train_and_measure(
     dataset: Dataset, config: DistillConfig, work_dir: Path, progress: Progress = log.info
 ) -> DistillResult:
@@ -88,10 +104,15 @@ def train_and_measure(
     work_dir.mkdir(parents=True, exist_ok=True)
     base = config.base_path
     started = time.perf_counter()
+    replay = base_answers(base, config.replay_prompts, max_tokens=96)
     progress(f"loading {base.name} as float32 for training")
     model, tokenizer = load_base(base)
-    progress(f"training on {len(dataset.train)} examples, {config.lora.steps} steps")
-    trained = train_lora(model, tokenizer, dataset.train, config.lora, report=progress)
+    train = [*dataset.train, *replay]
+    progress(
+        f"training on {len(dataset.train)} examples and {len(replay)} replayed base answers, "
+        f"{config.lora.steps} steps"
+    )
+    trained = train_lora(model, tokenizer, train, config.lora, report=progress)
     adapter = export_gguf_lora(
         trained.weights, alpha=trained.alpha, base_gguf=base, path=work_dir / "adapter.gguf"
     )
@@ -109,6 +130,20 @@ def train_and_measure(
         simple_after = [evaluator.answer(p, max_tokens=tokens) for p in config.simple_prompts]
     finally:
         evaluator.close()
+    report = {
+        "heldout": [
+            {"question": b.example.question, "before": b.answer, "after": a.answer,
+             "correct_before": b.correct, "correct_after": a.correct}
+            for b, a in zip(before, after, strict=True)
+        ],
+        "simple": [
+            {"prompt": p, "before": b, "after": a}
+            for p, b, a in zip(config.simple_prompts, simple_before, simple_after, strict=True)
+        ],
+    }  # fmt: skip
+    (work_dir / "evaluation.json").write_text(
+        json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8"
+    )
     regressions = simple_regressions(simple_before, simple_after, [e.answer for e in dataset.train])
     covered = coverage([*seen, *after], min_accuracy=config.coverage_min_accuracy)
     (work_dir / "coverage.json").write_text(
