@@ -97,13 +97,19 @@ def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
 def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
     from edge_agent.agent import EdgeAgent
     from edge_agent.local_model import LocalModel
+    from protocol import BaseModelRef
 
-    return EdgeAgent(
-        LocalModel(config.model_path),
-        link=_link(config),
-        router=_router(config, intents_file),
-        deadline_ms=config.deadline_ms,
+    model = LocalModel(config.model_path)
+    link = _link(config)
+    if link is not None:
+        link.base_model = BaseModelRef(id=model.model_id, sha256=model.sha256)
+    agent = EdgeAgent(
+        model, link=link, router=_router(config, intents_file), deadline_ms=config.deadline_ms
     )
+    # Signed adapter bundles from the cloud: the committed one is restored now, new ones are
+    # verified, hot-swapped and reported as the cloud offers them.
+    agent.enable_updates(config.state_dir)
+    return agent
 
 
 def _calibrate(args: argparse.Namespace) -> int:

@@ -52,3 +52,17 @@ def test_defaults_run_alone_on_sqlite_under_the_data_dir(tmp_path: Path) -> None
         config.resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path.resolve() / 'cloud.db'}"
     )
     assert config.backend.kind == "llama_cpp" and config.backend.model_path is None
+
+
+def test_rollouts_rollback_and_distill_from_the_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data-dir", str(tmp_path / "cloud")]
+    assert main(["cloud", "rollouts", *data]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["cloud", "rollback", *data, "7"]) == 1
+    assert "no adapter version 7" in capsys.readouterr().err
+    # An empty store: the cycle declines to train, says why, and exits non-zero.
+    assert main(["distill", *data, "--steps", "2"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["published"] is False and "fewer than" in out["reason"]

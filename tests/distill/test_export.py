@@ -42,14 +42,20 @@ def trained() -> Iterator[TrainedAdapter]:
     yield train_lora(model, tokenizer, FACTS, settings)
 
 
-def hf_greedy(trained: TrainedAdapter, question: str) -> list[int]:
+def hf_inputs(trained: TrainedAdapter, question: str) -> Any:
+    """The prompt as the device formats it, tokenized by transformers."""
     tok: Any = trained.tokenizer
     messages = [
         {"role": "system", "content": DEVICE_SYSTEM_PROMPT},
         {"role": "user", "content": question},
     ]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    return tok(prompt, add_special_tokens=False, return_tensors="pt")
+
+
+def hf_greedy(trained: TrainedAdapter, question: str) -> list[int]:
+    tok: Any = trained.tokenizer
+    inputs = hf_inputs(trained, question)
     with torch.no_grad():
         out = trained.model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
     tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -83,13 +89,7 @@ def test_llama_cpp_with_the_export_matches_transformers_with_the_adapter(
 
 
 def hf_logits(trained: TrainedAdapter, question: str, *, adapter: bool) -> np.ndarray:
-    tok: Any = trained.tokenizer
-    messages = [
-        {"role": "system", "content": DEVICE_SYSTEM_PROMPT},
-        {"role": "user", "content": question},
-    ]
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = tok(prompt, add_special_tokens=False, return_tensors="pt")
+    inputs = hf_inputs(trained, question)
     with torch.no_grad():
         if adapter:
             logits = trained.model(**inputs).logits
