@@ -3,9 +3,11 @@
 A cloud agent (SQLite, the packaged SmolLM2 as its LLM, the store's knowledge base) and a
 kiosk edge agent (the same small model, quantized, on the device) start on loopback. The kiosk
 plays a labelled workload; a simulated customer rates each answer (thumbs down when an answer
-misses the expected facts). The cloud distils what it answered into a LoRA adapter, gates it
-on held-out questions, signs it and rolls it out; the kiosk verifies, hot-swaps and reports it.
-Then the workload is played again, and a before/after table is printed.
+misses the expected facts) and a store associate corrects the thumbs-down answers from the
+knowledge base (`--no-corrections` leaves them uncorrected). The cloud distils what it
+answered into a LoRA adapter, gates it on held-out questions, signs it and rolls it out; the
+kiosk verifies, hot-swaps and reports it. Then the workload is played again, and a
+before/after table is printed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cloud_agent.distill.dataset import Example, expectations_from_workload
 from cloud_agent.distill.paraphrase import paraphrase
 from cloud_agent.distill.train import LoraSettings
 from cloud_agent.evaluation import contains_expected
+from cloud_agent.knowledge import load_facts
 from cloud_agent.service import CloudService
 from edge_agent import EdgeAgent
 from edge_agent.link import CloudLink
@@ -53,6 +56,7 @@ class Pass:
     rows: list[dict[str, Any]] = field(default_factory=list)
     cloud_tokens: int = 0
     raw_pii_at_cloud: int = 0
+    corrections: int = 0
 
     def share_on_device(self) -> float:
         return sum(1 for r in self.rows if not r["cloud"]) / max(1, len(self.rows))
@@ -78,6 +82,7 @@ class Pass:
             "fact_accuracy_cloud": [cloud_ok, cloud_n],
             "fact_accuracy_device": [dev_ok, dev_n],
             "raw_pii_at_cloud": self.raw_pii_at_cloud,
+            "associate_corrections": self.corrections,
             "latency_ms_device_p50_p95": [round(v, 1) for v in self.latency(cloud=False)],
             "latency_ms_cloud_p50_p95": [round(v, 1) for v in self.latency(cloud=True)],
         }
@@ -96,7 +101,11 @@ def say(message: str) -> None:
 
 
 async def play(
-    name: str, agent: EdgeAgent, service: CloudService, workload: list[dict[str, Any]]
+    name: str,
+    agent: EdgeAgent,
+    service: CloudService,
+    workload: list[dict[str, Any]],
+    corrections: dict[str, str] | None = None,
 ) -> Pass:
     result = Pass(name)
     started = time.perf_counter()
@@ -115,7 +124,13 @@ async def play(
             }
         )
         if correct is not None:  # the simulated customer knows the answer it needed
-            await agent.feedback(reply.request_id, "positive" if correct else "negative")
+            # A thumbs-down on a store fact reaches a store associate, who types the right
+            # answer from the knowledge base (rows name their fact); the cloud trains on it.
+            fix = None if correct or corrections is None else corrections.get(row.get("fact", ""))
+            await agent.feedback(
+                reply.request_id, "positive" if correct else "negative", correction=fix
+            )
+            result.corrections += fix is not None
         if i % 30 == 0 or i == len(workload):
             say(
                 f"{name}: {i}/{len(workload)} requests, "
@@ -162,6 +177,8 @@ def table(before: Pass, after: Pass, extra: dict[str, Any]) -> str:
          frac(after.fact_accuracy(cloud=False))),
         ("raw PII values seen by the cloud", str(before.raw_pii_at_cloud),
          str(after.raw_pii_at_cloud)),
+        ("requests sent to the cloud", str(sum(r["cloud"] for r in before.rows)),
+         str(sum(r["cloud"] for r in after.rows))),
         ("latency p50 / p95, device", lat(before, False), lat(after, False)),
         ("latency p50 / p95, cloud", lat(before, True), lat(after, True)),
     ]  # fmt: skip
@@ -179,6 +196,7 @@ async def run_demo(
     work_dir: Path,
     steps: int = 80,
     paraphrases: bool = True,
+    corrections: bool = True,
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -222,7 +240,11 @@ async def run_demo(
             raise RuntimeError("the kiosk could not reach the cloud")
 
         say(f"pass 1: playing {len(workload)} requests from {workload_path.name}")
-        before = await play("pass 1", agent, service, workload)
+        facts = load_facts(DEFAULT_KB) if corrections else []
+        before = await play(
+            "pass 1", agent, service, workload, {f.id: f.text for f in facts} or None
+        )
+        say(f"pass 1: {before.corrections} thumbs-down answers corrected by a store associate")
 
         say("distilling: dataset from the cloud's answers and the ratings, LoRA training")
         dconfig = DistillConfig(
@@ -280,6 +302,7 @@ def _run(args: argparse.Namespace) -> int:
                 work_dir=work_dir,
                 steps=args.steps,
                 paraphrases=not args.no_paraphrases,
+                corrections=not args.no_corrections,
                 json_path=args.json,
             )
         )
@@ -304,6 +327,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=80, help="LoRA training steps")
     parser.add_argument(
         "--no-paraphrases", action="store_true", help="train on the observed wordings only"
+    )
+    parser.add_argument(
+        "--no-corrections",
+        action="store_true",
+        help="thumbs-down answers are not corrected by a store associate",
     )
     parser.add_argument(
         "--dir", type=Path, help="keep the cloud's and kiosk's state here (default: a temp dir)"
