@@ -20,7 +20,7 @@ __all__ = ["register"]
 
 def register(subparsers: Any) -> None:
     from cloud_agent.cli import ENV_PREFIX
-    from cloud_agent.distill.train import ATTENTION
+    from cloud_agent.distill.train import DEFAULT_TARGETS
 
     parser = subparsers.add_parser(
         "distill",
@@ -37,10 +37,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--labels", type=Path, help="labelled workload (JSON lines with text and expect)"
     )
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument(
-        "--target-modules", default=",".join(ATTENTION), help="comma-separated projections"
+        "--target-modules", default=",".join(DEFAULT_TARGETS), help="comma-separated projections"
     )
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--learning-rate", type=float, default=2e-3)

@@ -20,7 +20,13 @@ import torch  # noqa: E402
 from cloud_agent.distill.dataset import Example  # noqa: E402
 from cloud_agent.distill.evaluate import GreedyModel  # noqa: E402
 from cloud_agent.distill.export import ExportError, export_gguf_lora, rotary_permute  # noqa: E402
-from cloud_agent.distill.train import LoraSettings, TrainedAdapter, load_base, train_lora  # noqa: E402
+from cloud_agent.distill.train import (  # noqa: E402
+    ALL_PROJECTIONS,
+    LoraSettings,
+    TrainedAdapter,
+    load_base,
+    train_lora,
+)
 from shared.llama import DEVICE_SYSTEM_PROMPT, default_model_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -38,7 +44,9 @@ TOKENS = 12
 @pytest.fixture(scope="module")
 def trained() -> Iterator[TrainedAdapter]:
     model, tokenizer = load_base(default_model_path())
-    settings = LoraSettings(steps=8, learning_rate=5e-3, batch_size=4, progress=False)
+    settings = LoraSettings(
+        steps=8, learning_rate=5e-3, batch_size=4, progress=False, target_modules=ALL_PROJECTIONS
+    )
     yield train_lora(model, tokenizer, FACTS, settings)
 
 
@@ -139,9 +147,11 @@ def test_the_file_is_a_llama_cpp_lora_adapter(trained: TrainedAdapter, tmp_path:
     assert fields == {"general.type": "adapter", "adapter.type": "lora"}
     alpha = reader.get_field("adapter.lora.alpha")
     assert alpha is not None and alpha.types == [gguf.GGUFValueType.FLOAT32]
-    assert alpha.contents() == pytest.approx(32.0)
+    assert alpha.contents() == pytest.approx(trained.alpha)
     names = {t.name for t in reader.tensors}
-    assert "blk.0.attn_q.weight.lora_a" in names and "blk.29.attn_output.weight.lora_b" in names
+    for target in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+        assert f"blk.0.{target}.weight.lora_a" in names
+        assert f"blk.29.{target}.weight.lora_b" in names
     assert path.stat().st_size < 0.05 * default_model_path().stat().st_size
 
 
