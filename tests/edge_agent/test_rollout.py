@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def model() -> LocalModel:
+def model() -> Iterator[LocalModel]:
     settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=12)
-    return LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
+    local = LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
+    yield local
+    local.close()
 
 
 async def publish(service: CloudService, model: LocalModel, tmp_path: Path, **kw: object) -> int:
