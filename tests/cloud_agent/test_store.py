@@ -233,3 +233,30 @@ async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
     assert [d for d in ids if await store.offer_for(d)] == []
     record = await store.get_adapter(1)
     assert record is not None and record.files["adapter.gguf"][1] == len(b"adapter 1")
+
+
+async def test_the_rollout_policy_promotes_halts_on_canary_failures_and_on_bad_feedback(
+    store: Store, tmp_path: Path
+) -> None:
+    from cloud_agent.rollout import RolloutPolicy
+
+    policy = RolloutPolicy(min_feedback=4, max_negative_share=0.5)
+    for n in range(4):
+        await enrolled(store, f"dev_{n}", chr(ord("A") + n) * 43)
+    # Version 1: its canary device applies it, so it goes to everyone.
+    await publish(store, tmp_path, 1, canary_share=0.25)
+    [canary] = [d for d in (f"dev_{n}" for n in range(4)) if await store.offer_for(d)]
+    assert await policy.review(store, 1) is None
+    await store.add_update_status(canary, "k1", 1, "applied", None, {})
+    assert await policy.review(store, 1) == "active"
+    # Then its answers draw thumbs-down: three of four ratings negative halts it.
+    for n, rating in enumerate(("negative", "positive", "negative", "negative")):
+        await store.add_feedback(f"dev_{n}", f"f{n}", f"req_{n}", rating, adapter_version=1)
+    assert await policy.review(store, 1) == "halted"
+    assert (await store.get_adapter(1)).state == "halted"  # type: ignore[union-attr]
+    # Version 2: its canary device rejects it; the rollout halts before anyone else gets it.
+    await publish(store, tmp_path, 2, canary_share=0.25)
+    [canary] = [d for d in (f"dev_{n}" for n in range(4)) if await store.offer_for(d)]
+    await store.add_update_status(canary, "k2", 2, "rejected", "hash_mismatch", {})
+    assert await policy.review(store, 2) == "halted"
+    assert [d for d in (f"dev_{n}" for n in range(4)) if await store.offer_for(d)] == []
