@@ -1,9 +1,10 @@
 """Store operations for adapter bundles and their rollouts (a mixin of `Store`).
 
 A published bundle gets a rollout that starts as ``canary``: a deterministic share of the
-enrolled devices (ranked by a hash of version and device id, at least one device) is offered
-it first. The rollout policy (`cloud_agent.rollout`) moves it to ``active`` (every device),
-``halted`` or ``rolled_back``; this module only records and answers.
+enrolled devices (ranked by a hash of version and device id, at least one device), chosen once
+when the bundle is published and kept with the rollout, is offered it first. The rollout
+policy (`cloud_agent.rollout`) moves it to ``active`` (every device), ``halted`` or
+``rolled_back``; this module only records and answers.
 """
 
 from __future__ import annotations
@@ -109,10 +110,13 @@ class RolloutStore:
                 )
             )  # fmt: skip
             await s.flush()
+            ids = (await s.scalars(select(t.Device.id).where(t.Device.revoked_at.is_(None)))).all()
+            size = max(1, math.ceil(canary_share * len(ids))) if ids else 0
+            canary = sorted(ids, key=lambda d: _rank(manifest.version, d))[:size]
             s.add(
                 t.Rollout(
                     version=manifest.version, state=state, canary_share=canary_share,
-                    reason=None, created_at=now, updated_at=now,
+                    canary=canary, reason=None, created_at=now, updated_at=now,
                 )
             )  # fmt: skip
         return manifest.version
@@ -154,11 +158,6 @@ class RolloutStore:
             )
             return bool(result.rowcount)
 
-    async def _canary(self: _Transactional, s: Any, version: int, share: float) -> set[str]:
-        ids = (await s.scalars(select(t.Device.id).where(t.Device.revoked_at.is_(None)))).all()
-        size = max(1, math.ceil(share * len(ids))) if ids else 0
-        return set(sorted(ids, key=lambda d: _rank(version, d))[:size])
-
     async def offer_for(
         self: _Transactional, device_id: str, base_model_sha256: str | None = None
     ) -> AdapterRecord | None:
@@ -173,10 +172,7 @@ class RolloutStore:
             if base_model_sha256 is not None:
                 query = query.where(t.Adapter.base_model_sha256 == base_model_sha256)
             for adapter, rollout in (await s.execute(query)).all():
-                if rollout.state == "active":
-                    return _record(adapter, rollout)
-                canary = await RolloutStore._canary(self, s, adapter.version, rollout.canary_share)
-                if device_id in canary:
+                if rollout.state == "active" or device_id in rollout.canary:
                     return _record(adapter, rollout)
             return None
 
@@ -185,7 +181,7 @@ class RolloutStore:
             rollout = await s.get(t.Rollout, version)
             if rollout is None:
                 return None
-            canary = await RolloutStore._canary(self, s, version, rollout.canary_share)
+            canary = set(rollout.canary)
             rows = (
                 await s.execute(
                     select(t.Deployment.device_id, t.Deployment.status).where(

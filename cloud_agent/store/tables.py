@@ -134,6 +134,8 @@ class Rollout(Base):
     )
     state: Mapped[str] = mapped_column(String(16))
     canary_share: Mapped[float] = mapped_column(Float)
+    canary: Mapped[list[str]]
+    """Device ids offered the bundle first, chosen when it was published."""
     reason: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
