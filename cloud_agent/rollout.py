@@ -88,13 +88,8 @@ async def rollback(
     new_version = await store.next_adapter_version()
     with tempfile.TemporaryDirectory() as tmp:
         if previous is not None:
-            files = {
-                name: (path, kind)
-                for name, (path, _), kind in (
-                    (f.name, previous.files[f.name], f.kind)
-                    for f in BundleManifest.model_validate_json(previous.manifest).files
-                )
-            }
+            previous_files = BundleManifest.model_validate_json(previous.manifest).files
+            files = {f.name: (previous.directory / f.name, f.kind) for f in previous_files}
         else:  # back to the base model: a bundle with no adapter and empty coverage
             empty = Path(tmp) / "coverage.json"
             empty.write_text(json.dumps({"examples": []}))
@@ -128,7 +123,7 @@ class PublicationFeed:
         self.on_change = on_change
         self.database_url = database_url
         self.poll_s = poll_s
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._listener: Any = None
         self._seen: list[dict[str, Any]] | None = None
 
@@ -140,26 +135,24 @@ class PublicationFeed:
         if self.postgres:
             await self._listen()
         self._seen = await self.store.list_rollouts()
-        self._tasks.append(asyncio.create_task(self._poll()))
+        self._tasks.add(asyncio.create_task(self._poll()))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._listener is not None:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
             with contextlib.suppress(Exception):
-                await self._listener.close()
+                await listener.close()
 
     async def announce(self) -> None:
         """Tell every replica (this one included) that rollouts changed."""
-        if self.postgres:
-            import asyncpg
-
-            conn = await asyncpg.connect(_asyncpg_dsn(self.database_url))
-            try:
-                await conn.execute("SELECT pg_notify($1, 'changed')", CHANNEL)
-            finally:
-                await conn.close()
+        if self._listener is not None:
+            # The listening connection hears its own notification, so this replica reacts
+            # through the same path as every other one.
+            await self._listener.execute("SELECT pg_notify($1, 'changed')", CHANNEL)
         else:
             await self._changed()
 
@@ -169,7 +162,9 @@ class PublicationFeed:
         self._listener = await asyncpg.connect(_asyncpg_dsn(self.database_url))
 
         def notified(*_: Any) -> None:
-            self._tasks.append(asyncio.create_task(self._changed()))
+            task = asyncio.create_task(self._changed())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         await self._listener.add_listener(CHANNEL, notified)
 

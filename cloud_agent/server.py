@@ -135,6 +135,7 @@ class CloudServer:
         # (4 bytes per character at worst, plus the envelope).
         self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
         self._max_chunk = max(1024, limits.max_message_bytes - 1024)
+        self._bundle_files: dict[int, dict[str, tuple[Path, int]]] = {}
         self._connections: set[_Connection] = set()
         self._server: Server | None = None
         self._draining = False
@@ -409,19 +410,26 @@ class CloudServer:
         """Serve one range of a published bundle's file as a `chunk` and a binary frame."""
         session = conn.session
         rid = request.request_id
-        try:
-            record = await self.store.get_adapter(request.version)
-        except StoreError:
-            session.send(make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid))
-            return
-        if record is None:
-            session.send(
-                make_error(
-                    ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}", request_id=rid
+        files = self._bundle_files.get(request.version)
+        if files is None:
+            try:
+                record = await self.store.get_adapter(request.version)
+            except StoreError:
+                session.send(
+                    make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid)
                 )
-            )
-            return
-        entry = record.files.get(request.file)
+                return
+            if record is None:
+                session.send(
+                    make_error(
+                        ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}",
+                        request_id=rid,
+                    )
+                )  # fmt: skip
+                return
+            # A published bundle's files never change: look them up once, not per chunk.
+            files = self._bundle_files[request.version] = record.files
+        entry = files.get(request.file)
         if entry is None:
             session.send(
                 make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)

@@ -183,12 +183,16 @@ def simple_regressions(
     return count
 
 
+def _topic(example: Example) -> str:
+    """The fact ids of an example, or its own question without any."""
+    return ",".join(example.fact_ids) or example.question
+
+
 def topic_accuracy(scored: Sequence[Scored]) -> dict[str, float]:
-    """Accuracy per topic: the fact ids of an example, or its own question without any."""
+    """Accuracy per topic (see `_topic`)."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for item in scored:
-        topic = ",".join(item.example.fact_ids) or item.example.question
-        hits[topic].append(item.correct)
+        hits[_topic(item.example)].append(item.correct)
     return {topic: sum(v) / len(v) for topic, v in hits.items()}
 
 
@@ -197,7 +201,7 @@ def coverage(scored: Sequence[Scored], *, min_accuracy: float) -> list[tuple[str
     topics = topic_accuracy(scored)
     examples = []
     for item in scored:
-        acc = topics[",".join(item.example.fact_ids) or item.example.question]
+        acc = topics[_topic(item.example)]
         if acc >= min_accuracy:
             examples.append((item.example.question, round(acc, 3)))
     return examples
