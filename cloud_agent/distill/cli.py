@@ -97,8 +97,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
-    from cloud_agent.distill.dataset import build_dataset
-    from cloud_agent.distill.pipeline import distill, train_and_measure
+    from cloud_agent.distill.pipeline import distill
     from cloud_agent.store import Store
     from shared.keys import SigningKey
 
@@ -108,13 +107,6 @@ async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = await Store.open(config.resolved_database_url())
     try:
-        if not publish:
-            dataset = await build_dataset(
-                store, heldout_share=dconfig.heldout_share, expectations=dconfig.expectations
-            )
-            return await asyncio.to_thread(
-                train_and_measure, dataset, dconfig, config.data_dir / "distill", progress
-            )
         return await distill(
             store,
             config=dconfig,
@@ -122,6 +114,7 @@ async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
             bundles_dir=config.data_dir / "bundles",
             signing_key=SigningKey.load_or_create(config.data_dir / "server.key"),
             progress=progress,
+            publish=publish,
         )
     finally:
         await store.close()

@@ -190,8 +190,10 @@ async def distill(
     signing_key: SigningKey,
     progress: Progress = log.info,
     paraphraser: Paraphraser | None = None,
+    publish: bool = True,
 ) -> DistillResult:
-    """One full cycle; publishes a bundle (and starts its rollout) if the gate passes."""
+    """One full cycle; publishes a bundle (and starts its rollout) if the gate passes and
+    `publish` is set (without it: train and measure only, a dry run)."""
     dataset = await build_dataset(
         store,
         heldout_share=config.heldout_share,
@@ -219,6 +221,10 @@ async def distill(
     dataset.save(cycle_dir / "dataset.jsonl")
     if not result.published:
         progress(f"not published: {result.reason}")
+        return result
+    if not publish:
+        result.published, result.reason = False, f"dry run; the gate passed: {result.reason}"
+        progress(result.reason)
         return result
     assert result.adapter_path is not None
     version = await store.next_adapter_version()
