@@ -1,26 +1,35 @@
-"""Knowledge retrieval: a store's facts indexed in SQLite FTS5 and ranked by BM25.
+"""Knowledge retrieval: a store's facts ranked by words (SQLite FTS5, BM25) and by meaning
+(WordLlama embeddings), fused into one score.
 
 A knowledge file is Markdown (one fact per bullet, ``- [fact-id] text``) or JSONL (one object
 per line with ``id`` and ``text``). Each fact is indexed with its text and its id's words (so
-``[free-shipping]`` matches "free shipping"), stemmed by FTS5's Porter tokenizer.
+``[free-shipping]`` matches "free shipping"), stemmed by FTS5's Porter tokenizer, and embedded
+with the same words.
 
-`KnowledgeBase.search` returns the best facts with a `confidence` in [0, 1] that says how
-clearly the best fact beats the rest; the skill grounds its answer in the fact itself when that
-confidence is high, because a tiny model restates facts unreliably.
+Words alone miss paraphrases ("swap my boots" asks about the footwear exchange); embeddings
+alone miss exact terms. The fused score is the cosine similarity plus `lexical_weight` times the
+BM25 score relative to the best match. `KnowledgeBase.search` returns the best facts with how
+clearly the best beats the runner-up (`confidence`), its cosine (`similarity`) and the share of
+the query's words it contains (`coverage`); the skill quotes the fact itself when these are high,
+because a tiny model restates facts unreliably.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from cloud_agent.errors import KnowledgeError
 
-__all__ = ["Fact", "KnowledgeBase", "Retrieval", "load_facts"]
+__all__ = ["Embedder", "Fact", "KnowledgeBase", "Retrieval", "WordLlamaEmbedder", "load_facts"]
 
 _BULLET = re.compile(r"^\s*[-*]\s*\[(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,63})\]\s*(?P<text>.+?)\s*$")
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)?")
@@ -42,13 +51,16 @@ class Fact:
 
 @dataclass(frozen=True, slots=True)
 class Retrieval:
-    """Facts ranked for a query, best first, with BM25 scores (higher is better)."""
+    """Facts ranked for a query, best first, with fused scores (higher is better)."""
 
     facts: tuple[Fact, ...]
     scores: tuple[float, ...]
     confidence: float
+    """How far the best fused score is ahead of the runner-up, in [0, 1]."""
     coverage: float = 0.0
     """Share of the query's content words that the best fact contains (after stemming)."""
+    similarity: float = 0.0
+    """Cosine similarity between the query and the best fact."""
 
     @property
     def best(self) -> Fact | None:
@@ -85,11 +97,55 @@ def load_facts(path: str | Path) -> list[Fact]:
     return facts
 
 
-class KnowledgeBase:
-    """An in-process FTS5 index over a list of facts."""
+class Embedder(Protocol):
+    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """One L2-normalised row per text."""
+        ...
 
-    def __init__(self, facts: list[Fact]) -> None:
+
+class WordLlamaEmbedder:
+    """WordLlama's 256-dimensional static embeddings (16 MB, shipped inside its wheel): about
+    40 us per query on one core, and nothing is downloaded."""
+
+    def __init__(self) -> None:
+        try:
+            import wordllama
+            from wordllama import WordLlama
+        except ImportError as exc:  # pragma: no cover - a dependency of edgeloop[cloud]
+            raise KnowledgeError(
+                "knowledge retrieval needs the 'wordllama' package: pip install 'edgeloop[cloud]'"
+            ) from exc
+        # The wheel holds the weights under weights/ and the tokenizer under tokenizers/;
+        # pointing the cache at the package finds both, and downloads stay off.
+        package = Path(wordllama.__file__).parent
+        try:
+            self._model = WordLlama.load(cache_dir=package, disable_download=True)
+        except (FileNotFoundError, ValueError) as exc:
+            raise KnowledgeError(f"cannot load the WordLlama embeddings: {exc}") from exc
+
+    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return np.asarray(self._model.embed(texts, norm=True), dtype=np.float32)
+
+
+@functools.cache
+def default_embedder() -> Embedder:
+    """One embedder per process: every knowledge base shares its 16 MB of weights."""
+    return WordLlamaEmbedder()
+
+
+class KnowledgeBase:
+    """An in-process FTS5 index and embedding matrix over a list of facts."""
+
+    lexical_weight = 0.5
+    """Weight of the BM25 score (relative to the best match) added to the cosine similarity."""
+
+    def __init__(self, facts: list[Fact], embedder: Embedder | None = None) -> None:
         self.facts = {f.id: f for f in facts}
+        self._ids = [f.id for f in facts]
+        self._row = {fact_id: i for i, fact_id in enumerate(self._ids)}
+        self._embedder = embedder or default_embedder()
+        tagged = [f"{_id_words(f.id)}. {f.text}" for f in facts]
+        self._vectors = self._embedder.embed(tagged)
         # check_same_thread=False: searches run from worker threads; the index is read-only
         # after construction, and sqlite3 serialises access to one connection.
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
@@ -99,52 +155,53 @@ class KnowledgeBase:
         )
         self._db.executemany(
             "INSERT INTO facts(fact_id, body, tags) VALUES (?, ?, ?)",
-            [(f.id, f.text, f.id.replace("-", " ").replace("_", " ")) for f in facts],
+            [(f.id, f.text, _id_words(f.id)) for f in facts],
         )
         self._db.commit()
 
     @classmethod
-    def from_file(cls, path: str | Path) -> KnowledgeBase:
-        return cls(load_facts(path))
+    def from_file(cls, path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase:
+        return cls(load_facts(path), embedder)
 
     def __len__(self) -> int:
         return len(self.facts)
 
     def search(self, query: str, limit: int = 3) -> Retrieval:
         terms = [w.lower() for w in _WORD.findall(query)]
-        terms = [t for t in terms if t not in _STOPWORDS and len(t) > 1]
-        if not terms:
+        unique = list(dict.fromkeys(t for t in terms if t not in _STOPWORDS and len(t) > 1))
+        if not unique:
             return Retrieval((), (), 0.0)
-        match = " OR ".join(f'"{t}"' for t in dict.fromkeys(terms))
+        fused = self._vectors @ self._embedder.embed([query])[0]
+        similarity = fused.copy()
         # bm25() is lower-is-better; the tags column (the id's words) weighs double.
-        rows = self._db.execute(
+        lexical = self._db.execute(
             "SELECT fact_id, -bm25(facts, 0.0, 1.0, 2.0) AS score FROM facts "
-            "WHERE facts MATCH ? ORDER BY score DESC LIMIT ?",
-            (match, max(limit, 2)),
+            "WHERE facts MATCH ? ORDER BY score DESC LIMIT 50",
+            (" OR ".join(f'"{t}"' for t in unique),),
         ).fetchall()
-        if not rows:
-            return Retrieval((), (), 0.0)
-        facts = tuple(self.facts[r[0]] for r in rows[:limit])
-        scores = tuple(float(r[1]) for r in rows[:limit])
-        unique = list(dict.fromkeys(terms))
+        if lexical and lexical[0][1] > 0:
+            top = float(lexical[0][1])
+            for fact_id, score in lexical:
+                fused[self._row[fact_id]] += self.lexical_weight * max(0.0, score) / top
+        order = np.argsort(-fused, kind="stable")[: max(limit, 2)]
+        best = int(order[0])
+        runner = float(fused[order[1]]) if len(order) > 1 else 0.0
         covered = sum(
             1
             for term in unique
             if self._db.execute(
-                "SELECT 1 FROM facts WHERE facts MATCH ? AND fact_id = ?", (f'"{term}"', rows[0][0])
+                "SELECT 1 FROM facts WHERE facts MATCH ? AND fact_id = ?",
+                (f'"{term}"', self._ids[best]),
             ).fetchone()
         )
         return Retrieval(
-            facts, scores, _confidence([float(r[1]) for r in rows]), covered / len(unique)
+            facts=tuple(self.facts[self._ids[i]] for i in order[:limit]),
+            scores=tuple(round(float(fused[i]), 4) for i in order[:limit]),
+            confidence=round(min(1.0, max(0.0, float(fused[best]) - runner)), 4),
+            coverage=covered / len(unique),
+            similarity=round(float(similarity[best]), 4),
         )
 
 
-def _confidence(scores: list[float]) -> float:
-    """How clearly the best score beats the runner-up, squashed into [0, 1]."""
-    best = scores[0]
-    if best <= 0:
-        return 0.0
-    runner = scores[1] if len(scores) > 1 else 0.0
-    margin = (best - runner) / best  # 0 when tied, 1 when alone
-    strength = 1.0 - math.exp(-best / 2.0)  # weak matches (one rare word) stay uncertain
-    return round(margin * 0.5 + strength * 0.5, 4)
+def _id_words(fact_id: str) -> str:
+    return fact_id.replace("-", " ").replace("_", " ")

@@ -3,6 +3,8 @@ several services (tests, replicas in one process) do not collide."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["Metrics"]
@@ -69,3 +71,19 @@ class Metrics:
         self.wait_seconds = Gauge(
             "edgeloop_scheduler_online_wait_seconds", "Mean online queue wait (EWMA)", registry=r
         )
+        # Labelled children looked up once: `labels()` costs a lock and a dict build per call,
+        # and these are touched on every escalation.
+        self.prompt_tokens = self.tokens.labels("prompt")
+        self.completion_tokens = self.tokens.labels("completion")
+        self._finished: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def finished(self, priority: str, outcome: str, seconds: float) -> None:
+        """Count one escalation by how it ended and observe its latency."""
+        children = self._finished.get((priority, outcome))
+        if children is None:
+            children = self._finished[(priority, outcome)] = (
+                self.requests.labels(priority, outcome),
+                self.latency.labels(priority),
+            )
+        children[0].inc()
+        children[1].observe(seconds)

