@@ -15,6 +15,7 @@ from typing import Literal
 from cloud_agent.backends.base import ChatRequest, ChatTurn, Completion, LLMBackend
 from cloud_agent.scheduler import Lane, Scheduler
 from cloud_agent.skills import KnowledgeSkill
+from cloud_agent.store.records import InteractionRecord
 from protocol import Escalate
 from shared.pii import PiiKind, detect
 
@@ -51,6 +52,10 @@ class CloudAgent:
         self.backend = backend
         self.scheduler = scheduler
         self.skill = skill
+
+    def learn(self, record: InteractionRecord) -> bool:
+        """Learn from the feedback on an answer (see `KnowledgeSkill.learn`)."""
+        return self.skill is not None and self.skill.learn(record)
 
     @staticmethod
     def scrub(request: Escalate) -> tuple[Escalate, tuple[str, ...]]:

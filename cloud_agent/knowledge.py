@@ -20,6 +20,7 @@ import functools
 import json
 import re
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -134,7 +135,8 @@ def default_embedder() -> Embedder:
 
 
 class KnowledgeBase:
-    """An in-process FTS5 index and embedding matrix over a list of facts."""
+    """An in-process FTS5 index and embedding matrix over a list of facts, and over the
+    questions learned to be answered by them (`learn`)."""
 
     lexical_weight = 0.5
     """Weight of the BM25 score (relative to the best match) added to the cosine similarity."""
@@ -146,8 +148,14 @@ class KnowledgeBase:
         self._embedder = embedder or default_embedder()
         tagged = [f"{_id_words(f.id)}. {f.text}" for f in facts]
         self._vectors = self._embedder.embed(tagged)
-        # check_same_thread=False: searches run from worker threads; the index is read-only
-        # after construction, and sqlite3 serialises access to one connection.
+        # Learned questions: their text, one vector each, and the fact (row) each is answered
+        # by; `_examples` maps a question's normal form to its index.
+        self._examples: dict[str, int] = {}
+        self._example_questions: list[str] = []
+        self._example_vectors = np.zeros((0, self._vectors.shape[1]), dtype=np.float32)
+        self._example_owner = np.zeros(0, dtype=np.intp)
+        # Searches run from worker threads while `learn` may add rows: one lock for both.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(":memory:", check_same_thread=False)
         self._db.execute(
             "CREATE VIRTUAL TABLE facts USING fts5("
@@ -166,14 +174,65 @@ class KnowledgeBase:
     def __len__(self) -> int:
         return len(self.facts)
 
+    @property
+    def learned(self) -> int:
+        """How many questions `learn` has attached to facts."""
+        return len(self._examples)
+
+    def fact_quoted_by(self, text: str) -> Fact | None:
+        """The fact `text` states (its whole text, ignoring case, spacing and punctuation at
+        the ends), if any: how a correction that picks a fact is recognised."""
+        wanted = _normalise(text)
+        return next((f for f in self.facts.values() if _normalise(f.text) in wanted), None)
+
+    def learn(self, question: str, fact_id: str) -> bool:
+        """Attach `question` to the fact that answers it (from a correction or a rated-up
+        answer); later searches match it by words and by meaning. A question learned before
+        moves to the new fact. Returns False when nothing changed."""
+        if fact_id not in self.facts:
+            raise KnowledgeError(f"no fact {fact_id!r}")
+        key = _normalise(question)
+        index = self._examples.get(key)
+        if not key or (index is not None and self._example_owner[index] == self._row[fact_id]):
+            return False
+        vector = self._embedder.embed([question])
+        with self._lock:
+            if index is not None:
+                self._db.execute(
+                    "DELETE FROM facts WHERE body = ? AND tags = ''",
+                    (self._example_questions[index],),
+                )
+                self._example_owner[index] = self._row[fact_id]
+                self._example_vectors[index] = vector[0]
+                self._example_questions[index] = question
+            else:
+                self._examples[key] = len(self._example_questions)
+                self._example_questions.append(question)
+                self._example_vectors = np.vstack([self._example_vectors, vector])
+                self._example_owner = np.append(self._example_owner, self._row[fact_id])
+            self._db.execute(
+                "INSERT INTO facts(fact_id, body, tags) VALUES (?, ?, '')", (fact_id, question)
+            )
+            self._db.commit()
+        return True
+
     def search(self, query: str, limit: int = 3) -> Retrieval:
         terms = [w.lower() for w in _WORD.findall(query)]
         unique = list(dict.fromkeys(t for t in terms if t not in _STOPWORDS and len(t) > 1))
         if not unique:
             return Retrieval((), (), 0.0)
-        fused = self._vectors @ self._embedder.embed([query])[0]
-        similarity = fused.copy()
-        # bm25() is lower-is-better; the tags column (the id's words) weighs double.
+        vector = self._embedder.embed([query])[0]
+        with self._lock:
+            return self._search(vector, unique, limit)
+
+    def _search(self, vector: npt.NDArray[np.float32], unique: list[str], limit: int) -> Retrieval:
+        similarity = self._vectors @ vector
+        if len(self._example_owner):
+            # A fact is as close as its text or the closest question learned for it.
+            np.maximum.at(similarity, self._example_owner, self._example_vectors @ vector)
+        fused = similarity.copy()
+        # bm25() is lower-is-better; the tags column (the id's words) weighs double. A fact
+        # with learned questions has several rows: its best one counts.
         lexical = self._db.execute(
             "SELECT fact_id, -bm25(facts, 0.0, 1.0, 2.0) AS score FROM facts "
             "WHERE facts MATCH ? ORDER BY score DESC LIMIT 50",
@@ -181,7 +240,7 @@ class KnowledgeBase:
         ).fetchall()
         if lexical and lexical[0][1] > 0:
             top = float(lexical[0][1])
-            for fact_id, score in lexical:
+            for fact_id, score in dict(reversed(lexical)).items():
                 fused[self._row[fact_id]] += self.lexical_weight * max(0.0, score) / top
         order = np.argsort(-fused, kind="stable")[: max(limit, 2)]
         best = int(order[0])
@@ -201,6 +260,10 @@ class KnowledgeBase:
             coverage=covered / len(unique),
             similarity=round(float(similarity[best]), 4),
         )
+
+
+def _normalise(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
 
 
 def _id_words(fact_id: str) -> str:

@@ -41,6 +41,11 @@ class Metrics:
         self.grounded = Counter(
             "edgeloop_grounded_answers_total", "Answers quoted from a knowledge fact", registry=r
         )
+        self.learned = Counter(
+            "edgeloop_knowledge_learned_total",
+            "Questions attached to a knowledge fact from feedback",
+            registry=r,
+        )
         self.privacy_violations = Counter(
             "edgeloop_privacy_violations_total",
             "Escalations that carried raw personal data, by kind",

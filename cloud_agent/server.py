@@ -309,6 +309,8 @@ class CloudServer:
                 )  # fmt: skip
                 if fb.adapter_version is not None:
                     await self._review(fb.adapter_version)
+                if fb.rating == "positive" or fb.correction:
+                    await self._learn(conn, fb.request_id)
             case ReportReceived(message=rp):
                 body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
                 await self._acknowledge(
@@ -333,6 +335,23 @@ class CloudServer:
                 await self._fetch(conn, request)
             case ProtocolViolation(code=code):
                 self.metrics.protocol_violations.labels(code.wire_name).inc()
+
+    async def _learn(self, conn: _Connection, request_id: str) -> None:
+        """Let the agent learn from feedback on one of its answers (best effort)."""
+        assert conn.device_id is not None
+        for attempt in range(2):
+            try:
+                found = await self.store.list_interactions(
+                    device_id=conn.device_id, request_id=request_id, limit=1
+                )
+            except StoreError:
+                return
+            if found:
+                if self.agent.learn(found[0]):
+                    self.metrics.learned.inc()
+                return
+            if attempt == 0:
+                await self.recorder.flush()  # the answer may still be in the write batch
 
     async def _authenticate(self, conn: _Connection, device_id: str) -> None:
         session = conn.session

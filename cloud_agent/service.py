@@ -147,6 +147,7 @@ class CloudService:
         )
 
     async def start(self) -> None:
+        await self._learn_from_store()
         self.server.recorder.start()
         self.port = await self.server.start(self.config.host, self.config.port)
         await self.feed.start()
@@ -175,6 +176,17 @@ class CloudService:
             self.config.server_id, scheme, self.config.host, self.port,
             self.config.admin_host, self.admin_port,
         )  # fmt: skip
+
+    async def _learn_from_store(self, limit: int = 100_000) -> None:
+        """Attach the questions users corrected or confirmed to their facts, oldest first so
+        the latest feedback wins; new feedback is learned as it arrives."""
+        if self.agent.skill is None:
+            return
+        rated = await self.store.list_interactions(limit=limit, rated_only=True)
+        learned = sum(self.agent.learn(record) for record in reversed(rated))
+        if learned:
+            self.metrics.learned.inc(learned)
+            log.info("knowledge: %d questions learned from feedback", learned)
 
     async def stop(self) -> None:
         """Graceful: stop accepting, drain in-flight work, close everything."""

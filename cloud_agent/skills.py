@@ -4,6 +4,10 @@
 confident, the answer is the fact itself (grounded: a tiny embedded model restates facts
 unreliably, and quoting costs no tokens). Otherwise the best facts go into the system prompt and
 the LLM phrases the answer or handles the open request.
+
+`KnowledgeSkill.learn` takes feedback on an answer: a correction that states a fact, or a
+positive rating of a quoted fact, attaches the question to that fact, so the same and similar
+questions are answered from it next time.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 from cloud_agent.backends.base import ChatTurn
 from cloud_agent.knowledge import KnowledgeBase, Retrieval
+from cloud_agent.store.records import InteractionRecord
 
 __all__ = ["KnowledgeSkill", "Plan"]
 
@@ -87,3 +92,20 @@ class KnowledgeSkill:
             or tuple(f.id for f in retrieval.facts),
             retrieval=retrieval,
         )
+
+    def learn(self, record: InteractionRecord) -> bool:
+        """Learn from the feedback on one answered interaction; True if the index changed.
+
+        A correction teaches the fact it states (an associate picking the right fact); a
+        positive rating teaches the fact the answer quoted. Anything else teaches nothing:
+        free-text corrections reach the device through distillation instead."""
+        question = record.question
+        if not question:
+            return False
+        fact = None
+        if record.correction:
+            fact = self.kb.fact_quoted_by(record.correction)
+        elif record.rating == "positive" and record.answer and len(record.fact_ids) == 1:
+            quoted = self.kb.facts.get(record.fact_ids[0])
+            fact = quoted if quoted is not None and quoted.text == record.answer else None
+        return fact is not None and self.kb.learn(question, fact.id)

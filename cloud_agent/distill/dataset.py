@@ -83,8 +83,7 @@ def examples_from_interactions(
     best: dict[str, tuple[int, Example]] = {}
     dropped = {"no_answer": 0, "negative": 0, "untrusted": 0, "duplicate": 0}
     for record in records:
-        user = [m["content"] for m in record.messages if m.get("role") == "user"]
-        if record.status != "ok" or not user or not (record.answer or record.correction):
+        if record.status != "ok" or not record.question or not (record.answer or record.correction):
             dropped["no_answer"] += 1
             continue
         if record.correction:
@@ -99,7 +98,7 @@ def examples_from_interactions(
             dropped["untrusted"] += 1
             continue
         example = Example(
-            question=user[-1].strip(),
+            question=record.question,
             answer=answer.strip(),
             source=source,  # type: ignore[arg-type]
             fact_ids=tuple(record.fact_ids),

@@ -82,6 +82,13 @@ class InteractionRecord:
     rating: str | None = None
     correction: str | None = None
 
+    @property
+    def question(self) -> str:
+        """The last user message of the conversation ("" if there is none)."""
+        return next(
+            (m["content"] for m in reversed(self.messages) if m.get("role") == "user"), ""
+        ).strip()
+
 
 @dataclass(frozen=True, slots=True)
 class FeedbackSummary:

@@ -255,15 +255,33 @@ class Store(JobStore, RolloutStore):
                 )  # fmt: skip
 
     async def list_interactions(
-        self, *, limit: int = 100, device_id: str | None = None, status: str | None = None
+        self,
+        *,
+        limit: int = 100,
+        device_id: str | None = None,
+        status: str | None = None,
+        request_id: str | None = None,
+        rated_only: bool = False,
     ) -> list[InteractionRecord]:
-        """Newest first, each with the latest feedback on it (if any)."""
+        """Newest first, each with the latest feedback on it (if any); `rated_only` keeps those
+        that have feedback."""
         async with self._tx() as s:
             query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
             if device_id is not None:
                 query = query.where(t.Interaction.device_id == device_id)
             if status is not None:
                 query = query.where(t.Interaction.status == status)
+            if request_id is not None:
+                query = query.where(t.Interaction.request_id == request_id)
+            if rated_only:
+                query = query.where(
+                    select(t.Feedback.request_id)
+                    .where(
+                        t.Feedback.device_id == t.Interaction.device_id,
+                        t.Feedback.request_id == t.Interaction.request_id,
+                    )
+                    .exists()
+                )
             rows = (await s.scalars(query)).all()
             keys = {(r.device_id, r.request_id) for r in rows}
             ratings: dict[tuple[str, str], t.Feedback] = {}

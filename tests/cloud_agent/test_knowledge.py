@@ -11,6 +11,7 @@ from cloud_agent.backends import ChatTurn
 from cloud_agent.errors import KnowledgeError
 from cloud_agent.knowledge import Fact, KnowledgeBase, load_facts
 from cloud_agent.skills import KnowledgeSkill
+from cloud_agent.store import InteractionRecord
 
 
 def test_markdown_bullets_become_facts(kb_path: Path) -> None:
@@ -106,3 +107,60 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
         plan = skill.plan([ChatTurn("user", open_question)])
         assert plan.grounded_answer is None, open_question
         assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
+
+
+HOTLINE = "The support hotline is open from 7:30 to 21:00, every day of the week."
+EARLY_CALL = "Can I call customer service early in the morning?"
+
+
+def test_a_learned_question_finds_its_fact_and_moves_when_relearned(kb_path: Path) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    before = kb.search(EARLY_CALL).best
+    assert before is not None and before.id != "hotline", "the case must start out wrong"
+    assert kb.learn("Can I ring customer service before work?", "hotline")
+    assert not kb.learn("can I ring customer service before work", "hotline"), "same question"
+    found = kb.search(EARLY_CALL)
+    assert found.best is not None and found.best.id == "hotline"
+    assert kb.learn("Can I ring customer service before work?", "cancel")
+    assert kb.learned == 1
+    moved = kb.search("Can I ring customer service before work?")
+    assert moved.best is not None and moved.best.id == "cancel"
+    with pytest.raises(KnowledgeError, match="no fact"):
+        kb.learn(EARLY_CALL, "no-such-fact")
+
+
+def test_a_correction_is_matched_to_the_fact_it_states(kb_path: Path) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    fact = kb.fact_quoted_by(f"Sorry! {HOTLINE.upper()[:-1]}")
+    assert fact is not None and fact.id == "hotline"
+    assert kb.fact_quoted_by("We open at half past seven.") is None
+
+
+def _record(**kw: object) -> InteractionRecord:
+    fields: dict[str, object] = {
+        "id": 1, "device_id": "dev_1", "request_id": "req_1", "created_at": None,
+        "messages": [{"role": "user", "content": EARLY_CALL}], "placeholders": [],
+        "answer": "Orders can be cancelled within 30 minutes.", "status": "ok",
+        "error_name": None, "intent": None, "route_reasons": [], "latency_ms": 1,
+        "prompt_tokens": 0, "completion_tokens": 0, "backend": "knowledge",
+        "model": "knowledge", "fact_ids": ["cancel"], "rating": "negative", "correction": None,
+    }  # fmt: skip
+    fields.update(kw)
+    return InteractionRecord(**fields)  # type: ignore[arg-type]
+
+
+def test_the_skill_learns_from_fact_corrections_and_confirmed_quotes_only(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    assert not skill.learn(_record()), "a thumbs-down alone names no fact"
+    assert not skill.learn(_record(correction="Call us at half past seven.")), "free text"
+    assert not skill.learn(_record(rating="positive", backend="scripted", answer="Yes, 7:30."))
+    assert skill.kb.learned == 0
+    assert skill.learn(_record(correction=HOTLINE))
+    plan = skill.plan([ChatTurn("user", EARLY_CALL)])
+    assert plan.grounded_answer == HOTLINE and plan.fact_ids == ("hotline",)
+    rental = "Tents can be rented for $18 per day with a $100 refundable deposit."
+    confirmed = _record(
+        messages=[{"role": "user", "content": "Could I borrow a tent for the weekend?"}],
+        answer=rental, fact_ids=["rental"], rating="positive",
+    )  # fmt: skip
+    assert skill.learn(confirmed) and skill.kb.learned == 2

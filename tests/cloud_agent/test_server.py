@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from cloud_agent.backends import ScriptedBackend
+from cloud_agent.backends import ChatTurn, ScriptedBackend
 from cloud_agent.errors import BackendUnavailable
+from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import (
     SUBPROTOCOL,
@@ -30,7 +32,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey
-from tests.cloud_fixtures import Cloud
+from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -245,6 +247,40 @@ async def test_feedback_is_acknowledged_after_commit_and_stored_once(cloud: Clou
     summary = await cloud.service.store.feedback_summary()
     assert (summary.negative, summary.corrections) == (1, 1)
     await device.close()
+
+
+async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
+    cloud: Cloud, tmp_path: Path, kb_path: Path
+) -> None:
+    question = "Can I call customer service early in the morning?"
+    hotline = "The support hotline is open from 7:30 to 21:00, every day of the week."
+    device, _ = await cloud.enroll()
+    await device.send(ask(question, stream=False))
+    first = await final(device)
+    assert isinstance(first, ResultReceived) and first.result.text != hotline
+    await device.send(
+        Feedback(idempotency_key="idk_c1", request_id="req_1", rating="negative",
+                 correction=hotline)
+    )  # fmt: skip
+    assert isinstance(await device.next_event(AckReceived), AckReceived)
+    await device.send(ask(question, "req_2", stream=False))
+    second = await final(device)
+    assert isinstance(second, ResultReceived)
+    assert second.result.text == hotline and second.result.sources == ["hotline"]
+    await device.close()
+    # A new process on the same store learns it back from the stored feedback.
+    await cloud.service.stop()
+    restarted = await CloudService.create(
+        make_config(tmp_path, kb_path), backend=ScriptedBackend("Layer up.")
+    )
+    try:
+        assert restarted.agent.skill is not None and restarted.agent.skill.kb.learned == 0
+        await restarted.start()
+        assert restarted.agent.skill.kb.learned == 1
+        plan = restarted.agent.skill.plan([ChatTurn("user", question)])
+        assert plan.grounded_answer == hotline
+    finally:
+        await restarted.stop()
 
 
 async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(cloud: Cloud) -> None:
