@@ -6,6 +6,11 @@ every expected group (target: at least 95%), next to the retrieval hit rate (the
 ranked first) and the share answered from a grounded fact. Baseline in the same run: the
 embedded model alone, with no knowledge base.
 
+Then one round of feedback, as a store associate would give it, on half of the questions (split
+by a hash of the text): a thumbs-up where the answer was right, a correction quoting the fact
+where it was wrong. Then every question is asked again: the rated half shows what the cloud
+learned, the other half how far it carries to phrasings it has not seen.
+
     python -m bench.cloud_facts [--workload PATH] [--kb PATH]
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -24,9 +30,11 @@ from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import (
+    AckReceived,
     ChatMessage,
     EnrollmentCredentials,
     Escalate,
+    Feedback,
     RequestFailed,
     ResultReceived,
     Welcomed,
@@ -36,7 +44,31 @@ from shared import SigningKey
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-async def play(rows: list[dict[str, Any]], kb: Path | None) -> list[tuple[str, list[str]]]:
+Answers = list[tuple[str, list[str]]]
+
+
+async def ask(device: Device, rows: list[dict[str, Any]], prefix: str) -> Answers:
+    out: Answers = []
+    for i, row in enumerate(rows):
+        await device.send(
+            Escalate(
+                request_id=f"{prefix}_{i}",
+                messages=[ChatMessage(role="user", content=row["text"])],
+                deadline_ms=120_000,
+                max_tokens=64,
+            )
+        )
+        event = await device.next_event(ResultReceived, RequestFailed)
+        ok = isinstance(event, ResultReceived)
+        out.append((event.result.text, list(event.result.sources)) if ok else ("", []))  # type: ignore[union-attr]
+    return out
+
+
+async def play(
+    rows: list[dict[str, Any]], kb: Path | None, teach: list[bool] | None = None
+) -> tuple[Answers, Answers]:
+    """Answers to `rows`; with `teach`, feedback on the rows marked True, then the answers to
+    all rows asked again."""
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {"data_dir": Path(tmp), "port": 0, "admin_port": 0, "knowledge": kb,
@@ -44,30 +76,38 @@ async def play(rows: list[dict[str, Any]], kb: Path | None) -> list[tuple[str, l
         )  # fmt: skip
         service = await CloudService.create(config)
         await service.start()
-        out: list[tuple[str, list[str]]] = []
         try:
             token = await service.store.create_enrollment_token()
             url = f"ws://127.0.0.1:{service.port}/v1"
             device = await Device.connect(url, EnrollmentCredentials(token, SigningKey.generate()))
             assert isinstance(await device.next_event(Welcomed), Welcomed)
-            for i, row in enumerate(rows):
-                await device.send(
-                    Escalate(
-                        request_id=f"req_{i}",
-                        messages=[ChatMessage(role="user", content=row["text"])],
-                        deadline_ms=120_000,
-                        max_tokens=64,
-                    )
+            first = await ask(device, rows, "req")
+            again: Answers = []
+            if teach is not None:
+                facts = (
+                    {f.id: f.text for f in KnowledgeBase.from_file(kb).facts.values()} if kb else {}
                 )
-                event = await device.next_event(ResultReceived, RequestFailed)
-                if isinstance(event, ResultReceived):
-                    out.append((event.result.text, list(event.result.sources)))
-                else:
-                    out.append(("", []))
+                for i, ((text, _), row, taught) in enumerate(zip(first, rows, teach, strict=True)):
+                    if not taught:
+                        continue
+                    right = contains_expected(text, row["expect"])
+                    await device.send(
+                        Feedback(
+                            idempotency_key=f"fb_{i}", request_id=f"req_{i}",
+                            rating="positive" if right else "negative",
+                            correction=None if right else facts.get(row["fact"]),
+                        )
+                    )  # fmt: skip
+                    assert isinstance(await device.next_event(AckReceived), AckReceived)
+                again = await ask(device, rows, "again")
             await device.close()
         finally:
             await service.stop()
-    return out
+    return first, again
+
+
+def taught(row: dict[str, Any]) -> bool:
+    return hashlib.sha256(row["text"].encode()).digest()[0] % 2 == 0
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -77,8 +117,9 @@ async def main_async(args: argparse.Namespace) -> None:
     hits = sum(
         1 for r in facts if (b := kb.search(r["text"]).best) is not None and b.id == r["fact"]
     )
-    ours = await play(facts, args.kb)
-    alone = await play(facts, None)
+    teach = [taught(r) for r in facts]
+    ours, again = await play(facts, args.kb, teach)
+    alone, _ = await play(facts, None)
     right = sum(
         contains_expected(text, r["expect"]) for (text, _), r in zip(ours, facts, strict=True)
     )
@@ -94,6 +135,15 @@ async def main_async(args: argparse.Namespace) -> None:
     share = f"{right}/{n} = {right / n:.1%}"
     print(f"answers holding every expected group:         {share} (target >= 95%)")
     print(f"baseline, same model without knowledge:       {base}/{n} = {base / n:.1%}")
+    print("\none round of feedback on half of the questions, then all asked again:")
+    for label, half in (("rated", True), ("not rated", False)):
+        pairs = [
+            (a, b, r) for a, b, r, t in zip(ours, again, facts, teach, strict=True) if t == half
+        ]
+        before = sum(contains_expected(a[0], r["expect"]) for a, _, r in pairs)
+        after = sum(contains_expected(b[0], r["expect"]) for _, b, r in pairs)
+        m = len(pairs)
+        print(f"  {label:<10} {before}/{m} = {before / m:.1%} -> {after}/{m} = {after / m:.1%}")
 
 
 def main(argv: list[str] | None = None) -> int:
