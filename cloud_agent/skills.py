@@ -52,6 +52,7 @@ class KnowledgeSkill:
         min_coverage: float = 0.3,
         max_query_terms: int = 12,
         top_k: int = 3,
+        min_prompt_score: float = 0.2,
     ) -> None:
         self.kb = kb
         self.store_name = store_name
@@ -60,13 +61,21 @@ class KnowledgeSkill:
         self.min_coverage = min_coverage
         self.max_query_terms = max_query_terms
         self.top_k = top_k
+        self.min_prompt_score = min_prompt_score
+        """Facts scoring below this are unrelated to the question and stay out of the prompt
+        (embeddings always rank something: on the dev workload every fact question's right fact
+        scores at least 0.25; most facts ranked for open questions score less)."""
 
     def plan(self, conversation: list[ChatTurn]) -> Plan:
         question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
         retrieval = self.kb.search(question, limit=self.top_k)
         system = SYSTEM.format(store=self.store_name)
-        if retrieval.facts:
-            system += "\n\nStore facts:\n" + "\n".join(f"- {f.text}" for f in retrieval.facts)
+        related = [
+            f for f, score in zip(retrieval.facts, retrieval.scores, strict=True)
+            if score >= self.min_prompt_score
+        ]  # fmt: skip
+        if related:
+            system += "\n\nStore facts:\n" + "\n".join(f"- {f.text}" for f in related)
         history = tuple(t for t in conversation if t.role != "system")
         messages = (ChatTurn("system", system), *history)
         # Open questions share a word or two with facts without asking for one ("three stoves"
@@ -89,7 +98,7 @@ class KnowledgeSkill:
             messages=messages,
             grounded_answer=grounded,
             fact_ids=tuple(f.id for f in retrieval.facts[:1] if grounded)
-            or tuple(f.id for f in retrieval.facts),
+            or tuple(f.id for f in related),
             retrieval=retrieval,
         )
 

@@ -109,6 +109,16 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
         assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
 
 
+def test_unrelated_facts_stay_out_of_the_prompt(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    plan = skill.plan([ChatTurn("user", "Write a short poem about autumn rain.")])
+    assert plan.retrieval.facts, "embeddings always rank something"
+    assert plan.grounded_answer is None and plan.fact_ids == ()
+    assert "Store facts" not in plan.messages[0].content
+    plan = skill.plan([ChatTurn("user", "Is renting a tent for 4 weekends cheaper than buying?")])
+    assert "$18 per day" in plan.messages[0].content and "rental" in plan.fact_ids
+
+
 HOTLINE = "The support hotline is open from 7:30 to 21:00, every day of the week."
 EARLY_CALL = "Can I call customer service early in the morning?"
 
