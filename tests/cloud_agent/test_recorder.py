@@ -1,0 +1,103 @@
+"""The interaction recorder: batches, waits for room, retries a failed batch once, then counts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from cloud_agent.errors import StoreUnavailable
+from cloud_agent.recorder import InteractionRecorder
+from cloud_agent.store import NewInteraction, SessionEvent, Store
+from cloud_agent.store.store import sqlite_url
+
+
+def interaction(i: int, device_id: str) -> NewInteraction:
+    return NewInteraction(
+        device_id=device_id,
+        request_id=f"req_{i}",
+        messages=[{"role": "user", "content": f"question {i}"}],
+        placeholders=[],
+        status="ok",
+        answer=f"answer {i}",
+    )
+
+
+class FailingStore:
+    """Test double: a store whose writes fail `failures` times, then succeed."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.batches: list[tuple[int, int]] = []
+
+    async def record_interactions(
+        self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
+    ) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("database unavailable: test")
+        self.batches.append((len(batch), len(sessions or [])))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = await Store.open(sqlite_url(tmp_path / "cloud.db"))
+    yield store
+    await store.close()
+
+
+async def test_records_are_written_in_batches_and_flush_waits_for_them(store: Store) -> None:
+    token = await store.create_enrollment_token()
+    device = await store.enroll_device(token, "dev_rec", "A" * 43, "till")
+    recorder = InteractionRecorder(store, max_batch=10, max_delay_s=0.05)
+    recorder.start()
+    for i in range(25):
+        await recorder.record(interaction(i, device.id))
+    await recorder.record(SessionEvent("started", "ses_1", device.id, datetime.now(UTC)))
+    await recorder.flush()
+    assert recorder.written == 26 and recorder.lost == 0
+    stored = await store.list_interactions(limit=100)
+    assert sorted(r.request_id for r in stored) == sorted(f"req_{i}" for i in range(25))
+    await recorder.stop()
+
+
+async def test_stop_writes_what_is_queued() -> None:
+    double = FailingStore(failures=0)
+    recorder = InteractionRecorder(double, max_batch=4, max_delay_s=10.0)  # type: ignore[arg-type]
+    recorder.start()
+    for i in range(6):
+        await recorder.record(interaction(i, "dev_1"))
+    await recorder.stop()
+    assert sum(n for n, _ in double.batches) == 6 and recorder.written == 6
+    assert max(n for n, _ in double.batches) <= 4
+
+
+async def test_a_failed_batch_is_retried_once_then_counted_as_lost() -> None:
+    double = FailingStore(failures=1)
+    recorder = InteractionRecorder(double, max_delay_s=0.0, retry_delay_s=0.0)  # type: ignore[arg-type]
+    recorder.start()
+    await recorder.record(interaction(1, "dev_1"))
+    await recorder.flush()
+    assert (recorder.written, recorder.lost) == (1, 0), "the retry succeeded"
+    double.failures = 2
+    await recorder.record(interaction(2, "dev_1"))
+    await recorder.flush()
+    assert (recorder.written, recorder.lost) == (1, 1)
+    await recorder.stop()
+
+
+async def test_a_full_queue_makes_record_wait_instead_of_growing() -> None:
+    double = FailingStore(failures=0)
+    recorder = InteractionRecorder(double, max_queue=3, max_delay_s=0.0)  # type: ignore[arg-type]
+    for i in range(3):
+        await recorder.record(interaction(i, "dev_1"))
+    blocked = asyncio.create_task(recorder.record(interaction(3, "dev_1")))
+    await asyncio.sleep(0.05)
+    assert not blocked.done(), "no room until the writer runs"
+    recorder.start()
+    await asyncio.wait_for(blocked, 5)
+    await recorder.stop()
+    assert recorder.written == 4
