@@ -98,6 +98,9 @@ class CloudConfig(_Section):
     """How long a SQLite write waits for a lock before the store reports itself unavailable."""
     knowledge: Path | None = None
     """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
+    knowledge_poll_s: float = Field(30.0, gt=0)
+    """How often the knowledge index reads feedback taken by other replicas (its own is
+    learned at once)."""
     store_name: str = "the store"
     """How the assistant names the business in its prompt."""
     capacity: int = Field(1, ge=1, le=1024)

@@ -13,6 +13,7 @@ import secrets
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig
+from cloud_agent.errors import StoreError
 from cloud_agent.jobs import JobRunner
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
@@ -123,6 +125,7 @@ class CloudService:
         self.draining = False
         self._uvicorn: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[None] | None = None
+        self._learner: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(
@@ -148,6 +151,8 @@ class CloudService:
 
     async def start(self) -> None:
         await self._learn_from_store()
+        if self.agent.skill is not None:
+            self._learner = asyncio.create_task(self._learn_from_replicas())
         self.server.recorder.start()
         self.port = await self.server.start(self.config.host, self.config.port)
         await self.feed.start()
@@ -177,20 +182,39 @@ class CloudService:
             self.config.admin_host, self.admin_port,
         )  # fmt: skip
 
-    async def _learn_from_store(self, limit: int = 100_000) -> None:
+    async def _learn_from_store(self, since: datetime | None = None, limit: int = 100_000) -> None:
         """Attach the questions users corrected or confirmed to their facts, oldest first so
-        the latest feedback wins; new feedback is learned as it arrives."""
+        the latest feedback wins (all of it, or what was stored since `since`)."""
         if self.agent.skill is None:
             return
-        rated = await self.store.list_interactions(limit=limit, rated_only=True)
+        rated = await self.store.list_interactions(limit=limit, rated_only=True, rated_since=since)
         learned = sum(self.agent.learn(record) for record in reversed(rated))
         if learned:
             self.metrics.learned.inc(learned)
             log.info("knowledge: %d questions learned from feedback", learned)
 
+    async def _learn_from_replicas(self) -> None:
+        """Feedback taken by this replica is learned at once; what other replicas took is read
+        from the store every `knowledge_poll_s`. Learning is idempotent, so the windows overlap
+        by a minute to absorb clock differences between replicas."""
+        checked = datetime.now(UTC)
+        while True:
+            await asyncio.sleep(self.config.knowledge_poll_s)
+            now = datetime.now(UTC)
+            try:
+                await self._learn_from_store(since=checked - timedelta(minutes=1))
+            except StoreError as exc:
+                log.warning("knowledge: feedback not read (%s); trying again", exc)
+                continue
+            checked = now
+
     async def stop(self) -> None:
         """Graceful: stop accepting, drain in-flight work, close everything."""
         self.draining = True
+        if self._learner is not None:
+            self._learner.cancel()
+            await asyncio.gather(self._learner, return_exceptions=True)
+            self._learner = None
         await self.feed.stop()
         await self.server.shutdown(self.config.shutdown_grace_s)
         await self.jobs.stop()

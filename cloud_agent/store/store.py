@@ -262,9 +262,10 @@ class Store(JobStore, RolloutStore):
         status: str | None = None,
         request_id: str | None = None,
         rated_only: bool = False,
+        rated_since: datetime | None = None,
     ) -> list[InteractionRecord]:
         """Newest first, each with the latest feedback on it (if any); `rated_only` keeps those
-        that have feedback."""
+        that have feedback, `rated_since` those with feedback stored since then."""
         async with self._tx() as s:
             query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
             if device_id is not None:
@@ -273,15 +274,14 @@ class Store(JobStore, RolloutStore):
                 query = query.where(t.Interaction.status == status)
             if request_id is not None:
                 query = query.where(t.Interaction.request_id == request_id)
-            if rated_only:
-                query = query.where(
-                    select(t.Feedback.request_id)
-                    .where(
-                        t.Feedback.device_id == t.Interaction.device_id,
-                        t.Feedback.request_id == t.Interaction.request_id,
-                    )
-                    .exists()
+            if rated_only or rated_since is not None:
+                feedback = select(t.Feedback.request_id).where(
+                    t.Feedback.device_id == t.Interaction.device_id,
+                    t.Feedback.request_id == t.Interaction.request_id,
                 )
+                if rated_since is not None:
+                    feedback = feedback.where(t.Feedback.created_at >= rated_since)
+                query = query.where(feedback.exists())
             rows = (await s.scalars(query)).all()
             keys = {(r.device_id, r.request_id) for r in rows}
             ratings: dict[tuple[str, str], t.Feedback] = {}

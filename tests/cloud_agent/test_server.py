@@ -283,6 +283,35 @@ async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
         await restarted.stop()
 
 
+async def test_a_replica_learns_the_feedback_another_replica_took(
+    cloud: Cloud, tmp_path: Path, kb_path: Path
+) -> None:
+    question = "Can I call customer service early in the morning?"
+    hotline = "The support hotline is open from 7:30 to 21:00, every day of the week."
+    replica = await CloudService.create(
+        make_config(tmp_path, kb_path, knowledge_poll_s=0.1), backend=ScriptedBackend("Hm.")
+    )
+    await replica.start()
+    try:
+        assert replica.agent.skill is not None
+        device, _ = await cloud.enroll()
+        await device.send(ask(question, stream=False))
+        assert isinstance(await final(device), ResultReceived)
+        await device.send(
+            Feedback(idempotency_key="idk_r1", request_id="req_1", rating="negative",
+                     correction=hotline)
+        )  # fmt: skip
+        assert isinstance(await device.next_event(AckReceived), AckReceived)
+        await device.close()
+        async with asyncio.timeout(10):
+            while replica.agent.skill.kb.learned == 0:
+                await asyncio.sleep(0.05)
+        plan = replica.agent.skill.plan([ChatTurn("user", question)])
+        assert plan.grounded_answer == hotline
+    finally:
+        await replica.stop()
+
+
 async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(cloud: Cloud) -> None:
     device, creds = await cloud.enroll()
     await device.send(ask("Charge card 4111 1111 1111 1111 and mail me at jo@example.com"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -135,6 +135,25 @@ async def test_interactions_keep_the_redacted_prompt_facts_and_feedback(store: S
     assert it.placeholders == ["<ADDRESS_1>"] and it.fact_ids == ["free-shipping"]
     assert it.rating == "positive" and it.route_reasons == ["intent.unknown"]
     assert await store.list_interactions(device_id="dev_other") == []
+    assert it.question == "Is shipping free to <ADDRESS_1>?"
+
+
+async def test_rated_interactions_are_found_by_when_their_feedback_came(store: Store) -> None:
+    await enrolled(store)
+    for i in range(3):
+        await store.record_interaction(
+            NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],
+                           messages=[{"role": "user", "content": f"q{i}"}], status="ok")
+        )  # fmt: skip
+    await store.add_feedback("dev_a", "idk_0", "req_0", "negative", "Better answer.")
+    start = datetime.now(UTC)
+    await store.add_feedback("dev_a", "idk_2", "req_2", "positive")
+    rated = await store.list_interactions(rated_only=True)
+    assert [r.request_id for r in rated] == ["req_2", "req_0"]
+    recent = await store.list_interactions(rated_since=start)
+    assert [r.request_id for r in recent] == ["req_2"]
+    [one] = await store.list_interactions(request_id="req_0")
+    assert one.correction == "Better answer."
 
 
 async def test_privacy_events_count_kinds_against_the_device(store: Store) -> None:
