@@ -249,24 +249,31 @@ async def test_feedback_is_acknowledged_after_commit_and_stored_once(cloud: Clou
     await device.close()
 
 
+EARLY_CALL = "Can I call customer service early in the morning?"
+HOTLINE = "The support hotline is open from 7:30 to 21:00, every day of the week."
+
+
+async def ask_and_correct(device: Device) -> None:
+    """Ask EARLY_CALL (answered wrongly at first), then correct it with the hotline fact."""
+    await device.send(ask(EARLY_CALL, stream=False))
+    first = await final(device)
+    assert isinstance(first, ResultReceived) and first.result.text != HOTLINE
+    await device.send(
+        Feedback(idempotency_key="idk_c1", request_id="req_1", rating="negative",
+                 correction=HOTLINE)
+    )  # fmt: skip
+    assert isinstance(await device.next_event(AckReceived), AckReceived)
+
+
 async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
     cloud: Cloud, tmp_path: Path, kb_path: Path
 ) -> None:
-    question = "Can I call customer service early in the morning?"
-    hotline = "The support hotline is open from 7:30 to 21:00, every day of the week."
     device, _ = await cloud.enroll()
-    await device.send(ask(question, stream=False))
-    first = await final(device)
-    assert isinstance(first, ResultReceived) and first.result.text != hotline
-    await device.send(
-        Feedback(idempotency_key="idk_c1", request_id="req_1", rating="negative",
-                 correction=hotline)
-    )  # fmt: skip
-    assert isinstance(await device.next_event(AckReceived), AckReceived)
-    await device.send(ask(question, "req_2", stream=False))
+    await ask_and_correct(device)
+    await device.send(ask(EARLY_CALL, "req_2", stream=False))
     second = await final(device)
     assert isinstance(second, ResultReceived)
-    assert second.result.text == hotline and second.result.sources == ["hotline"]
+    assert second.result.text == HOTLINE and second.result.sources == ["hotline"]
     await device.close()
     # A new process on the same store learns it back from the stored feedback.
     await cloud.service.stop()
@@ -277,8 +284,8 @@ async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
         assert restarted.agent.skill is not None and restarted.agent.skill.kb.learned == 0
         await restarted.start()
         assert restarted.agent.skill.kb.learned == 1
-        plan = restarted.agent.skill.plan([ChatTurn("user", question)])
-        assert plan.grounded_answer == hotline
+        plan = restarted.agent.skill.plan([ChatTurn("user", EARLY_CALL)])
+        assert plan.grounded_answer == HOTLINE
     finally:
         await restarted.stop()
 
@@ -286,8 +293,6 @@ async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
 async def test_a_replica_learns_the_feedback_another_replica_took(
     cloud: Cloud, tmp_path: Path, kb_path: Path
 ) -> None:
-    question = "Can I call customer service early in the morning?"
-    hotline = "The support hotline is open from 7:30 to 21:00, every day of the week."
     replica = await CloudService.create(
         make_config(tmp_path, kb_path, knowledge_poll_s=0.1), backend=ScriptedBackend("Hm.")
     )
@@ -295,19 +300,13 @@ async def test_a_replica_learns_the_feedback_another_replica_took(
     try:
         assert replica.agent.skill is not None
         device, _ = await cloud.enroll()
-        await device.send(ask(question, stream=False))
-        assert isinstance(await final(device), ResultReceived)
-        await device.send(
-            Feedback(idempotency_key="idk_r1", request_id="req_1", rating="negative",
-                     correction=hotline)
-        )  # fmt: skip
-        assert isinstance(await device.next_event(AckReceived), AckReceived)
+        await ask_and_correct(device)
         await device.close()
         async with asyncio.timeout(10):
             while replica.agent.skill.kb.learned == 0:
                 await asyncio.sleep(0.05)
-        plan = replica.agent.skill.plan([ChatTurn("user", question)])
-        assert plan.grounded_answer == hotline
+        plan = replica.agent.skill.plan([ChatTurn("user", EARLY_CALL)])
+        assert plan.grounded_answer == HOTLINE
     finally:
         await replica.stop()
 
