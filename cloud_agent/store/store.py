@@ -283,17 +283,23 @@ class Store(JobStore, RolloutStore):
                     feedback = feedback.where(t.Feedback.created_at >= rated_since)
                 query = query.where(feedback.exists())
             rows = (await s.scalars(query)).all()
-            keys = {(r.device_id, r.request_id) for r in rows}
-            ratings: dict[tuple[str, str], t.Feedback] = {}
-            if keys:
-                fb_rows = (
-                    await s.scalars(
-                        select(t.Feedback)
-                        .where(t.Feedback.request_id.in_({k[1] for k in keys}))
-                        .order_by(t.Feedback.created_at)
+            # The feedback on those rows, joined against the same query rather than listed by
+            # id: a list of tens of thousands of ids exceeds the drivers' parameter limits.
+            page = query.with_only_columns(
+                t.Interaction.device_id, t.Interaction.request_id
+            ).subquery()
+            fb_rows = (
+                await s.scalars(
+                    select(t.Feedback)
+                    .join(
+                        page,
+                        (t.Feedback.device_id == page.c.device_id)
+                        & (t.Feedback.request_id == page.c.request_id),
                     )
-                ).all()
-                ratings = {(f.device_id, f.request_id): f for f in fb_rows}
+                    .order_by(t.Feedback.created_at)
+                )
+            ).all()
+            ratings = {(f.device_id, f.request_id): f for f in fb_rows}
             out = []
             for r in rows:
                 fb = ratings.get((r.device_id, r.request_id))
