@@ -26,7 +26,7 @@ from typing import Any
 
 from cloud_agent.config import CloudConfig
 from cloud_agent.evaluation import contains_expected
-from cloud_agent.knowledge import KnowledgeBase
+from cloud_agent.knowledge import KnowledgeBase, load_facts
 from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import (
@@ -84,9 +84,7 @@ async def play(
             first = await ask(device, rows, "req")
             again: Answers = []
             if teach is not None:
-                facts = (
-                    {f.id: f.text for f in KnowledgeBase.from_file(kb).facts.values()} if kb else {}
-                )
+                facts = {f.id: f.text for f in load_facts(kb)} if kb else {}
                 for i, ((text, _), row, taught) in enumerate(zip(first, rows, teach, strict=True)):
                     if not taught:
                         continue

@@ -145,6 +145,7 @@ class KnowledgeBase:
         self.facts = {f.id: f for f in facts}
         self._ids = [f.id for f in facts]
         self._row = {fact_id: i for i, fact_id in enumerate(self._ids)}
+        self._normalised = [(f, _normalise(f.text)) for f in facts]
         self._embedder = embedder or default_embedder()
         tagged = [f"{_id_words(f.id)}. {f.text}" for f in facts]
         self._vectors = self._embedder.embed(tagged)
@@ -183,7 +184,7 @@ class KnowledgeBase:
         """The fact `text` states (its whole text, ignoring case, spacing and punctuation at
         the ends), if any: how a correction that picks a fact is recognised."""
         wanted = _normalise(text)
-        return next((f for f in self.facts.values() if _normalise(f.text) in wanted), None)
+        return next((f for f, norm in self._normalised if norm in wanted), None)
 
     def learn(self, question: str, fact_id: str) -> bool:
         """Attach `question` to the fact that answers it (from a correction or a rated-up
