@@ -12,19 +12,35 @@ questions are answered from it next time.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from cloud_agent.backends.base import ChatTurn
 from cloud_agent.knowledge import KnowledgeBase, Retrieval
 from cloud_agent.store.records import InteractionRecord
 
-__all__ = ["KnowledgeSkill", "Plan"]
+__all__ = ["KnowledgeSkill", "Plan", "is_question"]
 
 SYSTEM = (
     "You are the assistant of {store}. Answer briefly and politely. Keep placeholders such as "
     "<CARD_1> exactly as written. When a store fact below answers the question, state its key "
     "value."
 )
+
+
+# How an information question opens ("Until what time...", "Can I..."); tasks open with a verb
+# ("Explain...", "Recommend...", "Write...").
+_QUESTION_OPENING = re.compile(
+    r"^\s*(what|what's|whats|when|where|which|who|whose|why|how|until|is|are|am|was|can|could|"
+    r"do|does|did|will|would|should|shall|may|might|have|has)\b",
+    re.IGNORECASE,
+)
+
+
+def is_question(text: str) -> bool:
+    """Whether `text` asks something (ends with a question mark or opens like a question)
+    rather than asking for a task to be done."""
+    return text.rstrip().endswith("?") or _QUESTION_OPENING.match(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +69,8 @@ class KnowledgeSkill:
         max_query_terms: int = 12,
         top_k: int = 3,
         min_prompt_score: float = 0.2,
+        question_margin: float = 0.1,
+        question_similarity: float = 0.25,
     ) -> None:
         self.kb = kb
         self.store_name = store_name
@@ -65,6 +83,13 @@ class KnowledgeSkill:
         """Facts scoring below this are unrelated to the question and stay out of the prompt
         (embeddings always rank something: on the dev workload every fact question's right fact
         scores at least 0.25; most facts ranked for open questions score less)."""
+        self.question_margin = question_margin
+        self.question_similarity = question_similarity
+        """A short question (`is_question`) is grounded on a weaker match than a task: its best
+        fact at least `question_margin` ahead and `question_similarity` close in meaning. Fact
+        questions are often paraphrased far from the fact's words ("Until what time can I phone
+        support?": cosine 0.25 to the hotline fact); open tasks that close are imperatives
+        ("Explain how to read a topographic map...")."""
 
     def plan(self, conversation: list[ChatTurn]) -> Plan:
         question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
@@ -80,20 +105,22 @@ class KnowledgeSkill:
         messages = (ChatTurn("system", system), *history)
         # Open questions share a word or two with facts without asking for one ("three stoves"
         # is not about the three loyalty tiers): ground only short questions whose best fact
-        # is ahead of the rest and close in meaning or in words, and leave the rest to the LLM
-        # with the facts in its prompt.
+        # is ahead of the rest and close in meaning or in words (or, for a question rather than
+        # a task, clearly ahead and near in meaning), and leave the rest to the LLM with the
+        # facts in its prompt.
         short = len(question.split()) <= self.max_query_terms
-        grounded = (
-            retrieval.best.text
-            if retrieval.best is not None
-            and short
-            and retrieval.confidence >= self.ground_threshold
-            and (
-                retrieval.similarity >= self.min_similarity
-                or retrieval.coverage >= self.min_coverage
-            )
-            else None
+        close = retrieval.confidence >= self.ground_threshold and (
+            retrieval.similarity >= self.min_similarity or retrieval.coverage >= self.min_coverage
         )
+        asked = (
+            retrieval.confidence >= self.question_margin
+            and retrieval.similarity >= self.question_similarity
+            and is_question(question)
+        )
+        grounded = (
+            retrieval.best.text if retrieval.best is not None and short and (close or asked)
+            else None
+        )  # fmt: skip
         return Plan(
             messages=messages,
             grounded_answer=grounded,

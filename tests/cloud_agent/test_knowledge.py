@@ -10,7 +10,7 @@ import pytest
 from cloud_agent.backends import ChatTurn
 from cloud_agent.errors import KnowledgeError
 from cloud_agent.knowledge import Fact, KnowledgeBase, load_facts
-from cloud_agent.skills import KnowledgeSkill
+from cloud_agent.skills import KnowledgeSkill, is_question
 from cloud_agent.store import InteractionRecord
 
 
@@ -103,10 +103,41 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
     for open_question in (
         "Compare three stoves for winter camping in detail.",
         "Recommend climbing shoes for a beginner with wide feet and explain sizing.",
+        "Explain how to read a topographic map for planning a ridge walk.",
     ):
         plan = skill.plan([ChatTurn("user", open_question)])
         assert plan.grounded_answer is None, open_question
         assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
+
+
+def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    question = "Until what time can I phone support?"
+    plan = skill.plan([ChatTurn("user", question)])
+    assert plan.retrieval.similarity < skill.min_similarity, "a paraphrase far from the fact"
+    assert plan.grounded_answer is not None and "21:00" in plan.grounded_answer
+    # The same words as a task are left to the LLM (with the fact in its prompt).
+    plan = skill.plan([ChatTurn("user", "Tell me until what time I can phone support.")])
+    assert plan.grounded_answer is None and "21:00" in plan.messages[0].content
+    # A question whose best fact is not clearly ahead is not grounded either.
+    plan = skill.plan([ChatTurn("user", EARLY_CALL)])
+    assert plan.retrieval.confidence < skill.question_margin and plan.grounded_answer is None
+
+
+@pytest.mark.parametrize(
+    ("text", "asks"),
+    [
+        ("Until what time can I phone support?", True),
+        ("what's the return window", True),
+        ("Do you price match", True),
+        ("My boots are too small, can I swap them?", True),
+        ("Explain how to read a topographic map.", False),
+        ("Write a haiku about a misty morning campsite.", False),
+        ("Whatever you recommend, keep it short", False),
+    ],
+)
+def test_is_question(text: str, asks: bool) -> None:
+    assert is_question(text) is asks
 
 
 def test_unrelated_facts_stay_out_of_the_prompt(kb_path: Path) -> None:
