@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import codecs
-import ctypes
 import math
 import os
 import threading
@@ -35,7 +34,10 @@ from shared.llama import (
     LlamaLoadError,
     default_model_path,
     file_sha256,
+    free_lora,
+    load_lora,
     open_llama,
+    set_lora,
 )
 from shared.threads import iterate_in_thread
 
@@ -239,16 +241,12 @@ class LocalModel:
 
     def load_adapter(self, path: str | Path) -> Adapter:
         """Load a GGUF LoRA adapter into memory; it is not active until `activate`."""
-        import llama_cpp
-
         path = Path(path)
         if not path.is_file():
             raise AdapterError(f"adapter file {path} does not exist")
         with self._lock:
-            handle = llama_cpp.llama_adapter_lora_init(
-                self._llm._model.model, str(path).encode("utf-8")
-            )
-        if not handle:
+            handle = load_lora(self._llm, path)
+        if handle is None:
             raise AdapterError(f"llama.cpp refused the adapter {path.name} (corrupt or wrong base)")
         adapter = Adapter(path, handle)
         self._adapters.append(adapter)
@@ -256,35 +254,22 @@ class LocalModel:
 
     def activate(self, adapter: Adapter | None, scale: float = 1.0) -> None:
         """Make `adapter` the only active one (None: the base model alone)."""
-        import llama_cpp
-
         if adapter is not None and adapter.freed:
             raise AdapterError("that adapter was unloaded")
         with self._lock:
-            if adapter is None:
-                status = llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, None, 0, None)
-            else:
-                handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
-                scales = (ctypes.c_float * 1)(scale)
-                status = llama_cpp.llama_set_adapters_lora(self._llm._ctx.ctx, handles, 1, scales)
-            if status != 0:
-                raise AdapterError(f"llama.cpp could not activate the adapter (status {status})")
+            # On success the KV cache is cleared: it was computed under the previous weights.
+            if not set_lora(self._llm, adapter.handle if adapter else None, scale):
+                raise AdapterError("llama.cpp could not activate the adapter")
             self._active = adapter
-            # The KV cache was computed under the previous weights: never reuse it.
-            llm: Any = self._llm
-            llm.reset()
-            llm._ctx.kv_cache_clear()
 
     def unload(self, adapter: Adapter) -> None:
         """Free an adapter's memory (deactivating it first if it is active)."""
-        import llama_cpp
-
         if adapter.freed:
             return
         if self._active is adapter:
             self.activate(None)
         with self._lock:
-            llama_cpp.llama_adapter_lora_free(adapter.handle)
+            free_lora(adapter.handle)
             adapter.freed = True
             self._adapters.remove(adapter)
 

@@ -43,7 +43,10 @@ __all__ = [
     "default_model_path",
     "extra_bufts_safe",
     "file_sha256",
+    "free_lora",
+    "load_lora",
     "open_llama",
+    "set_lora",
 ]
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -180,6 +183,44 @@ def open_llama(model_path: str | os.PathLike[str], **kwargs: Any) -> Llama:
             raise LlamaLoadError(f"llama.cpp could not load {path}: {exc}") from exc
         finally:
             low.llama_model_default_params = default
+
+
+def load_lora(llm: Llama, path: str | os.PathLike[str]) -> Any | None:
+    """llama.cpp's handle for the GGUF LoRA adapter at `path`, loaded into memory but not active;
+    None when llama.cpp refuses the file (corrupt, or made for another base model)."""
+    import llama_cpp
+
+    handle = llama_cpp.llama_adapter_lora_init(llm._model.model, os.fsencode(path))
+    return handle or None
+
+
+def set_lora(llm: Llama, handle: Any | None, scale: float = 1.0) -> bool:
+    """Make `handle` the only active adapter (None: the base model alone). On success the KV
+    cache is cleared, since it was computed under the previous weights. False if llama.cpp
+    refused, leaving the previous adapter active."""
+    import ctypes
+
+    import llama_cpp
+
+    model: Any = llm
+    if handle is None:
+        status = llama_cpp.llama_set_adapters_lora(model._ctx.ctx, None, 0, None)
+    else:
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+        scales = (ctypes.c_float * 1)(scale)
+        status = llama_cpp.llama_set_adapters_lora(model._ctx.ctx, handles, 1, scales)
+    if status != 0:
+        return False
+    model.reset()
+    model._ctx.kv_cache_clear()
+    return True
+
+
+def free_lora(handle: Any) -> None:
+    """Free an adapter's memory; it must not be active."""
+    import llama_cpp
+
+    llama_cpp.llama_adapter_lora_free(handle)
 
 
 class ChatTemplate:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,7 +21,14 @@ from typing import Any
 from cloud_agent.distill.dataset import Example
 from cloud_agent.errors import CloudAgentError
 from cloud_agent.evaluation import contains_expected
-from shared.llama import DEVICE_SYSTEM_PROMPT, ChatTemplate, open_llama
+from shared.llama import (
+    DEVICE_SYSTEM_PROMPT,
+    ChatTemplate,
+    free_lora,
+    load_lora,
+    open_llama,
+    set_lora,
+)
 
 __all__ = [
     "REPLAY_PROMPTS",
@@ -85,27 +91,18 @@ class GreedyModel:
         self._adapter: Any = None
 
     def set_adapter(self, path: Path | None) -> None:
-        import llama_cpp
-
-        llm: Any = self._llm
         if self._adapter is not None:
-            llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
-            llama_cpp.llama_adapter_lora_free(self._adapter)
+            set_lora(self._llm, None)
+            free_lora(self._adapter)
             self._adapter = None
         if path is not None:
-            handle = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode())
-            if not handle:
+            handle = load_lora(self._llm, path)
+            if handle is None:
                 raise CloudAgentError(f"llama.cpp refused the adapter {path.name}")
-            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
-            status = llama_cpp.llama_set_adapters_lora(
-                llm._ctx.ctx, handles, 1, (ctypes.c_float * 1)(1.0)
-            )
-            if status != 0:
-                llama_cpp.llama_adapter_lora_free(handle)
+            if not set_lora(self._llm, handle):
+                free_lora(handle)
                 raise CloudAgentError(f"llama.cpp could not activate {path.name}")
             self._adapter = handle
-        llm.reset()
-        llm._ctx.kv_cache_clear()
 
     def tokens(
         self, question: str, *, max_tokens: int = 48, system_prompt: str = DEVICE_SYSTEM_PROMPT
