@@ -186,7 +186,22 @@ def table(before: Pass, after: Pass, extra: dict[str, Any]) -> str:
     out = [f"  {a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}" for a, b, c in lines]
     out.insert(1, "  " + "-" * (sum(width) + 4))
     out.append("")
-    out.extend(f"  {k}: {v}" for k, v in extra.items())
+    out.append(f"  adapter: {extra['adapter']}")
+    if "adapter_bytes" in extra:
+        out.append(
+            f"  ({extra['heldout_examples']:.0f} held-out questions, trained on "
+            f"{extra['train_examples']:.0f} examples, {extra['simple_regressions']:.0f} "
+            "regressions on simple requests)"
+        )
+        out.append(
+            f"  adapter file {extra['adapter_bytes'] / 1e6:.1f} MB = "
+            f"{extra['adapter_share_of_base']:.1%} of the base model file; "
+            f"training {extra['train_seconds']:.0f} s"
+        )
+    out.append(
+        f"  {before.corrections} answers corrected by a store associate; "
+        f"whole demo {extra['wall_seconds']:.0f} s (--json writes every figure)"
+    )
     return "\n".join(out)
 
 

@@ -37,3 +37,5 @@ async def test_the_demo_plays_learns_and_reports(
     assert "heldout_accuracy_after" in figures["distill"]
     out = capsys.readouterr().out
     assert "answered on the device" in out and "raw PII values seen by the cloud" in out
+    assert f"adapter: {figures['distill']['adapter']}" in out
+    assert f"{figures['distill']['heldout_examples']:.0f} held-out questions" in out
