@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cloud_agent.backends.base import ChatTurn
 from cloud_agent.knowledge import KnowledgeBase, Retrieval
 from cloud_agent.store.records import InteractionRecord
+from protocol import PLACEHOLDER
 
 __all__ = ["KnowledgeSkill", "Plan", "is_question"]
 
@@ -93,6 +94,11 @@ class KnowledgeSkill:
 
     def plan(self, conversation: list[ChatTurn]) -> Plan:
         question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
+        # A placeholder's label is not the customer's word ("<CARD_1>" is not about gift cards),
+        # and a request carrying personal data is about the customer's own case, which no
+        # store fact answers by itself: such requests are never grounded.
+        personal = PLACEHOLDER.search(question) is not None
+        question = PLACEHOLDER.sub(" ", question)
         retrieval = self.kb.search(question, limit=self.top_k)
         system = SYSTEM.format(store=self.store_name)
         related = [
@@ -118,7 +124,8 @@ class KnowledgeSkill:
             and is_question(question)
         )
         grounded = (
-            retrieval.best.text if retrieval.best is not None and short and (close or asked)
+            retrieval.best.text
+            if retrieval.best is not None and short and not personal and (close or asked)
             else None
         )  # fmt: skip
         return Plan(
@@ -135,7 +142,7 @@ class KnowledgeSkill:
         A correction teaches the fact it states (an associate picking the right fact); a
         positive rating teaches the fact the answer quoted. Anything else teaches nothing:
         free-text corrections reach the device through distillation instead."""
-        question = record.question
+        question = PLACEHOLDER.sub(" ", record.question).strip()
         if not question:
             return False
         fact = None

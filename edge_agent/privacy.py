@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from protocol import PLACEHOLDER
 from shared.pii import Finding, PiiKind, detect
 
 __all__ = [
@@ -58,7 +59,6 @@ _LABEL = {
     PiiKind.IP: "IP",
     PiiKind.ADDRESS: "ADDRESS",
 }
-_PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]{0,23}_[0-9]{1,4}>")
 _LONGEST = 2 + 24 + 1 + 4  # the longest text a placeholder can be
 
 
@@ -162,7 +162,7 @@ class Redactor:
             found = placeholders.value(match.group())
             return found if found is not None else match.group()
 
-        return _PLACEHOLDER.sub(value, text)
+        return PLACEHOLDER.sub(value, text)
 
     def kinds_in(self, texts: Iterable[str]) -> set[PiiKind]:
         return {f.kind for t in texts for f in self.scan(t)}

@@ -60,6 +60,7 @@ from protocol.events import (
 )
 from protocol.messages import (
     MESSAGE_ADAPTER,
+    PLACEHOLDER,
     Ack,
     Auth,
     BaseModelRef,
@@ -98,6 +99,7 @@ from protocol.session import DEFAULT_MAX_MESSAGE_BYTES
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "PLACEHOLDER",
     "MESSAGE_ADAPTER",
     "SUBPROTOCOL",
     "SUPPORTED_VERSIONS",

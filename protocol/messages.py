@@ -8,6 +8,7 @@ Field docstrings become the descriptions in the published JSON Schema and SPEC.m
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal, TypeAlias
@@ -36,6 +37,7 @@ from protocol.errors import (
 
 __all__ = [
     "MESSAGE_ADAPTER",
+    "PLACEHOLDER",
     "Ack",
     "Auth",
     "BaseModelRef",
@@ -82,7 +84,9 @@ Nonce = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]
 PublicKeyB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{43}$")]
 SignatureB64 = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{86}$")]
 ReasonCode = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_.]{0,63}$")]
-PlaceholderName = Annotated[str, StringConstraints(pattern=r"^<[A-Z][A-Z_]{0,23}_[0-9]{1,4}>$")]
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]{0,23}_[0-9]{1,4}>")
+"""A placeholder standing for a personal value in a message (`<CARD_1>`, `<PHONE_2>`)."""
+PlaceholderName = Annotated[str, StringConstraints(pattern=f"^{PLACEHOLDER.pattern}$")]
 FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=65536)]

@@ -124,6 +124,23 @@ def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> N
     assert plan.retrieval.confidence < skill.question_margin and plan.grounded_answer is None
 
 
+def test_requests_carrying_personal_data_are_not_grounded(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    for personal in (
+        "Refund me to IBAN <IBAN_1>",
+        "Is my card <CARD_1> still saved on my account?",
+        "Is shipping free to <ADDRESS_1>?",
+    ):
+        plan = skill.plan([ChatTurn("user", personal)])
+        assert plan.grounded_answer is None, personal
+        assert plan.messages[-1].content == personal, "the LLM sees the placeholders"
+    # Without the placeholder the same question is grounded: only its presence differs.
+    assert skill.plan([ChatTurn("user", "Is shipping free?")]).grounded_answer is not None
+    # A placeholder's label is not a word of the question ("CARD" is not about gift cards).
+    plan = skill.plan([ChatTurn("user", "What about <CARD_1>?")])
+    assert plan.retrieval.facts == () and plan.fact_ids == ()
+
+
 @pytest.mark.parametrize(
     ("text", "asks"),
     [
