@@ -100,14 +100,20 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
     assert plan.fact_ids == ("free-shipping",)
     plan = skill.plan([ChatTurn("user", "My hiking boots are too small, can I exchange them?")])
     assert plan.grounded_answer is not None and "60 days" in plan.grounded_answer
-    for open_question in (
+    assert_left_to_the_llm(
+        skill,
         "Compare three stoves for winter camping in detail.",
         "Recommend climbing shoes for a beginner with wide feet and explain sizing.",
         "Explain how to read a topographic map for planning a ridge walk.",
-    ):
-        plan = skill.plan([ChatTurn("user", open_question)])
-        assert plan.grounded_answer is None, open_question
-        assert plan.messages[0].role == "system" and plan.messages[-1].content == open_question
+    )
+
+
+def assert_left_to_the_llm(skill: KnowledgeSkill, *requests: str) -> None:
+    """Each request goes to the LLM as written, under the system prompt, with no quoted fact."""
+    for request in requests:
+        plan = skill.plan([ChatTurn("user", request)])
+        assert plan.grounded_answer is None, request
+        assert plan.messages[0].role == "system" and plan.messages[-1].content == request
 
 
 def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> None:
@@ -126,14 +132,13 @@ def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> N
 
 def test_requests_carrying_personal_data_are_not_grounded(kb_path: Path) -> None:
     skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
-    for personal in (
+    # The LLM sees the placeholders as written.
+    assert_left_to_the_llm(
+        skill,
         "Refund me to IBAN <IBAN_1>",
         "Is my card <CARD_1> still saved on my account?",
         "Is shipping free to <ADDRESS_1>?",
-    ):
-        plan = skill.plan([ChatTurn("user", personal)])
-        assert plan.grounded_answer is None, personal
-        assert plan.messages[-1].content == personal, "the LLM sees the placeholders"
+    )
     # Without the placeholder the same question is grounded: only its presence differs.
     assert skill.plan([ChatTurn("user", "Is shipping free?")]).grounded_answer is not None
     # A placeholder's label is not a word of the question ("CARD" is not about gift cards).
