@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from cloud_agent.store import tables as t
 from cloud_agent.store.jobs import _Transactional
 from protocol import BundleManifest, UpdateOffer
 
-__all__ = ["AdapterRecord", "RolloutHealth", "RolloutStore"]
+__all__ = ["AdapterRecord", "RolloutHealth", "RolloutStore", "canary_cohort"]
 
 OFFERED_STATES = ("canary", "active")
 
@@ -66,8 +67,12 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _rank(version: int, device_id: str) -> str:
-    return hashlib.sha256(f"{version}:{device_id}".encode()).hexdigest()
+def canary_cohort(version: int, device_ids: Sequence[str], share: float) -> list[str]:
+    """The devices offered bundle `version` first: `share` of them (at least one), ranked by a
+    hash of version and device id, so each bundle picks a different, stable cohort."""
+    size = max(1, math.ceil(share * len(device_ids))) if device_ids else 0
+    rank = {d: hashlib.sha256(f"{version}:{d}".encode()).hexdigest() for d in device_ids}
+    return sorted(device_ids, key=rank.__getitem__)[:size]
 
 
 def _record(adapter: t.Adapter, rollout: t.Rollout) -> AdapterRecord:
@@ -111,8 +116,7 @@ class RolloutStore:
             )  # fmt: skip
             await s.flush()
             ids = (await s.scalars(select(t.Device.id).where(t.Device.revoked_at.is_(None)))).all()
-            size = max(1, math.ceil(canary_share * len(ids))) if ids else 0
-            canary = sorted(ids, key=lambda d: _rank(manifest.version, d))[:size]
+            canary = canary_cohort(manifest.version, ids, canary_share)
             s.add(
                 t.Rollout(
                     version=manifest.version, state=state, canary_share=canary_share,

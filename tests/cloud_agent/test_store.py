@@ -254,6 +254,34 @@ async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
     assert record is not None and record.files["adapter.gguf"][1] == len(b"adapter 1")
 
 
+async def test_a_database_from_before_kept_cohorts_keeps_offering_its_canary(
+    store: Store, tmp_path: Path
+) -> None:
+    from alembic import command
+
+    from cloud_agent.store.store import _alembic_config
+
+    ids = [f"dev_{n}" for n in range(10)]
+    for n, device_id in enumerate(ids):
+        await enrolled(store, device_id, chr(ord("A") + n) * 43)
+    await publish(store, tmp_path, 1, canary_share=0.2)
+    offered = [d for d in ids if await store.offer_for(d)]
+
+    def to_0003(connection: object) -> None:
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0003")
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(to_0003)  # the schema before rollouts kept their cohort
+    upgraded = await Store.open(store.engine.url.render_as_string(hide_password=False))
+    try:
+        assert len(offered) == 2
+        assert [d for d in ids if await upgraded.offer_for(d)] == offered
+    finally:
+        await upgraded.close()
+
+
 async def test_the_rollout_policy_promotes_halts_on_canary_failures_and_on_bad_feedback(
     store: Store, tmp_path: Path
 ) -> None:

@@ -27,7 +27,6 @@ def upgrade() -> None:
         ),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("canary_share", sa.Float, nullable=False),
-        sa.Column("canary", sa.JSON, nullable=False),
         sa.Column("reason", sa.String(256)),
         sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
