@@ -97,8 +97,8 @@ class KnowledgeSkill:
         # A placeholder's label is not the customer's word ("<CARD_1>" is not about gift cards),
         # and a request carrying personal data is about the customer's own case, which no
         # store fact answers by itself: such requests are never grounded.
-        personal = PLACEHOLDER.search(question) is not None
-        question = PLACEHOLDER.sub(" ", question)
+        question, placeholders = PLACEHOLDER.subn(" ", question)
+        personal = placeholders > 0
         retrieval = self.kb.search(question, limit=self.top_k)
         system = SYSTEM.format(store=self.store_name)
         related = [

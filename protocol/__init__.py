@@ -99,8 +99,8 @@ from protocol.session import DEFAULT_MAX_MESSAGE_BYTES
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_MAX_MESSAGE_BYTES",
-    "PLACEHOLDER",
     "MESSAGE_ADAPTER",
+    "PLACEHOLDER",
     "SUBPROTOCOL",
     "SUPPORTED_VERSIONS",
     "Ack",
