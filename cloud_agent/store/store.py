@@ -10,6 +10,7 @@ is down or locked) and `StoreError` for the rest.
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,8 +20,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, func, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import JSON, Table, event, func, insert, select, update
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -90,6 +91,11 @@ class Store(JobStore, RolloutStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._sqlite_interactions = (
+            _SqliteBatchInsert(t.INTERACTIONS, engine.dialect)
+            if engine.dialect.name == "sqlite"
+            else None
+        )
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, lock_timeout_s: float = 15.0) -> Store:
@@ -162,7 +168,7 @@ class Store(JobStore, RolloutStore):
         now = _now()
         async with self._tx() as s:
             row = await s.get(t.EnrollmentToken, hash_token(token), with_for_update=True)
-            if row is None or row.used_at is not None or _aware(row.expires_at) < now:
+            if row is None or row.used_at is not None or row.expires_at < now:
                 raise EnrollmentRefused("enrollment token unknown, used or expired")
             existing = await s.scalar(select(t.Device).where(t.Device.public_key == public_key))
             if existing is not None:
@@ -244,7 +250,9 @@ class Store(JobStore, RolloutStore):
                     [{"id": e.device_id, "last_seen_at": e.at, "adapter_version": e.adapter_version,
                       "base_model_sha256": e.base_model_sha256} for e in started],
                 )  # fmt: skip
-            if rows:
+            if self._sqlite_interactions is not None:
+                await self._sqlite_interactions.run(s, rows)
+            elif rows:
                 # A Core insert on the table: the ORM's bulk path costs a fifth more per row.
                 await s.execute(insert(t.INTERACTIONS), rows)
             if ended:
@@ -466,9 +474,45 @@ class Store(JobStore, RolloutStore):
             return int(await s.scalar(select(func.count()).select_from(t.PrivacyEvent)) or 0)
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite returns naive datetimes for timezone-aware columns; they were written in UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+class _SqliteBatchInsert:
+    """Many rows into one SQLite table as one statement with one parameter: the rows as a
+    JSON array, unpacked by SQLite (``INSERT ... SELECT ... FROM json_each(?)``).
+
+    SQLite runs on aiosqlite's worker thread, and Python's sqlite3 releases the GIL around
+    every row an executemany steps through; with the event loop busy on the other side, each
+    of those hand-overs costs more than the insert itself (the interaction log took a third of
+    the server's CPU per request in `bench/cloud_roundtrip.py`). One statement hands the GIL
+    over once per batch, and the rows are encoded by one C-level `json.dumps`. JSON columns
+    travel as nested JSON; other values as the dialect's bind processors would bind them."""
+
+    def __init__(self, table: Table, dialect: Dialect) -> None:
+        self.columns = [c for c in table.columns if not c.primary_key]
+        quote = dialect.identifier_preparer.quote
+        picks = ", ".join(
+            f"value {'->' if isinstance(c.type, JSON) else '->>'} {i}"
+            for i, c in enumerate(self.columns)
+        )
+        self.sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
+            f"SELECT {picks} FROM json_each(?)"
+        )
+        self.convert = [
+            None
+            if isinstance(c.type, JSON)
+            else c.type.dialect_impl(dialect).bind_processor(dialect)
+            for c in self.columns
+        ]
+
+    async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        keyed = list(zip((c.key for c in self.columns), self.convert, strict=True))
+        batch = json.dumps(
+            [[row[key] if convert is None else convert(row[key]) for key, convert in keyed]
+             for row in rows]
+        )  # fmt: skip
+        connection = await session.connection()
+        await connection.exec_driver_sql(self.sql, (batch,))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:

@@ -138,6 +138,51 @@ async def test_interactions_keep_the_redacted_prompt_facts_and_feedback(store: S
     assert it.question == "Is shipping free to <ADDRESS_1>?"
 
 
+async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) -> None:
+    # SQLite takes the batch as one JSON array; every kind of value must come back as written.
+    await enrolled(store)
+    written = [
+        NewInteraction(
+            device_id="dev_a",
+            request_id=f"req_{i}",
+            session_id="ses_1" if i else None,
+            messages=[{"role": "user", "content": 'Où est "ma" tente?\n\\ ✓ <CARD_1>'},
+                      {"role": "assistant", "content": ""}],
+            placeholders=["<CARD_1>"] if i else [],
+            status="ok" if i else "error",
+            priority="offline" if i else "online",
+            answer=None if i == 0 else f"Réponse {i} — 12 €",
+            error_name="backend_error" if i == 0 else None,
+            intent="faq" if i else None,
+            route_reasons=["intent.unknown", "length"] if i else [],
+            latency_ms=None if i == 0 else 2**31 - 1,
+            prompt_tokens=i,
+            completion_tokens=2 * i,
+            backend="scripted" if i else None,
+            model="m" if i else None,
+            fact_ids=["free-shipping", "returns"][:i],
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    await store.record_interactions(written, [])
+    read = {r.request_id: r for r in await store.list_interactions()}
+    assert len(read) == len(written)
+    same = ("messages", "placeholders", "answer", "status", "error_name", "intent",
+            "route_reasons", "latency_ms", "prompt_tokens", "completion_tokens", "backend",
+            "model", "fact_ids")  # fmt: skip
+    for it in written:
+        got = read[it.request_id]
+        assert [getattr(got, f) for f in same] == [getattr(it, f) for f in same]
+        assert before <= got.created_at <= datetime.now(UTC)
+    async with store.engine.connect() as conn:
+        rows = (await conn.exec_driver_sql(
+            "SELECT request_id, session_id, priority FROM interactions ORDER BY id"
+        )).all()  # fmt: skip
+    expected = [(it.request_id, it.session_id, it.priority) for it in written]
+    assert [tuple(r) for r in rows] == expected
+
+
 async def test_rated_interactions_are_found_by_when_their_feedback_came(store: Store) -> None:
     await enrolled(store)
     for i in range(3):
