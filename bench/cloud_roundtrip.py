@@ -5,10 +5,12 @@ connections, each sending a request frame and waiting for one reply frame, as fa
 
 - ours: `CloudService` (session machine, auth, scheduler, store writes) with a `ScriptedBackend`
   that answers at once (non-streaming escalations: one `escalate` in, one `result` out);
-- baseline: a websockets server that echoes a reply of the same size for each frame.
+- baseline: a websockets server that echoes a reply of the same size for each frame;
+- for the record of where the time goes: ours again with `DiscardingRecorder`, a bench double
+  that drops interactions instead of storing them (the log is the largest single cost).
 
-Prints round trips per second and p50/p99 latency for each, and the ratio ours/echo
-(target: at least 0.5).
+Prints round trips per second, p50/p99 latency and the process CPU time per round trip (steadier
+than throughput on a shared machine) for each, and the ratio ours/echo (target: at least 0.5).
 
     python -m bench.cloud_roundtrip [--connections 16] [--seconds 5]
 """
@@ -21,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -28,6 +31,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.config import CloudConfig
+from cloud_agent.recorder import InteractionRecorder, Record
 from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
@@ -46,12 +50,26 @@ def escalate_frame(i: int) -> str:
     )
 
 
-async def drive(
-    sockets: list[ClientConnection], frames: list[list[str]], seconds: float
-) -> tuple[int, list[float]]:
+class DiscardingRecorder(InteractionRecorder):
+    """Bench double: takes interactions and session events and stores nothing."""
+
+    async def record(self, item: Record) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    rate: float
+    latencies: list[float]
+    cpu_us: float
+    """Process CPU time per round trip (clients and server together), microseconds."""
+
+
+async def drive(sockets: list[ClientConnection], frames: list[list[str]], seconds: float) -> Run:
     """Each socket sends its next frame, waits for one reply, repeats until time is up."""
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
+    cpu = time.process_time()
 
     async def one(ws: ClientConnection, own: list[str]) -> None:
         i = 0
@@ -63,10 +81,11 @@ async def drive(
             i += 1
 
     await asyncio.gather(*(one(ws, f) for ws, f in zip(sockets, frames, strict=True)))
-    return len(latencies), latencies
+    cpu_us = (time.process_time() - cpu) / max(1, len(latencies)) * 1e6
+    return Run(len(latencies) / seconds, latencies, cpu_us)
 
 
-async def bench_ours(n: int, seconds: float) -> tuple[float, list[float], int]:
+async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[Run, int]:
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {
@@ -78,6 +97,8 @@ async def bench_ours(n: int, seconds: float) -> tuple[float, list[float], int]:
             }
         )
         service = await CloudService.create(config, backend=ScriptedBackend("Use wax, then dry."))
+        if not keep_log:
+            service.server.recorder = DiscardingRecorder(service.store)
         await service.start()
         try:
             url = f"ws://127.0.0.1:{service.port}/v1"
@@ -95,13 +116,13 @@ async def bench_ours(n: int, seconds: float) -> tuple[float, list[float], int]:
             reply = json.loads(await _sample(devices[0].ws, frames[0][0]))
             assert reply["type"] == "result", reply
             frames = [f[1:] for f in frames]
-            count, lat = await drive([d.ws for d in devices], frames, seconds)
+            run = await drive([d.ws for d in devices], frames, seconds)
             size = len(json.dumps(reply))
             for d in devices:
                 await d.ws.close()
         finally:
             await service.stop()
-    return count / seconds, lat, size
+    return run, size
 
 
 async def _sample(ws: ClientConnection, frame: str) -> str:
@@ -110,7 +131,7 @@ async def _sample(ws: ClientConnection, frame: str) -> str:
     return data if isinstance(data, str) else data.decode()
 
 
-async def bench_echo(n: int, seconds: float, reply_size: int) -> tuple[float, list[float]]:
+async def bench_echo(n: int, seconds: float, reply_size: int) -> Run:
     reply = "x" * reply_size
 
     async def echo(ws: ServerConnection) -> None:
@@ -125,10 +146,10 @@ async def bench_echo(n: int, seconds: float, reply_size: int) -> tuple[float, li
             for _ in range(n)
         ]  # fmt: skip
         frames = [[escalate_frame(i)] for i in range(n)]
-        count, lat = await drive(sockets, frames, seconds)
+        run = await drive(sockets, frames, seconds)
         for ws in sockets:
             await ws.close()
-    return count / seconds, lat
+    return run
 
 
 def pct(values: list[float], q: float) -> float:
@@ -137,19 +158,22 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    ours_rate, ours_lat, size = await bench_ours(args.connections, args.seconds)
-    echo_rate, echo_lat = await bench_echo(args.connections, args.seconds, size)
+    ours, size = await bench_ours(args.connections, args.seconds)
+    echo = await bench_echo(args.connections, args.seconds, size)
+    unlogged, _ = await bench_ours(args.connections, args.seconds, keep_log=False)
     print(f"{args.connections} connections, {args.seconds:.0f} s each, reply {size} bytes\n")
-    print(f"{'server':<34} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, rate, lat in (
-        ("websockets echo (baseline)", echo_rate, echo_lat),
-        ("edgeloop cloud, ScriptedBackend", ours_rate, ours_lat),
+    print(f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10}")
+    for name, run in (
+        ("websockets echo (baseline)", echo),
+        ("edgeloop cloud, ScriptedBackend", ours),
+        ("  same, interaction log discarded (double)", unlogged),
     ):
         print(
-            f"{name:<34} {rate:>14,.0f} {statistics.median(lat) * 1000:>8.2f} "
-            f"{pct(lat, 0.99) * 1000:>8.2f}"
+            f"{name:<44} {run.rate:>14,.0f} {statistics.median(run.latencies) * 1000:>8.2f} "
+            f"{pct(run.latencies, 0.99) * 1000:>8.2f} {run.cpu_us:>10.0f}"
         )
-    print(f"\nratio ours/echo: {ours_rate / echo_rate:.2f} (target >= 0.5)")
+    print(f"\nratio ours/echo: {ours.rate / echo.rate:.2f} (target >= 0.5)")
+    print(f"without storing interactions: {unlogged.rate / echo.rate:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from cloud_agent.store import NewInteraction, SessionEvent, Store
 
 Record = NewInteraction | SessionEvent
 
-__all__ = ["InteractionRecorder"]
+__all__ = ["InteractionRecorder", "Record"]
 
 log = logging.getLogger("edgeloop.cloud.recorder")
 
