@@ -109,7 +109,7 @@ class CloudAgent:
 
         A plain coroutine rather than `respond`'s generator chain: this is the hot path of
         non-streaming traffic."""
-        messages, fact_ids, grounded = self._plan(turns)
+        messages, fact_ids, grounded = self._plan(turns, personal=bool(pii_kinds))
         if grounded is not None:
             return self._grounded(grounded, fact_ids, pii_kinds)
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
@@ -118,12 +118,12 @@ class CloudAgent:
         return self._from_completion(completion, fact_ids, pii_kinds)
 
     def _plan(
-        self, turns: list[ChatTurn]
+        self, turns: list[ChatTurn], *, personal: bool
     ) -> tuple[tuple[ChatTurn, ...], tuple[str, ...], str | None]:
         """(messages for the LLM, fact ids, grounded answer or None)."""
         if self.skill is None:
             return tuple(turns), (), None
-        plan = self.skill.plan(turns)
+        plan = self.skill.plan(turns, personal=personal)
         return plan.messages, plan.fact_ids, plan.grounded_answer
 
     @staticmethod
@@ -164,7 +164,7 @@ class CloudAgent:
         pii_kinds: tuple[str, ...] = (),
     ) -> AsyncIterator[str | Answer]:
         """Text pieces as produced, then one `Answer`, in the given scheduler lane."""
-        messages, fact_ids, grounded = self._plan(turns)
+        messages, fact_ids, grounded = self._plan(turns, personal=bool(pii_kinds))
         if grounded is not None:
             words = grounded.split(" ")
             for i, word in enumerate(words):

@@ -92,13 +92,16 @@ class KnowledgeSkill:
         support?": cosine 0.25 to the hotline fact); open tasks that close are imperatives
         ("Explain how to read a topographic map...")."""
 
-    def plan(self, conversation: list[ChatTurn]) -> Plan:
+    def plan(self, conversation: list[ChatTurn], *, personal: bool = False) -> Plan:
+        """How to answer `conversation`. `personal` says the request carried personal data
+        (the caller's detector found some): like a request with placeholders, it is about the
+        customer's own case and is never answered with a bare fact."""
         question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
         # A placeholder's label is not the customer's word ("<CARD_1>" is not about gift cards),
         # and a request carrying personal data is about the customer's own case, which no
         # store fact answers by itself: such requests are never grounded.
         question, placeholders = PLACEHOLDER.subn(" ", question)
-        personal = placeholders > 0
+        personal = personal or placeholders > 0
         retrieval = self.kb.search(question, limit=self.top_k)
         system = SYSTEM.format(store=self.store_name)
         related = [
@@ -110,18 +113,21 @@ class KnowledgeSkill:
         history = tuple(t for t in conversation if t.role != "system")
         messages = (ChatTurn("system", system), *history)
         # Open questions share a word or two with facts without asking for one ("three stoves"
-        # is not about the three loyalty tiers): ground only short questions whose best fact
-        # is ahead of the rest and close in meaning or in words (or, for a question rather than
-        # a task, clearly ahead and near in meaning), and leave the rest to the LLM with the
-        # facts in its prompt.
+        # is not about the three loyalty tiers): ground only short requests whose best fact is
+        # ahead of the rest and close in meaning, or, for a question, close in words (a
+        # command that shares a word with a fact, "Scan my member card", does not ask for the
+        # gift card fact) or clearly ahead and near in meaning. The rest goes to the LLM with
+        # the facts in its prompt.
         short = len(question.split()) <= self.max_query_terms
+        asks = is_question(question)
         close = retrieval.confidence >= self.ground_threshold and (
-            retrieval.similarity >= self.min_similarity or retrieval.coverage >= self.min_coverage
+            retrieval.similarity >= self.min_similarity
+            or (asks and retrieval.coverage >= self.min_coverage)
         )
         asked = (
-            retrieval.confidence >= self.question_margin
+            asks
+            and retrieval.confidence >= self.question_margin
             and retrieval.similarity >= self.question_similarity
-            and is_question(question)
         )
         grounded = (
             retrieval.best.text

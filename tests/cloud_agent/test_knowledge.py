@@ -146,6 +146,25 @@ def test_requests_carrying_personal_data_are_not_grounded(kb_path: Path) -> None
     assert plan.retrieval.facts == () and plan.fact_ids == ()
 
 
+def test_commands_sharing_a_word_with_a_fact_are_not_answered_with_it(kb_path: Path) -> None:
+    # Kiosk commands that reach the cloud (a third-party agent, another router) share words
+    # with facts ("card", "go back", "no") without asking for them.
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    commands = ("Scan my member card", "Go back to the home screen", "No thanks")
+    assert all(skill.kb.search(c).coverage >= skill.min_coverage for c in commands)
+    assert_left_to_the_llm(skill, *commands)
+    # Asked as a question, shared words are evidence.
+    plan = skill.plan([ChatTurn("user", "Which payment methods do you accept?")])
+    assert plan.retrieval.similarity < skill.min_similarity and plan.grounded_answer is not None
+
+
+def test_the_caller_can_mark_a_request_personal(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    assert skill.plan([ChatTurn("user", "Is shipping free?")]).grounded_answer is not None
+    plan = skill.plan([ChatTurn("user", "Is shipping free?")], personal=True)
+    assert plan.grounded_answer is None and "$75" in plan.messages[0].content
+
+
 @pytest.mark.parametrize(
     ("text", "asks"),
     [

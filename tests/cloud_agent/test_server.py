@@ -333,6 +333,24 @@ async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(clou
     await device.close()
 
 
+async def test_a_request_that_leaked_personal_data_is_not_answered_with_a_fact(
+    cloud: Cloud,
+) -> None:
+    # Redacted, "Please use card [redacted credit_card]..." shares "card" with the gift card
+    # fact; a request about the customer's own card goes to the LLM, as with placeholders.
+    device, _ = await cloud.enroll()
+    for streamed in (True, False):
+        await device.send(
+            ask("Please use card 4111 1111 1111 1111 for the order", f"req_{streamed}",
+                stream=streamed)
+        )  # fmt: skip
+        event = await final(device)
+        assert isinstance(event, ResultReceived)
+        assert event.result.text == "Layer up: base, mid, shell."
+    assert len(cloud.backend.calls) == 2
+    await device.close()
+
+
 @pytest.mark.cloud(limits={"max_requests_per_minute": 2})
 async def test_requests_above_the_rate_limit_are_refused_as_rate_limited(cloud: Cloud) -> None:
     device, _ = await cloud.enroll()
