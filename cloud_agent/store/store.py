@@ -91,11 +91,8 @@ class Store(JobStore, RolloutStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._sqlite_interactions = (
-            _SqliteBatchInsert(t.INTERACTIONS, engine.dialect)
-            if engine.dialect.name == "sqlite"
-            else None
-        )
+        self._sqlite_interactions: _SqliteBatchInsert | None = None
+        """Set by `open` when SQLite's JSON functions are there to unpack batches."""
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, lock_timeout_s: float = 15.0) -> Store:
@@ -116,13 +113,17 @@ class Store(JobStore, RolloutStore):
                 engine.sync_engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms)
             )
         store = cls(engine)
-        if migrate:
-            try:
+        try:
+            if migrate:
                 async with engine.begin() as conn:
                     await conn.run_sync(_upgrade)
-            except (OSError, SQLAlchemyError) as exc:
-                await engine.dispose()
-                raise StoreUnavailable(f"cannot open the store: {exc}") from exc
+            if engine.dialect.name == "sqlite":
+                store._sqlite_interactions = await _SqliteBatchInsert.for_engine(
+                    t.INTERACTIONS, engine
+                )
+        except (OSError, SQLAlchemyError) as exc:
+            await engine.dispose()
+            raise StoreUnavailable(f"cannot open the store: {exc}") from exc
         return store
 
     async def close(self) -> None:
@@ -483,13 +484,31 @@ class _SqliteBatchInsert:
     of those hand-overs costs more than the insert itself (the interaction log took a third of
     the server's CPU per request in `bench/cloud_roundtrip.py`). One statement hands the GIL
     over once per batch, and the rows are encoded by one C-level `json.dumps`. JSON columns
-    travel as nested JSON; other values as the dialect's bind processors would bind them."""
+    travel as nested JSON; other values as the dialect's bind processors would bind them.
+
+    Needs SQLite's JSON functions (built in since 3.38, and in most builds since 3.9):
+    `for_engine` returns None where they are missing, and the store inserts row by row."""
+
+    PROBE = "SELECT json_quote(json_extract(value, '$[0]')) FROM json_each('[[{\"a\": 1}]]')"
+
+    @classmethod
+    async def for_engine(cls, table: Table, engine: AsyncEngine) -> _SqliteBatchInsert | None:
+        try:
+            async with engine.connect() as conn:
+                probed = (await conn.exec_driver_sql(cls.PROBE)).scalar()
+        except OperationalError:  # no such function: json_each
+            return None
+        return cls(table, engine.dialect) if probed == '{"a":1}' else None
 
     def __init__(self, table: Table, dialect: Dialect) -> None:
         self.columns = [c for c in table.columns if not c.primary_key]
         quote = dialect.identifier_preparer.quote
+        # `json_extract` gives SQL values for scalars; `json_quote` keeps a JSON column's
+        # value as JSON text (an object stays as is, a string gets its quotes back).
         picks = ", ".join(
-            f"value {'->' if isinstance(c.type, JSON) else '->>'} {i}"
+            f"json_quote(json_extract(value, '$[{i}]'))"
+            if isinstance(c.type, JSON)
+            else f"json_extract(value, '$[{i}]')"
             for i, c in enumerate(self.columns)
         )
         self.sql = (

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 
 from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
 from cloud_agent.store import NewInteraction, Store
+from cloud_agent.store import store as store_module
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import Base
 
@@ -164,6 +165,8 @@ async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) 
         )
         for i in range(3)
     ]  # fmt: skip
+    if store.engine.dialect.name == "sqlite":
+        assert store._sqlite_interactions is not None, "SQLite takes the batch as JSON"
     before = datetime.now(UTC) - timedelta(seconds=1)
     await store.record_interactions(written, [])
     read = {r.request_id: r for r in await store.list_interactions()}
@@ -181,6 +184,28 @@ async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) 
         )).all()  # fmt: skip
     expected = [(it.request_id, it.session_id, it.priority) for it in written]
     assert [tuple(r) for r in rows] == expected
+
+
+async def test_sqlite_without_json_functions_stores_interactions_row_by_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite older than 3.38 may be built without them; batches then take the Core insert.
+    monkeypatch.setattr(store_module._SqliteBatchInsert, "PROBE", "SELECT json_each_missing()")
+    store = await Store.open(sqlite_url(tmp_path / "old.db"))
+    try:
+        assert store._sqlite_interactions is None
+        await enrolled(store)
+        await store.record_interactions(
+            [NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],
+                            messages=[{"role": "user", "content": f"q{i}"}], status="ok",
+                            fact_ids=["returns"]) for i in range(3)],
+            [],
+        )  # fmt: skip
+        read = await store.list_interactions()
+        assert sorted(r.question for r in read) == ["q0", "q1", "q2"]
+        assert all(r.fact_ids == ["returns"] for r in read)
+    finally:
+        await store.close()
 
 
 async def test_rated_interactions_are_found_by_when_their_feedback_came(store: Store) -> None:
