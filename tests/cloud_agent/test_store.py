@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,39 @@ async def test_sqlite_without_json_functions_stores_interactions_row_by_row(
         assert all(r.fact_ids == ["returns"] for r in read)
     finally:
         await store.close()
+
+
+@pytest.fixture
+def far_from_utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone is nine hours from UTC (a naive time must not be read as
+    local time)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("far_from_utc")
+async def test_times_are_stored_as_utc_instants_and_read_back_aware(store: Store) -> None:
+    await enrolled(store)
+    await store.record_interaction(
+        NewInteraction(device_id="dev_a", request_id="req_1", placeholders=[],
+                       messages=[{"role": "user", "content": "q"}], status="ok")
+    )  # fmt: skip
+    await store.add_feedback("dev_a", "idk_1", "req_1", "positive")
+    [it] = await store.list_interactions()
+    # The same instant asked three ways: aware in UTC, aware at +02:00, naive (taken as UTC).
+    just_before = it.created_at - timedelta(seconds=1)
+    ways = (
+        just_before,
+        just_before.astimezone(timezone(timedelta(hours=2))),
+        just_before.replace(tzinfo=None),
+    )
+    for since in ways:
+        assert [r.request_id for r in await store.list_interactions(rated_since=since)] == ["req_1"]
+    later = it.created_at + timedelta(hours=1)
+    assert await store.list_interactions(rated_since=later.replace(tzinfo=None)) == []
 
 
 async def test_rated_interactions_are_found_by_when_their_feedback_came(store: Store) -> None:
