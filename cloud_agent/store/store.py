@@ -515,23 +515,25 @@ class _SqliteBatchInsert:
             f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
             f"SELECT {picks} FROM json_each(?)"
         )
-        self.convert = [
-            None
-            if isinstance(c.type, JSON)
-            else c.type.dialect_impl(dialect).bind_processor(dialect)
-            for c in self.columns
-        ]
+        self.fields = [(c.key, _bind(c.type, dialect)) for c in self.columns]
+        """Each column's row key and how its value is bound (None: as it is)."""
 
     async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        keyed = list(zip((c.key for c in self.columns), self.convert, strict=True))
         batch = json.dumps(
-            [[row[key] if convert is None else convert(row[key]) for key, convert in keyed]
+            [[row[key] if convert is None else convert(row[key]) for key, convert in self.fields]
              for row in rows]
         )  # fmt: skip
         connection = await session.connection()
         await connection.exec_driver_sql(self.sql, (batch,))
+
+
+def _bind(column_type: Any, dialect: Dialect) -> Any:
+    """How the dialect binds a value of `column_type`; None for JSON, which travels nested."""
+    if isinstance(column_type, JSON):
+        return None
+    return column_type.dialect_impl(dialect).bind_processor(dialect)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
