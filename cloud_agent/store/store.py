@@ -501,7 +501,7 @@ class _SqliteBatchInsert:
         return cls(table, engine.dialect) if probed == '{"a":1}' else None
 
     def __init__(self, table: Table, dialect: Dialect) -> None:
-        self.columns = [c for c in table.columns if not c.primary_key]
+        columns = [c for c in table.columns if not c.primary_key]
         quote = dialect.identifier_preparer.quote
         # `json_extract` gives SQL values for scalars; `json_quote` keeps a JSON column's
         # value as JSON text (an object stays as is, a string gets its quotes back).
@@ -509,13 +509,13 @@ class _SqliteBatchInsert:
             f"json_quote(json_extract(value, '$[{i}]'))"
             if isinstance(c.type, JSON)
             else f"json_extract(value, '$[{i}]')"
-            for i, c in enumerate(self.columns)
+            for i, c in enumerate(columns)
         )
         self.sql = (
-            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in self.columns)}) "
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
             f"SELECT {picks} FROM json_each(?)"
         )
-        self.fields = [(c.key, _bind(c.type, dialect)) for c in self.columns]
+        self.fields = [(c.key, _bind(c.type, dialect)) for c in columns]
         """Each column's row key and how its value is bound (None: as it is)."""
 
     async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
