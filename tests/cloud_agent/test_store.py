@@ -45,6 +45,11 @@ async def enrolled(store: Store, device_id: str = "dev_a", key: str = KEY_A) -> 
     return device_id
 
 
+async def ten_enrolled(store: Store) -> list[str]:
+    """Ten devices, each with its own key: dev_0 ... dev_9."""
+    return [await enrolled(store, f"dev_{n}", chr(ord("A") + n) * 43) for n in range(10)]
+
+
 async def test_migrations_produce_exactly_the_declared_schema(store: Store) -> None:
     async with store.engine.connect() as conn:
         diff = await conn.run_sync(
@@ -335,9 +340,7 @@ async def publish(store: Store, tmp_path: Path, version: int, **kw: object) -> N
 async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
     store: Store, tmp_path: Path
 ) -> None:
-    ids = [f"dev_{n}" for n in range(10)]
-    for n, device_id in enumerate(ids):
-        await enrolled(store, device_id, chr(ord("A") + n) * 43)
+    ids = await ten_enrolled(store)
     assert await store.next_adapter_version() == 1
     await publish(store, tmp_path, 1, canary_share=0.2)
     offered = [d for d in ids if await store.offer_for(d, "ab" * 32) is not None]
@@ -365,9 +368,7 @@ async def test_a_database_from_before_kept_cohorts_keeps_offering_its_canary(
 
     from cloud_agent.store.store import _alembic_config
 
-    ids = [f"dev_{n}" for n in range(10)]
-    for n, device_id in enumerate(ids):
-        await enrolled(store, device_id, chr(ord("A") + n) * 43)
+    ids = await ten_enrolled(store)
     await publish(store, tmp_path, 1, canary_share=0.2)
     offered = [d for d in ids if await store.offer_for(d)]
 
