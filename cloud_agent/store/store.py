@@ -10,7 +10,6 @@ is down or locked) and `StoreError` for the rest.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import JSON, Table, event, func, insert, select, update
+from sqlalchemy import Table, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -91,8 +90,11 @@ class Store(JobStore, RolloutStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._sqlite_interactions: _SqliteBatchInsert | None = None
-        """Set by `open` when SQLite's JSON functions are there to unpack batches."""
+        self._sqlite_interactions = (
+            _SqliteBatchInsert.for_dialect(t.INTERACTIONS, engine.dialect)
+            if engine.dialect.name == "sqlite"
+            else None
+        )
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True, lock_timeout_s: float = 15.0) -> Store:
@@ -117,10 +119,6 @@ class Store(JobStore, RolloutStore):
             if migrate:
                 async with engine.begin() as conn:
                     await conn.run_sync(_upgrade)
-            if engine.dialect.name == "sqlite":
-                store._sqlite_interactions = await _SqliteBatchInsert.for_engine(
-                    t.INTERACTIONS, engine
-                )
         except (OSError, SQLAlchemyError) as exc:
             await engine.dispose()
             raise StoreUnavailable(f"cannot open the store: {exc}") from exc
@@ -254,7 +252,8 @@ class Store(JobStore, RolloutStore):
             if self._sqlite_interactions is not None:
                 await self._sqlite_interactions.run(s, rows)
             elif rows:
-                # A Core insert on the table: the ORM's bulk path costs a fifth more per row.
+                # PostgreSQL (asyncpg: no worker thread, no GIL hand-overs): a Core insert on
+                # the table; the ORM's bulk path costs a fifth more per row.
                 await s.execute(insert(t.INTERACTIONS), rows)
             if ended:
                 await s.execute(
@@ -476,64 +475,54 @@ class Store(JobStore, RolloutStore):
 
 
 class _SqliteBatchInsert:
-    """Many rows into one SQLite table as one statement with one parameter: the rows as a
-    JSON array, unpacked by SQLite (``INSERT ... SELECT ... FROM json_each(?)``).
+    """Many rows into one SQLite table as a few multi-row ``INSERT ... VALUES (...), (...)``
+    statements, driver-level.
 
     SQLite runs on aiosqlite's worker thread, and Python's sqlite3 releases the GIL around
     every row an executemany steps through; with the event loop busy on the other side, each
     of those hand-overs costs more than the insert itself (the interaction log took a third of
-    the server's CPU per request in `bench/cloud_roundtrip.py`). One statement hands the GIL
-    over once per batch, and the rows are encoded by one C-level `json.dumps`. JSON columns
-    travel as nested JSON; other values as the dialect's bind processors would bind them.
+    the server's CPU per request in `bench/cloud_roundtrip.py`). One statement per chunk hands
+    the GIL over once per chunk. Chunks have power-of-two sizes, so a handful of statement
+    texts cover every batch and stay in sqlite3's statement cache. Values are bound as the
+    dialect's own bind processors would bind them (JSON columns as JSON text)."""
 
-    Needs SQLite's JSON functions (built in since 3.38, and in most builds since 3.9):
-    `for_engine` returns None where they are missing, and the store inserts row by row."""
-
-    PROBE = "SELECT json_quote(json_extract(value, '$[0]')) FROM json_each('[[{\"a\": 1}]]')"
-
-    @classmethod
-    async def for_engine(cls, table: Table, engine: AsyncEngine) -> _SqliteBatchInsert | None:
-        try:
-            async with engine.connect() as conn:
-                probed = (await conn.exec_driver_sql(cls.PROBE)).scalar()
-        except OperationalError:  # no such function: json_each
-            return None
-        return cls(table, engine.dialect) if probed == '{"a":1}' else None
-
-    def __init__(self, table: Table, dialect: Dialect) -> None:
+    def __init__(self, table: Table, dialect: Dialect, max_variables: int) -> None:
         columns = [c for c in table.columns if not c.primary_key]
         quote = dialect.identifier_preparer.quote
-        # `json_extract` gives SQL values for scalars; `json_quote` keeps a JSON column's
-        # value as JSON text (an object stays as is, a string gets its quotes back).
-        picks = ", ".join(
-            f"json_quote(json_extract(value, '$[{i}]'))"
-            if isinstance(c.type, JSON)
-            else f"json_extract(value, '$[{i}]')"
-            for i, c in enumerate(columns)
+        head = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) VALUES "
         )
-        self.sql = (
-            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) "
-            f"SELECT {picks} FROM json_each(?)"
-        )
-        self.fields = [(c.key, _bind(c.type, dialect)) for c in columns]
+        row = "(" + ", ".join("?" * len(columns)) + ")"
+        self.fields = [
+            (c.key, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns
+        ]
         """Each column's row key and how its value is bound (None: as it is)."""
+        self.chunk = 1
+        while self.chunk * 2 * len(columns) <= max_variables and self.chunk < 256:
+            self.chunk *= 2
+        """Most rows per statement: a power of two, within SQLite's limit on parameters."""
+        self._sql = {2**k: head + ", ".join([row] * 2**k) for k in range(self.chunk.bit_length())}
+
+    @classmethod
+    def for_dialect(cls, table: Table, dialect: Dialect) -> _SqliteBatchInsert:
+        # Up to 999 parameters per statement before SQLite 3.32, 32766 since.
+        version = getattr(dialect.dbapi, "sqlite_version_info", (3, 32, 0))
+        return cls(table, dialect, 32766 if version >= (3, 32, 0) else 999)
 
     async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-        if not rows:
-            return
-        batch = json.dumps(
-            [[row[key] if convert is None else convert(row[key]) for key, convert in self.fields]
-             for row in rows]
-        )  # fmt: skip
         connection = await session.connection()
-        await connection.exec_driver_sql(self.sql, (batch,))
-
-
-def _bind(column_type: Any, dialect: Dialect) -> Any:
-    """How the dialect binds a value of `column_type`; None for JSON, which travels nested."""
-    if isinstance(column_type, JSON):
-        return None
-    return column_type.dialect_impl(dialect).bind_processor(dialect)
+        start = 0
+        while start < len(rows):
+            size = self.chunk
+            while size > len(rows) - start:
+                size //= 2
+            params = tuple(
+                row[key] if convert is None else convert(row[key])
+                for row in rows[start : start + size]
+                for key, convert in self.fields
+            )
+            await connection.exec_driver_sql(self._sql[size], params)
+            start += size
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:

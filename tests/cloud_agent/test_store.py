@@ -15,7 +15,7 @@ from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
 from cloud_agent.store import NewInteraction, Store
 from cloud_agent.store import store as store_module
 from cloud_agent.store.store import hash_token, sqlite_url
-from cloud_agent.store.tables import Base
+from cloud_agent.store.tables import INTERACTIONS, Base
 
 KEY_A = "A" * 43
 KEY_B = "B" * 43
@@ -146,14 +146,15 @@ async def test_interactions_keep_the_redacted_prompt_facts_and_feedback(store: S
 
 
 async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) -> None:
-    # SQLite takes the batch as one JSON array; every kind of value must come back as written.
+    # SQLite takes the batch as multi-row statements (here 4 + 2 + 1 rows); every kind of
+    # value must come back as written, in order.
     await enrolled(store)
     written = [
         NewInteraction(
             device_id="dev_a",
             request_id=f"req_{i}",
             session_id="ses_1" if i else None,
-            messages=[{"role": "user", "content": 'Où est "ma" tente?\n\\ ✓ <CARD_1>'},
+            messages=[{"role": "user", "content": f'Où est "ma" tente {i}?\n\\ ✓ <CARD_1>'},
                       {"role": "assistant", "content": ""}],
             placeholders=["<CARD_1>"] if i else [],
             status="ok" if i else "error",
@@ -167,12 +168,12 @@ async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) 
             completion_tokens=2 * i,
             backend="scripted" if i else None,
             model="m" if i else None,
-            fact_ids=["free-shipping", "returns"][:i],
+            fact_ids=["free-shipping", "returns"][: i % 3],
         )
-        for i in range(3)
+        for i in (0, 1, 2, 3, 4, 5, 6)
     ]  # fmt: skip
     if store.engine.dialect.name == "sqlite":
-        assert store._sqlite_interactions is not None, "SQLite takes the batch as JSON"
+        assert store._sqlite_interactions is not None, "SQLite takes the batch as multi-row"
     before = datetime.now(UTC) - timedelta(seconds=1)
     await store.record_interactions(written, [])
     read = {r.request_id: r for r in await store.list_interactions()}
@@ -192,24 +193,25 @@ async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) 
     assert [tuple(r) for r in rows] == expected
 
 
-async def test_sqlite_without_json_functions_stores_interactions_row_by_row(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # SQLite older than 3.38 may be built without them; batches then take the Core insert.
-    monkeypatch.setattr(store_module._SqliteBatchInsert, "PROBE", "SELECT json_each_missing()")
+async def test_sqlite_batches_stay_within_an_old_sqlite_parameter_limit(tmp_path: Path) -> None:
+    # Before SQLite 3.32 a statement takes at most 999 parameters: 100 rows of 17 columns go
+    # as chunks of 32 rows, in order.
     store = await Store.open(sqlite_url(tmp_path / "old.db"))
     try:
-        assert store._sqlite_interactions is None
+        store._sqlite_interactions = store_module._SqliteBatchInsert(
+            INTERACTIONS, store.engine.dialect, max_variables=999
+        )
+        rows = [NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],
+                               messages=[{"role": "user", "content": f"q{i}"}], status="ok",
+                               fact_ids=["returns"]) for i in range(100)]  # fmt: skip
         await enrolled(store)
-        await store.record_interactions(
-            [NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],
-                            messages=[{"role": "user", "content": f"q{i}"}], status="ok",
-                            fact_ids=["returns"]) for i in range(3)],
-            [],
-        )  # fmt: skip
-        read = await store.list_interactions()
-        assert sorted(r.question for r in read) == ["q0", "q1", "q2"]
-        assert all(r.fact_ids == ["returns"] for r in read)
+        await store.record_interactions(rows, [])
+        async with store.engine.connect() as conn:
+            got = (
+                await conn.exec_driver_sql("SELECT request_id FROM interactions ORDER BY id")
+            ).all()
+        assert [r[0] for r in got] == [f"req_{i}" for i in range(100)]
+        assert store._sqlite_interactions.chunk == 32
     finally:
         await store.close()
 
