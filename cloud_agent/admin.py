@@ -1,5 +1,6 @@
 """The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
-tokens, interactions, feedback, load, adapters, rollouts and offline jobs. Everything but
+tokens, interactions, feedback, load, knowledge (and its reload), adapters, rollouts and offline
+jobs. Everything but
 `/healthz` and `/readyz` needs ``Authorization: Bearer <admin token>``."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cloud_agent.errors import StoreError
+from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
 
 if TYPE_CHECKING:
@@ -129,6 +130,19 @@ def build_admin_app(service: CloudService) -> Starlette:
             }
         )
 
+    async def knowledge(request: Request) -> Response:
+        return _json(service.knowledge_info())
+
+    async def reload_knowledge(request: Request) -> Response:
+        if service.config.knowledge is None:
+            message = "no knowledge file is configured"
+            return _json({"error": "no_knowledge", "message": message}, 409)
+        try:
+            return _json(await service.reload_knowledge())
+        except KnowledgeError as exc:
+            # The facts in use stay: a broken file never empties the index.
+            return _json({"error": "invalid_knowledge", "message": str(exc)}, 422)
+
     async def adapters(request: Request) -> Response:
         return _json(await service.store.list_adapters())
 
@@ -192,6 +206,8 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/v1/interactions", guarded(interactions)),
             Route("/v1/feedback/summary", guarded(feedback_summary)),
             Route("/v1/load", guarded(load)),
+            Route("/v1/knowledge", guarded(knowledge)),
+            Route("/v1/knowledge/reload", guarded(reload_knowledge), methods=["POST"]),
             Route("/v1/adapters", guarded(adapters)),
             Route("/v1/rollouts", guarded(rollouts)),
             Route("/v1/rollouts/{version}/{action}", guarded(rollout_action), methods=["POST"]),

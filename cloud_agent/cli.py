@@ -35,7 +35,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--host", help="WebSocket bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="WebSocket port (default 8765, 0 = any)")
     serve.add_argument("--admin-port", type=int, help="admin HTTP port (default 8766, 0 = any)")
-    serve.add_argument("--knowledge", type=Path, help="knowledge file (Markdown or JSONL)")
+    serve.add_argument(
+        "--knowledge",
+        type=Path,
+        help="knowledge file (Markdown or JSONL); SIGHUP reads it again while serving",
+    )
     serve.add_argument("--model", type=Path, help="GGUF model for the embedded backend")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (serves wss://)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
@@ -139,10 +143,30 @@ async def _serve_async(config: CloudConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    if config.knowledge is not None:
+
+        def reload() -> None:
+            task = asyncio.create_task(_reload_knowledge(service))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     print("shutting down (draining in-flight requests) ...", file=sys.stderr, flush=True)
     await service.stop()
     return 0
+
+
+async def _reload_knowledge(service: Any) -> None:
+    from cloud_agent.errors import KnowledgeError
+
+    try:
+        changes = await service.reload_knowledge()
+    except KnowledgeError as exc:
+        print(f"knowledge not reloaded, the facts in use stay: {exc}", file=sys.stderr, flush=True)
+        return
+    print(f"knowledge reloaded: {json.dumps(changes)}", file=sys.stderr, flush=True)
 
 
 async def _with_store(config: CloudConfig, action: Any) -> Any:

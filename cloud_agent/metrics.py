@@ -46,6 +46,15 @@ class Metrics:
             "Questions attached to a knowledge fact from feedback",
             registry=r,
         )
+        self.knowledge_facts = Gauge(
+            "edgeloop_knowledge_facts", "Facts in the knowledge index", registry=r
+        )
+        self.knowledge_reloads = Counter(
+            "edgeloop_knowledge_reloads_total",
+            "Reloads of the knowledge file, by outcome (ok, refused)",
+            ["outcome"],
+            registry=r,
+        )
         self.privacy_violations = Counter(
             "edgeloop_privacy_violations_total",
             "Escalations that carried raw personal data, by kind",

@@ -24,7 +24,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig
-from cloud_agent.errors import StoreError
+from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobRunner
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
@@ -83,10 +83,10 @@ class CloudService:
         self.scheduler = Scheduler(config.capacity)
         skill = None
         if config.knowledge is not None:
-            skill = KnowledgeSkill(
-                KnowledgeBase.from_file(config.knowledge), store_name=config.store_name
-            )
+            skill = self._skill(KnowledgeBase.from_file(config.knowledge))
         self.agent = CloudAgent(backend, self.scheduler, skill)
+        self.knowledge_loaded_at = datetime.now(UTC)
+        self._reloading = asyncio.Lock()
         self.jobs = JobRunner(
             store, self.agent, workers=config.capacity, distiller=self._distill_job
         )
@@ -182,13 +182,67 @@ class CloudService:
             self.config.admin_host, self.admin_port,
         )  # fmt: skip
 
-    async def _learn_from_store(self, since: datetime | None = None, limit: int = 100_000) -> None:
+    def _skill(self, kb: KnowledgeBase) -> KnowledgeSkill:
+        self.metrics.knowledge_facts.set(len(kb))
+        return KnowledgeSkill(kb, store_name=self.config.store_name)
+
+    async def reload_knowledge(self) -> dict[str, Any]:
+        """Read the knowledge file again and answer from it from now on (the admin API's
+        `POST /v1/knowledge/reload`, or SIGHUP to `edgeloop cloud serve`).
+
+        Questions learned from feedback are learned again for the facts whose text did not
+        change (a correction or a thumbs-up vouched for that text, not for a new one). A file
+        that cannot be read or holds no facts raises `KnowledgeError`, and the facts in use
+        stay. Returns the ids of the facts added, removed and changed."""
+        path = self.config.knowledge
+        if path is None:
+            raise KnowledgeError("no knowledge file is configured (--knowledge)")
+        async with self._reloading:
+            started = datetime.now(UTC)
+            try:
+                kb = await asyncio.to_thread(KnowledgeBase.from_file, path)
+            except KnowledgeError:
+                self.metrics.knowledge_reloads.labels("refused").inc()
+                raise
+            old = self.agent.skill.kb.facts if self.agent.skill is not None else {}
+            skill = self._skill(kb)
+            await self._learn_from_store(skill)
+            self.agent.skill = skill
+            # Feedback taken while the new index was built went to the old one: read it again.
+            await self._learn_from_store(skill, since=started - timedelta(minutes=1))
+            self.knowledge_loaded_at = started
+            self.metrics.knowledge_reloads.labels("ok").inc()
+        changes = {
+            "added": sorted(kb.facts.keys() - old.keys()),
+            "removed": sorted(old.keys() - kb.facts.keys()),
+            "changed": sorted(i for i in kb.facts.keys() & old.keys() if kb.facts[i] != old[i]),
+        }
+        log.info("knowledge reloaded from %s: %d facts, %s", path, len(kb), changes)
+        return {**self.knowledge_info(), **changes}
+
+    def knowledge_info(self) -> dict[str, Any]:
+        """What the knowledge index holds now (for the admin API)."""
+        skill = self.agent.skill
+        return {
+            "path": str(self.config.knowledge) if self.config.knowledge else None,
+            "facts": len(skill.kb) if skill else 0,
+            "learned": skill.kb.learned if skill else 0,
+            "loaded_at": self.knowledge_loaded_at.isoformat() if skill else None,
+        }
+
+    async def _learn_from_store(
+        self, skill: KnowledgeSkill | None = None, since: datetime | None = None
+    ) -> None:
         """Attach the questions users corrected or confirmed to their facts, oldest first so
-        the latest feedback wins (all of it, or what was stored since `since`)."""
-        if self.agent.skill is None:
+        the latest feedback wins (all of it, or what was stored since `since`), in `skill`'s
+        index (by default the one answering now)."""
+        skill = skill or self.agent.skill
+        if skill is None:
             return
-        rated = await self.store.list_interactions(limit=limit, rated_only=True, rated_since=since)
-        learned = sum(self.agent.learn(record) for record in reversed(rated))
+        rated = await self.store.list_interactions(
+            limit=100_000, rated_only=True, rated_since=since
+        )
+        learned = sum(skill.learn(record) for record in reversed(rated))
         if learned:
             self.metrics.learned.inc(learned)
             log.info("knowledge: %d questions learned from feedback", learned)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +71,43 @@ def test_rollouts_rollback_and_distill_from_the_shell(
     assert main(["distill", *data, "--steps", "2"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert out["published"] is False and "fewer than" in out["reason"]
+
+
+@pytest.mark.slow
+def test_serve_reads_the_knowledge_file_again_on_sighup(tmp_path: Path, kb_path: Path) -> None:
+    kb = tmp_path / "kb.md"
+    kb.write_text(kb_path.read_text(encoding="utf-8"), encoding="utf-8")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "cloud", "serve", "--data-dir", str(tmp_path / "c"),
+         "--port", "0", "--admin-port", "0", "--knowledge", str(kb)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdout is not None and server.stderr is not None
+    errors: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [errors.put(line) for line in server.stderr])  # type: ignore[union-attr]
+    reader.start()
+
+    def stderr_line(containing: str) -> str:
+        while True:
+            line = errors.get(timeout=60)
+            if containing in line:
+                return line
+
+    try:
+        assert "edgeloop cloud agent: ws://" in server.stdout.readline()
+        kb.write_text(kb.read_text() + "- [gift-wrap] Gift wrapping costs $4 per item.\n")
+        server.send_signal(signal.SIGHUP)
+        reloaded = json.loads(stderr_line("knowledge reloaded: ").split(": ", 1)[1])
+        assert reloaded["added"] == ["gift-wrap"] and reloaded["facts"] == 21
+        kb.write_text("no facts here\n")
+        server.send_signal(signal.SIGHUP)
+        assert "holds no facts" in stderr_line("knowledge not reloaded")
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        reader.join(timeout=10)
+        server.stdout.close()
+        server.stderr.close()

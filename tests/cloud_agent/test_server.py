@@ -402,3 +402,72 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         assert (await client.get("/v1/adapters", headers=auth)).json() == []
         assert (await client.get("/v1/rollouts", headers=auth)).json() == []
     await device.close()
+
+
+async def test_the_knowledge_file_is_reloaded_while_serving(tmp_path: Path, kb_path: Path) -> None:
+    kb = tmp_path / "kb.md"
+    original = kb_path.read_text(encoding="utf-8")
+    kb.write_text(original, encoding="utf-8")
+    backend = ScriptedBackend("Hm.")
+    service = await CloudService.create(make_config(tmp_path, kb), backend=backend)
+    await service.start()
+    cloud = Cloud(service, backend)
+    base = f"http://127.0.0.1:{service.admin_port}"
+    auth = {"Authorization": f"Bearer {service.admin_token}"}
+    try:
+        device, _ = await cloud.enroll()
+        await ask_and_correct(device)  # EARLY_CALL -> the hotline fact, learned
+        # The store moves its free-shipping threshold, stops bike fittings, adds gift wrap.
+        edited = original.replace("free on orders over $75", "free on orders over $60")
+        edited = "\n".join(line for line in edited.splitlines() if "[bike-fit]" not in line)
+        edited += "\n- [gift-wrap] Gift wrapping costs $4 per item.\n"
+        kb.write_text(edited)
+        async with httpx.AsyncClient(base_url=base, headers=auth) as client:
+            reloaded = (await client.post("/v1/knowledge/reload")).json()
+            assert (reloaded["added"], reloaded["removed"], reloaded["changed"]) == (
+                ["gift-wrap"], ["bike-fit"], ["free-shipping"]
+            )  # fmt: skip
+            assert reloaded["facts"] == 20 and reloaded["learned"] == 1, "hotline unchanged"
+            await device.send(ask("Is shipping free?", "req_2", stream=False))
+            event = await final(device)
+            assert isinstance(event, ResultReceived) and "$60" in event.result.text
+            await device.send(ask(EARLY_CALL, "req_3", stream=False))
+            event = await final(device)
+            assert isinstance(event, ResultReceived) and event.result.text == HOTLINE
+
+            # A broken file is refused and the facts in use stay.
+            kb.write_text("# nothing but a heading\n")
+            refused = await client.post("/v1/knowledge/reload")
+            assert refused.status_code == 422 and refused.json()["error"] == "invalid_knowledge"
+            assert (await client.get("/v1/knowledge")).json()["facts"] == 20
+            await device.send(ask("Is shipping free?", "req_4", stream=False))
+            event = await final(device)
+            assert isinstance(event, ResultReceived) and "$60" in event.result.text
+
+            # A correction vouched for the fact's text: once the text changes, it is not
+            # carried over to the new one.
+            kb.write_text(edited.replace("from 7:30 to 21:00", "from 7:00 to 22:00"))
+            reloaded = (await client.post("/v1/knowledge/reload")).json()
+            assert reloaded["changed"] == ["hotline"] and reloaded["learned"] == 0
+            metrics = (await client.get("/metrics")).text
+            assert 'edgeloop_knowledge_reloads_total{outcome="refused"} 1.0' in metrics
+            assert 'edgeloop_knowledge_reloads_total{outcome="ok"} 2.0' in metrics
+            assert "edgeloop_knowledge_facts 20.0" in metrics
+        await device.close()
+    finally:
+        await service.stop()
+
+
+async def test_reloading_without_a_knowledge_file_is_refused(tmp_path: Path) -> None:
+    service = await CloudService.create(make_config(tmp_path, None), backend=ScriptedBackend("Hm."))
+    await service.start()
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{service.admin_port}",
+            headers={"Authorization": f"Bearer {service.admin_token}"},
+        ) as client:
+            refused = await client.post("/v1/knowledge/reload")
+            assert refused.status_code == 409 and refused.json()["error"] == "no_knowledge"
+            assert (await client.get("/v1/knowledge")).json()["facts"] == 0
+    finally:
+        await service.stop()
