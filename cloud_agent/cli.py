@@ -104,22 +104,22 @@ def register(subparsers: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> CloudConfig:
-    config = load_config(CloudConfig, args.config, prefix=ENV_PREFIX)
-    overrides: dict[str, Any] = {}
-    for arg, key in (
-        ("data_dir", "data_dir"), ("database_url", "database_url"), ("host", "host"),
-        ("port", "port"), ("admin_port", "admin_port"), ("knowledge", "knowledge"),
-        ("tls_cert", "tls_cert"), ("tls_key", "tls_key"),
-    ):  # fmt: skip
-        value = getattr(args, arg, None)
-        if value is not None:
-            overrides[key] = value
-    model = getattr(args, "model", None)
-    data = config.model_dump()
-    data.update(overrides)
-    if model is not None:
-        data["backend"] = {**data["backend"], "model_path": model}
-    return CloudConfig.model_validate(data)
+    options = [
+        (key, value, "--" + option.replace("_", "-"))
+        for option, key in (
+            ("data_dir", "data_dir"),
+            ("database_url", "database_url"),
+            ("host", "host"),
+            ("port", "port"),
+            ("admin_port", "admin_port"),
+            ("knowledge", "knowledge"),
+            ("tls_cert", "tls_cert"),
+            ("tls_key", "tls_key"),
+            ("model", "backend.model_path"),
+        )  # fmt: skip
+        if (value := getattr(args, option, None)) is not None
+    ]
+    return load_config(CloudConfig, args.config, prefix=ENV_PREFIX, overrides=options)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -131,14 +131,8 @@ async def _serve_async(config: CloudConfig) -> int:
     from cloud_agent.service import CloudService
 
     service = await CloudService.create(config)
-    await service.start()
-    scheme = "wss" if config.tls_cert else "ws"
-    print(f"edgeloop cloud agent: {scheme}://{config.host}:{service.port}/v1", flush=True)
-    print(
-        f"admin API: http://{config.admin_host}:{service.admin_port} "
-        f"(token in {config.data_dir / 'admin.token'} unless set in the configuration)",
-        flush=True,
-    )
+    # Signal handlers before the service announces itself: a SIGHUP sent as soon as the URL
+    # is printed must reload, not end the process (its default action).
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,6 +146,14 @@ async def _serve_async(config: CloudConfig) -> int:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, reload)
+    await service.start()
+    scheme = "wss" if config.tls_cert else "ws"
+    print(f"edgeloop cloud agent: {scheme}://{config.host}:{service.port}/v1", flush=True)
+    print(
+        f"admin API: http://{config.admin_host}:{service.admin_port} "
+        f"(token in {config.data_dir / 'admin.token'} unless set in the configuration)",
+        flush=True,
+    )
     await stop.wait()
     print("shutting down (draining in-flight requests) ...", file=sys.stderr, flush=True)
     await service.stop()

@@ -57,13 +57,17 @@ def register(subparsers: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> EdgeConfig:
-    config = load_config(EdgeConfig, args.config, prefix=ENV_PREFIX)
-    data = config.model_dump()
-    for key in ("cloud_url", "state_dir", "model_path", "port"):
-        value = getattr(args, key, None)
-        if value is not None:
-            data[key] = value
-    return EdgeConfig.model_validate(data)
+    options = [
+        (key, value, option)
+        for key, option in (
+            ("cloud_url", "--cloud"),
+            ("state_dir", "--state-dir"),
+            ("model_path", "--model"),
+            ("port", "--port"),
+        )  # fmt: skip
+        if (value := getattr(args, key, None)) is not None
+    ]
+    return load_config(EdgeConfig, args.config, prefix=ENV_PREFIX, overrides=options)
 
 
 def _link(config: EdgeConfig, token: str | None = None) -> Any:

@@ -1,4 +1,5 @@
-"""Configuration loading: a TOML file, overridden by environment variables, validated by pydantic.
+"""Configuration loading: a TOML file, overridden by environment variables, overridden by
+command-line options, validated by pydantic.
 
 Environment variables are named ``{prefix}{SECTION}__{KEY}`` in upper case (``EDGELOOP_CLOUD__PORT``
 sets ``cloud.port``). Every problem is raised as one `ConfigError` that names the dotted key and
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,21 +71,31 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     prefix: str = "EDGELOOP_",
+    overrides: Iterable[tuple[str, Any, str]] = (),
 ) -> M:
-    """Build `model` from an optional TOML file and the environment (which wins).
+    """Build `model` from an optional TOML file, the environment (which wins over the file) and
+    `overrides` (which win over both): ``(dotted key, value, source)`` triples, the source being
+    what set the value, e.g. ``("backend.model_path", path, "--model")``.
 
     Raises `ConfigError` naming the first bad key, its source, and what is wrong with it.
     """
     file_data = _read_file(Path(path)) if path is not None else {}
-    env_tree, env_origins = _env_overrides(os.environ if env is None else env, prefix)
+    env_tree, origins = _env_overrides(os.environ if env is None else env, prefix)
     data = _merge(file_data, env_tree)
+    for key, value, given_by in overrides:
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+        origins[(*sections, name)] = given_by
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(str(part) for part in first["loc"])
         key = ".".join(loc) or "<root>"
-        source = env_origins.get(loc) or (str(path) if path is not None else None)
+        source = origins.get(loc) or (str(path) if path is not None else None)
         problem = first["msg"]
         if "input" in first and first["type"] != "missing":
             problem += f" (got {first['input']!r})"

@@ -38,6 +38,16 @@ def test_a_bad_environment_value_names_the_key(
     assert "'port'" in err and "EDGELOOP_CLOUD__PORT" in err
 
 
+def test_a_bad_option_names_the_key_and_the_option(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["cloud", "serve", "--data-dir", str(tmp_path), "--port", "99999"]) == 1
+    err = capsys.readouterr().err
+    assert "'port' (from --port)" in err and "Traceback" not in err
+    assert main(["edge", "serve", "--state-dir", str(tmp_path), "--port", "-1"]) == 1
+    assert "'port' (from --port)" in capsys.readouterr().err
+
+
 def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:
     path = tmp_path / "cloud.toml"
     path.write_text("prot = 1\n")

@@ -37,6 +37,15 @@ def test_a_bad_value_from_the_environment_names_the_key_and_the_variable() -> No
     assert "server.port" in str(info.value) and "seventy" in str(info.value)
 
 
+def test_command_line_options_override_the_environment_and_are_named_when_bad() -> None:
+    env = {"EDGELOOP_SERVER__PORT": "9100", "EDGELOOP_NAME": "kiosk"}
+    cfg = load_config(Settings, env=env, overrides=[("server.port", 9200, "--port")])
+    assert (cfg.name, cfg.server.port) == ("kiosk", 9200)
+    with pytest.raises(ConfigError) as info:
+        load_config(Settings, env=env, overrides=[("server.port", 99999, "--port")])
+    assert info.value.key == "server.port" and info.value.source == "--port"
+
+
 def test_a_bad_value_from_the_file_names_the_key_and_the_file(tmp_path: Path) -> None:
     path = tmp_path / "edgeloop.toml"
     path.write_text("[server]\nport = 70000\n")
