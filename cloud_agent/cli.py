@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ def register(subparsers: Any) -> None:
 
     token = sub.add_parser("enroll-token", help="issue a one-time enrollment token")
     common(token)
-    token.add_argument("--ttl-hours", type=float, default=168.0, help="validity (default 168)")
+    token.add_argument(
+        "--ttl-hours", type=_ttl_hours, default=168.0, help="validity, up to a year (default 168)"
+    )
     token.add_argument("--note", help="free text kept with the token")
     token.set_defaults(func=_enroll_token)
 
@@ -101,6 +103,30 @@ def register(subparsers: Any) -> None:
     common(revoke)
     revoke.add_argument("device_id")
     revoke.set_defaults(func=_revoke)
+
+    purge = sub.add_parser(
+        "purge",
+        help="delete interactions, feedback, reports, privacy events, ended sessions and "
+        "expired tokens older than the retention period",
+    )
+    common(purge)
+    purge.add_argument(
+        "--older-than-days",
+        type=float,
+        help="retention period (default: the configured retention_days)",
+    )
+    purge.set_defaults(func=_purge)
+
+
+def _ttl_hours(text: str) -> float:
+    """A token's validity: more than nothing, at most a year (as the admin API allows)."""
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
+    if not 0 < hours <= 24 * 365:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 8760 (a year)")
+    return hours
 
 
 def _config(args: argparse.Namespace) -> CloudConfig:
@@ -216,6 +242,21 @@ def _revoke(args: argparse.Namespace) -> int:
     changed = asyncio.run(_with_store(_config(args), lambda s: s.revoke_device(args.device_id)))
     print(f"{args.device_id}: {'revoked' if changed else 'already revoked or unknown'}")
     return 0 if changed else 1
+
+
+def _purge(args: argparse.Namespace) -> int:
+    config = _config(args)
+    days = args.older_than_days if args.older_than_days is not None else config.retention_days
+    if days is None or days <= 0:
+        print(
+            "edgeloop: error: give --older-than-days N (N > 0) or set retention_days",
+            file=sys.stderr,
+        )
+        return 2
+    before = datetime.now(UTC) - timedelta(days=days)
+    counts = asyncio.run(_with_store(config, lambda s: s.purge(before)))
+    print(json.dumps(counts))
+    return 0
 
 
 def _rollouts(args: argparse.Namespace) -> int:

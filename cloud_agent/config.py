@@ -110,6 +110,10 @@ class CloudConfig(_Section):
     rollout: RolloutConfig = RolloutConfig()
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight requests may take to finish."""
+    retention_days: float | None = Field(None, gt=0)
+    """Delete interactions, feedback, device reports, privacy events, ended sessions and
+    expired enrollment tokens older than this many days: at start, then every hour. None (the
+    default) keeps everything; `edgeloop cloud purge` does it once, e.g. from cron."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> CloudConfig:

@@ -55,6 +55,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.purged = Counter(
+            "edgeloop_purged_rows_total",
+            "Rows deleted by the retention policy, by table",
+            ["table"],
+            registry=r,
+        )
         self.privacy_violations = Counter(
             "edgeloop_privacy_violations_total",
             "Escalations that carried raw personal data, by kind",

@@ -126,6 +126,7 @@ class CloudService:
         self._uvicorn: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[None] | None = None
         self._learner: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
 
     @classmethod
     async def create(
@@ -150,6 +151,9 @@ class CloudService:
         )
 
     async def start(self) -> None:
+        if self.config.retention_days is not None:
+            await self.purge()
+            self._retention = asyncio.create_task(self._purge_hourly())
         await self._learn_from_store()
         if self.agent.skill is not None:
             self._learner = asyncio.create_task(self._learn_from_replicas())
@@ -262,9 +266,34 @@ class CloudService:
                 continue
             checked = now
 
+    async def purge(self, older_than_days: float | None = None) -> dict[str, int]:
+        """Apply the retention policy once: delete what is older than `older_than_days`
+        (default: the configured `retention_days`)."""
+        days = older_than_days if older_than_days is not None else self.config.retention_days
+        if days is None:
+            raise ValueError("no retention period: set retention_days or pass older_than_days")
+        counts = await self.store.purge(datetime.now(UTC) - timedelta(days=days))
+        for table, rows in counts.items():
+            self.metrics.purged.labels(table).inc(rows)
+        if any(counts.values()):
+            log.info("retention: deleted %s", counts)
+        return counts
+
+    async def _purge_hourly(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self.purge()
+            except StoreError as exc:
+                log.warning("retention: purge failed (%s); trying again in an hour", exc)
+
     async def stop(self) -> None:
         """Graceful: stop accepting, drain in-flight work, close everything."""
         self.draining = True
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.gather(self._retention, return_exceptions=True)
+            self._retention = None
         if self._learner is not None:
             self._learner.cancel()
             await asyncio.gather(self._learner, return_exceptions=True)

@@ -19,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, event, func, insert, select, update
+from sqlalchemy import Table, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -451,6 +451,48 @@ class Store(JobStore, RolloutStore):
         for version, status, count in rows:
             summary.setdefault(version, {})[status] = count
         return [{"version": v, "devices": c} for v, c in summary.items()]
+
+    # --- retention ------------------------------------------------------------------------
+
+    async def purge(self, before: datetime, *, chunk: int = 5000) -> dict[str, int]:
+        """Delete what was recorded before `before`: interactions, feedback, device reports,
+        privacy events, ended sessions and expired enrollment tokens. Devices (and their
+        privacy violation counts), adapters, rollouts and jobs stay. Returns the rows deleted
+        per table.
+
+        Interactions go in chunks of `chunk` rows, one transaction each, so a large purge
+        never holds SQLite's write lock for long."""
+        counts = {"interactions": 0}
+        while True:
+            async with self._tx() as s:
+                old = (
+                    select(t.Interaction.id)
+                    .where(t.Interaction.created_at < before)
+                    .order_by(t.Interaction.id)
+                    .limit(chunk)
+                )
+                result = await s.execute(delete(t.Interaction).where(t.Interaction.id.in_(old)))
+            deleted = int(result.rowcount)  # type: ignore[attr-defined]
+            counts["interactions"] += deleted
+            if deleted < chunk:
+                break
+        async with self._tx() as s:
+            for name, statement in (
+                ("feedback", delete(t.Feedback).where(t.Feedback.created_at < before)),
+                ("reports", delete(t.Report).where(t.Report.created_at < before)),
+                (
+                    "privacy_events",
+                    delete(t.PrivacyEvent).where(t.PrivacyEvent.created_at < before),
+                ),
+                ("sessions", delete(t.Session).where(t.Session.ended_at < before)),
+                (
+                    "enrollment_tokens",
+                    delete(t.EnrollmentToken).where(t.EnrollmentToken.expires_at < before),
+                ),
+            ):
+                result = await s.execute(statement)
+                counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
+        return counts
 
     # --- privacy --------------------------------------------------------------------------
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import signal
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from cloud_agent.config import CloudConfig
+from cloud_agent.store import Store
+from cloud_agent.store.store import sqlite_url
 from shared import ConfigError, load_config
 from shared.cli import main
 
@@ -27,6 +31,31 @@ def test_enroll_token_devices_and_revoke_work_on_the_store(
     assert main(["cloud", "devices", *data]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["cloud", "revoke", *data, "dev_unknown"]) == 1
+
+
+def test_purge_deletes_expired_tokens_and_needs_a_period(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = ["--data-dir", str(tmp_path / "cloud")]
+    assert main(["cloud", "purge", *data]) == 2, "no period given or configured"
+    assert "--older-than-days" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cloud", "enroll-token", *data, "--ttl-hours", "-1"])
+    assert "must be more than 0" in capsys.readouterr().err
+
+    async def tokens() -> None:
+        (tmp_path / "cloud").mkdir()
+        store = await Store.open(sqlite_url(tmp_path / "cloud" / "cloud.db"))
+        await store.create_enrollment_token(timedelta(hours=-1))  # expired an hour ago
+        await store.create_enrollment_token()
+        await store.close()
+
+    asyncio.run(tokens())
+    monkeypatch.setenv("EDGELOOP_CLOUD__RETENTION_DAYS", "0.01")  # about 15 minutes
+    assert main(["cloud", "purge", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["enrollment_tokens"] == 1
+    assert main(["cloud", "purge", *data, "--older-than-days", "0.01"]) == 0
+    assert json.loads(capsys.readouterr().out)["enrollment_tokens"] == 0
 
 
 def test_a_bad_environment_value_names_the_key(

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cloud_agent.backends import ChatTurn, ScriptedBackend
 from cloud_agent.errors import BackendUnavailable
 from cloud_agent.service import CloudService
+from cloud_agent.store import NewInteraction, tables
 from examples.handshake import Device
 from protocol import (
     SUBPROTOCOL,
@@ -469,5 +472,34 @@ async def test_reloading_without_a_knowledge_file_is_refused(tmp_path: Path) -> 
             refused = await client.post("/v1/knowledge/reload")
             assert refused.status_code == 409 and refused.json()["error"] == "no_knowledge"
             assert (await client.get("/v1/knowledge")).json()["facts"] == 0
+    finally:
+        await service.stop()
+
+
+async def test_retention_purges_old_interactions_when_the_service_starts(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    config = make_config(tmp_path, kb_path, retention_days=30)
+    service = await CloudService.create(config, backend=ScriptedBackend("Hm."))
+    token = await service.store.create_enrollment_token()
+    await service.store.enroll_device(token, "dev_r", "R" * 43)
+    await service.store.record_interactions(
+        [NewInteraction(device_id="dev_r", request_id=f"req_{i}", placeholders=[],
+                        messages=[{"role": "user", "content": "q"}], status="ok")
+         for i in range(2)]
+    )  # fmt: skip
+    async with service.store.engine.begin() as conn:
+        await conn.execute(
+            update(tables.Interaction)
+            .where(tables.Interaction.request_id == "req_0")
+            .values(created_at=datetime.now(UTC) - timedelta(days=31))
+        )
+    await service.start()
+    try:
+        assert [r.request_id for r in await service.store.list_interactions()] == ["req_1"]
+        purged = service.metrics.registry.get_sample_value(
+            "edgeloop_purged_rows_total", {"table": "interactions"}
+        )
+        assert purged == 1
     finally:
         await service.stop()

@@ -6,13 +6,15 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import update
 
 from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
-from cloud_agent.store import NewInteraction, Store
+from cloud_agent.store import NewInteraction, SessionEvent, Store, tables
 from cloud_agent.store import store as store_module
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import INTERACTIONS, Base
@@ -414,3 +416,48 @@ async def test_the_rollout_policy_promotes_halts_on_canary_failures_and_on_bad_f
     await store.add_update_status(canary, "k2", 2, "rejected", "hash_mismatch", {})
     assert await policy.review(store, 2) == "halted"
     assert [d for d in (f"dev_{n}" for n in range(4)) if await store.offer_for(d)] == []
+
+
+async def age(store: Store, table: Any, when: datetime, **where: str) -> None:
+    """Move rows of `table` matching `where` back to `when` (as if written then)."""
+    condition = [getattr(table, k) == v for k, v in where.items()]
+    async with store.engine.begin() as conn:
+        await conn.execute(update(table).where(*condition).values(created_at=when))
+
+
+async def test_purge_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(
+    store: Store,
+) -> None:
+    device = await enrolled(store)
+    now = datetime.now(UTC)
+    old = now - timedelta(days=40)
+    await store.record_interactions(
+        [NewInteraction(device_id=device, request_id=f"req_{name}", placeholders=[],
+                        messages=[{"role": "user", "content": name}], status="ok")
+         for name in ("old1", "old2", "old3", "new")],
+        [SessionEvent("started", "ses_old", device, old),
+         SessionEvent("ended", "ses_old", device, old),
+         SessionEvent("started", "ses_open", device, old)],
+    )  # fmt: skip
+    for name in ("old1", "old2", "old3"):
+        await age(store, tables.Interaction, old, request_id=f"req_{name}")
+    await store.add_feedback(device, "idk_old", "req_old1", "negative", "wrong")
+    await store.add_feedback(device, "idk_new", "req_new", "positive")
+    await age(store, tables.Feedback, old, idempotency_key="idk_old")
+    await store.add_report(device, "rep_old", {"kind": "crash"})
+    await age(store, tables.Report, old, idempotency_key="rep_old")
+    await store.record_privacy_event(device, "req_old2", ["email"])
+    await age(store, tables.PrivacyEvent, old, request_id="req_old2")
+    await store.create_enrollment_token(ttl=timedelta(days=-35))  # expired long ago
+    fresh = await store.create_enrollment_token()
+
+    counts = await store.purge(now - timedelta(days=30), chunk=2)  # two chunks of interactions
+    assert counts == {"interactions": 3, "feedback": 1, "reports": 1, "privacy_events": 1,
+                      "sessions": 1, "enrollment_tokens": 1}  # fmt: skip
+    assert [r.request_id for r in await store.list_interactions()] == ["req_new"]
+    summary = await store.feedback_summary()
+    assert (summary.positive, summary.negative) == (1, 0)
+    kept = await store.get_device(device)
+    assert kept is not None and kept.privacy_violations == 1, "the device's count stays"
+    await store.enroll_device(fresh, "dev_b", KEY_B)  # an unexpired token still works
+    assert await store.purge(now - timedelta(days=30)) == dict.fromkeys(counts, 0)
