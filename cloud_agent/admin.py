@@ -102,14 +102,18 @@ def build_admin_app(service: CloudService) -> Starlette:
         return _json({"token": value, "ttl_hours": hours}, 201)
 
     async def interactions(request: Request) -> Response:
+        params = request.query_params
         try:
-            limit = min(1000, max(1, int(request.query_params.get("limit", "100"))))
+            limit = min(1000, max(1, int(params.get("limit", "100"))))
+            before = int(params["before"]) if "before" in params else None
         except ValueError:
-            return _json({"error": "bad_request", "message": "limit must be an integer"}, 400)
+            message = "limit and before must be integers"
+            return _json({"error": "bad_request", "message": message}, 400)
         rows = await service.store.list_interactions(
             limit=limit,
-            device_id=request.query_params.get("device"),
-            status=request.query_params.get("status"),
+            device_id=params.get("device"),
+            status=params.get("status"),
+            before_id=before,
         )
         out = []
         for row in rows:

@@ -271,11 +271,16 @@ class Store(JobStore, RolloutStore):
         request_id: str | None = None,
         rated_only: bool = False,
         rated_since: datetime | None = None,
+        before_id: int | None = None,
     ) -> list[InteractionRecord]:
         """Newest first, each with the latest feedback on it (if any); `rated_only` keeps those
-        that have feedback, `rated_since` those with feedback stored since then."""
+        that have feedback, `rated_since` those with feedback stored since then. `before_id`
+        pages back: the interactions older than the one with that id (the last `id` of the
+        previous page)."""
         async with self._tx() as s:
             query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
+            if before_id is not None:
+                query = query.where(t.Interaction.id < before_id)
             if device_id is not None:
                 query = query.where(t.Interaction.device_id == device_id)
             if status is not None:

@@ -401,6 +401,9 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         assert load["scheduler"]["capacity"] == 1 and load["sessions"] == 1
         revoked = await client.post(f"/v1/devices/{creds.device_id}/revoke", headers=auth)
         assert revoked.json()["revoked"] is True
+        assert (await client.get("/v1/interactions?before=1", headers=auth)).json() == []
+        bad = await client.get("/v1/interactions?before=last", headers=auth)
+        assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
         assert (await client.get("/v1/feedback/summary", headers=auth)).json()["positive"] == 0
         assert (await client.get("/v1/adapters", headers=auth)).json() == []
         assert (await client.get("/v1/rollouts", headers=auth)).json() == []

@@ -461,3 +461,17 @@ async def test_purge_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(
     assert kept is not None and kept.privacy_violations == 1, "the device's count stays"
     await store.enroll_device(fresh, "dev_b", KEY_B)  # an unexpired token still works
     assert await store.purge(now - timedelta(days=30)) == dict.fromkeys(counts, 0)
+
+
+async def test_interactions_page_back_by_id(store: Store) -> None:
+    device = await enrolled(store)
+    await store.record_interactions(
+        [NewInteraction(device_id=device, request_id=f"req_{i}", placeholders=[],
+                        messages=[{"role": "user", "content": f"q{i}"}], status="ok")
+         for i in range(5)]
+    )  # fmt: skip
+    pages, before = [], None
+    while page := await store.list_interactions(limit=2, before_id=before):
+        pages.append([r.request_id for r in page])
+        before = page[-1].id
+    assert pages == [["req_4", "req_3"], ["req_2", "req_1"], ["req_0"]]
