@@ -187,11 +187,11 @@ async def _serve_async(config: CloudConfig) -> int:
 
 
 async def _reload_knowledge(service: Any) -> None:
-    from cloud_agent.errors import KnowledgeError
+    from cloud_agent.errors import KnowledgeError, StoreError
 
     try:
         changes = await service.reload_knowledge()
-    except KnowledgeError as exc:
+    except (KnowledgeError, StoreError) as exc:
         print(f"knowledge not reloaded, the facts in use stay: {exc}", file=sys.stderr, flush=True)
         return
     print(f"knowledge reloaded: {json.dumps(changes)}", file=sys.stderr, flush=True)

@@ -84,6 +84,7 @@ class CloudService:
         skill = None
         if config.knowledge is not None:
             skill = self._skill(KnowledgeBase.from_file(config.knowledge))
+            self.metrics.knowledge_facts.set(len(skill.kb))
         self.agent = CloudAgent(backend, self.scheduler, skill)
         self.knowledge_loaded_at = datetime.now(UTC)
         self._reloading = asyncio.Lock()
@@ -187,7 +188,6 @@ class CloudService:
         )  # fmt: skip
 
     def _skill(self, kb: KnowledgeBase) -> KnowledgeSkill:
-        self.metrics.knowledge_facts.set(len(kb))
         return KnowledgeSkill(kb, store_name=self.config.store_name)
 
     async def reload_knowledge(self) -> dict[str, Any]:
@@ -197,7 +197,8 @@ class CloudService:
         Questions learned from feedback are learned again for the facts whose text did not
         change (a correction or a thumbs-up vouched for that text, not for a new one). A file
         that cannot be read or holds no facts raises `KnowledgeError`, and the facts in use
-        stay. Returns the ids of the facts added, removed and changed."""
+        stay; so do they when the store cannot be read for the feedback (`StoreError`).
+        Returns the ids of the facts added, removed and changed."""
         path = self.config.knowledge
         if path is None:
             raise KnowledgeError("no knowledge file is configured (--knowledge)")
@@ -212,8 +213,13 @@ class CloudService:
             skill = self._skill(kb)
             await self._learn_from_store(skill)
             self.agent.skill = skill
-            # Feedback taken while the new index was built went to the old one: read it again.
-            await self._learn_from_store(skill, since=started - timedelta(minutes=1))
+            self.metrics.knowledge_facts.set(len(kb))
+            # Feedback taken while the new index was built went to the old one: read it again
+            # (if that fails, the periodic read of other replicas' feedback catches up).
+            try:
+                await self._learn_from_store(skill, since=started - timedelta(minutes=1))
+            except StoreError as exc:
+                log.warning("knowledge: recent feedback not read after the reload (%s)", exc)
             self.knowledge_loaded_at = started
             self.metrics.knowledge_reloads.labels("ok").inc()
         changes = {

@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cloud_agent.backends import ChatTurn, ScriptedBackend
-from cloud_agent.errors import BackendUnavailable
+from cloud_agent.errors import BackendUnavailable, StoreUnavailable
 from cloud_agent.service import CloudService
 from cloud_agent.store import NewInteraction, tables
 from examples.handshake import Device
@@ -506,3 +506,21 @@ async def test_retention_purges_old_interactions_when_the_service_starts(
         assert purged == 1
     finally:
         await service.stop()
+
+
+async def test_a_reload_that_cannot_read_the_feedback_keeps_the_facts_in_use(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = cloud.service.agent.skill
+
+    async def unavailable(**_: object) -> list[object]:
+        raise StoreUnavailable("database unavailable: test")
+
+    monkeypatch.setattr(cloud.service.store, "list_interactions", unavailable)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{cloud.service.admin_port}",
+        headers={"Authorization": f"Bearer {cloud.service.admin_token}"},
+    ) as client:
+        refused = await client.post("/v1/knowledge/reload")
+    assert refused.status_code == 503 and refused.json()["error"] == "store_unavailable"
+    assert cloud.service.agent.skill is before
