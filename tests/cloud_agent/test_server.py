@@ -60,6 +60,14 @@ async def interactions(cloud: Cloud, count: int = 1) -> list:  # type: ignore[ty
     return rows
 
 
+def admin_client(service: CloudService) -> httpx.AsyncClient:
+    """An HTTP client for `service`'s admin API, with its token."""
+    return httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.admin_port}",
+        headers={"Authorization": f"Bearer {service.admin_token}"},
+    )
+
+
 async def final(device: Device) -> ResultReceived | RequestFailed:
     event = await device.next_event(ResultReceived, RequestFailed)
     assert isinstance(event, ResultReceived | RequestFailed), event
@@ -418,8 +426,6 @@ async def test_the_knowledge_file_is_reloaded_while_serving(tmp_path: Path, kb_p
     service = await CloudService.create(make_config(tmp_path, kb), backend=backend)
     await service.start()
     cloud = Cloud(service, backend)
-    base = f"http://127.0.0.1:{service.admin_port}"
-    auth = {"Authorization": f"Bearer {service.admin_token}"}
     try:
         device, _ = await cloud.enroll()
         await ask_and_correct(device)  # EARLY_CALL -> the hotline fact, learned
@@ -428,7 +434,7 @@ async def test_the_knowledge_file_is_reloaded_while_serving(tmp_path: Path, kb_p
         edited = "\n".join(line for line in edited.splitlines() if "[bike-fit]" not in line)
         edited += "\n- [gift-wrap] Gift wrapping costs $4 per item.\n"
         kb.write_text(edited)
-        async with httpx.AsyncClient(base_url=base, headers=auth) as client:
+        async with admin_client(service) as client:
             reloaded = (await client.post("/v1/knowledge/reload")).json()
             assert (reloaded["added"], reloaded["removed"], reloaded["changed"]) == (
                 ["gift-wrap"], ["bike-fit"], ["free-shipping"]
@@ -468,10 +474,7 @@ async def test_reloading_without_a_knowledge_file_is_refused(tmp_path: Path) -> 
     service = await CloudService.create(make_config(tmp_path, None), backend=ScriptedBackend("Hm."))
     await service.start()
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{service.admin_port}",
-            headers={"Authorization": f"Bearer {service.admin_token}"},
-        ) as client:
+        async with admin_client(service) as client:
             refused = await client.post("/v1/knowledge/reload")
             assert refused.status_code == 409 and refused.json()["error"] == "no_knowledge"
             assert (await client.get("/v1/knowledge")).json()["facts"] == 0
@@ -517,10 +520,7 @@ async def test_a_reload_that_cannot_read_the_feedback_keeps_the_facts_in_use(
         raise StoreUnavailable("database unavailable: test")
 
     monkeypatch.setattr(cloud.service.store, "list_interactions", unavailable)
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{cloud.service.admin_port}",
-        headers={"Authorization": f"Bearer {cloud.service.admin_token}"},
-    ) as client:
+    async with admin_client(cloud.service) as client:
         refused = await client.post("/v1/knowledge/reload")
     assert refused.status_code == 503 and refused.json()["error"] == "store_unavailable"
     assert cloud.service.agent.skill is before
