@@ -1,7 +1,6 @@
 """The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
 tokens, interactions, feedback, load, knowledge (and its reload), adapters, rollouts and offline
-jobs. Everything but
-`/healthz` and `/readyz` needs ``Authorization: Bearer <admin token>``."""
+jobs. Everything but `/healthz` and `/readyz` needs ``Authorization: Bearer <admin token>``."""
 
 from __future__ import annotations
 

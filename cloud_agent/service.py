@@ -152,9 +152,9 @@ class CloudService:
         )
 
     async def start(self) -> None:
-        if self.config.retention_days is not None:
-            await self.purge()
-            self._retention = asyncio.create_task(self._purge_hourly())
+        if (days := self.config.retention_days) is not None:
+            await self._purge(days)
+            self._retention = asyncio.create_task(self._purge_hourly(days))
         await self._learn_from_store()
         if self.agent.skill is not None:
             self._learner = asyncio.create_task(self._learn_from_replicas())
@@ -272,24 +272,19 @@ class CloudService:
                 continue
             checked = now
 
-    async def purge(self, older_than_days: float | None = None) -> dict[str, int]:
-        """Apply the retention policy once: delete what is older than `older_than_days`
-        (default: the configured `retention_days`)."""
-        days = older_than_days if older_than_days is not None else self.config.retention_days
-        if days is None:
-            raise ValueError("no retention period: set retention_days or pass older_than_days")
+    async def _purge(self, days: float) -> None:
+        """Apply the retention policy once: delete what is older than `days`."""
         counts = await self.store.purge(datetime.now(UTC) - timedelta(days=days))
         for table, rows in counts.items():
             self.metrics.purged.labels(table).inc(rows)
         if any(counts.values()):
             log.info("retention: deleted %s", counts)
-        return counts
 
-    async def _purge_hourly(self) -> None:
+    async def _purge_hourly(self, days: float) -> None:
         while True:
             await asyncio.sleep(3600)
             try:
-                await self.purge()
+                await self._purge(days)
             except StoreError as exc:
                 log.warning("retention: purge failed (%s); trying again in an hour", exc)
 
