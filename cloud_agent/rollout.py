@@ -170,10 +170,13 @@ class PublicationFeed:
 
     async def _changed(self) -> None:
         try:
-            self._seen = await self.store.list_rollouts()
+            seen = await self.store.list_rollouts()
             await self.on_change()
         except Exception:  # noqa: BLE001 - a failed push is retried by the next poll
             log.exception("could not push rollout changes")
+            return
+        # Only once pushed: a push that failed leaves the change for the next poll to find.
+        self._seen = seen
 
     async def _poll(self) -> None:
         while True:

@@ -8,6 +8,7 @@ frames, looking devices up and storing what the session accepted, running escala
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -22,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cloud_agent.agent import Answer, CloudAgent
 from cloud_agent.backends.base import ChatTurn
+from cloud_agent.batching import BatchedLookup
 from cloud_agent.errors import (
     BackendError,
     EnrollmentRefused,
@@ -31,7 +33,14 @@ from cloud_agent.errors import (
 from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
-from cloud_agent.store import NewInteraction, SessionEvent, Store
+from cloud_agent.store import (
+    AdapterRecord,
+    DeviceRecord,
+    NewInteraction,
+    Offers,
+    SessionEvent,
+    Store,
+)
 from protocol import (
     SUBPROTOCOL,
     Ack,
@@ -137,6 +146,9 @@ class CloudServer:
         self._max_chunk = max(1024, limits.max_message_bytes - 1024)
         self._bundle_files: dict[int, dict[str, tuple[Path, int]]] = {}
         self._connections: set[_Connection] = set()
+        # Connections authenticating together share their store queries (`BatchedLookup`).
+        self._devices = BatchedLookup[str, DeviceRecord](self._fetch_devices)
+        self._offers = BatchedLookup[tuple[str, str | None], AdapterRecord](self._fetch_offers)
         self._server: Server | None = None
         self._draining = False
 
@@ -356,7 +368,7 @@ class CloudServer:
     async def _authenticate(self, conn: _Connection, device_id: str) -> None:
         session = conn.session
         try:
-            device = await self.store.get_device(device_id)
+            device = await self._devices.get(device_id)
         except StoreError:
             session.refuse(ErrorCode.INTERNAL_ERROR, "store unavailable, try again")
             return
@@ -391,12 +403,25 @@ class CloudServer:
 
     # --- updates --------------------------------------------------------------------------
 
-    async def _offer(self, conn: _Connection) -> None:
+    async def _fetch_devices(self, device_ids: list[str]) -> dict[str, DeviceRecord]:
+        return await self.store.get_devices(device_ids)
+
+    async def _fetch_offers(
+        self, keys: list[tuple[str, str | None]]
+    ) -> dict[tuple[str, str | None], AdapterRecord]:
+        offers = await self.store.offers()
+        return {key: record for key in keys if (record := offers.for_device(*key)) is not None}
+
+    async def _offer(self, conn: _Connection, offers: Offers | None = None) -> None:
         """Offer the device the newest bundle its rollout cohort should run, once."""
         if conn.device_id is None or not conn.session.is_open:
             return
         try:
-            record = await self.store.offer_for(conn.device_id, conn.base_model_sha256)
+            record = (
+                offers.for_device(conn.device_id, conn.base_model_sha256)
+                if offers is not None
+                else await self._offers.get((conn.device_id, conn.base_model_sha256))
+            )
         except StoreError:
             return  # offered again on the next change or connection
         if record is None or record.version == conn.offered:
@@ -408,9 +433,11 @@ class CloudServer:
         conn.session.send(record.offer)
 
     async def push_offers(self) -> None:
-        """Re-check offers for every connected device (a bundle was published or moved on)."""
+        """Re-check offers for every connected device (a bundle was published or moved on):
+        one query for them all. Raises `StoreError` when the store cannot say."""
+        offers = await self.store.offers()
         for conn in list(self._connections):
-            await self._offer(conn)
+            await self._offer(conn, offers)
             await self._flush(conn)
 
     async def _review(self, version: int) -> None:
@@ -423,7 +450,8 @@ class CloudServer:
             if self.on_rollout_change is not None:
                 await self.on_rollout_change()
             else:
-                await self.push_offers()
+                with contextlib.suppress(StoreError):  # offered on the next connection
+                    await self.push_offers()
 
     async def _fetch(self, conn: _Connection, request: Fetch) -> None:
         """Serve one range of a published bundle's file as a `chunk` and a binary frame."""

@@ -11,7 +11,7 @@ from cloud_agent.store.records import (
     NewInteraction,
     SessionEvent,
 )
-from cloud_agent.store.rollouts import AdapterRecord, RolloutHealth
+from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
 from cloud_agent.store.store import Store
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "FeedbackSummary",
     "InteractionRecord",
     "NewInteraction",
+    "Offers",
     "RolloutHealth",
     "SessionEvent",
     "Store",

@@ -23,7 +23,7 @@ from cloud_agent.store import tables as t
 from cloud_agent.store.jobs import _Transactional
 from protocol import BundleManifest, UpdateOffer
 
-__all__ = ["AdapterRecord", "RolloutHealth", "RolloutStore", "canary_cohort"]
+__all__ = ["AdapterRecord", "Offers", "RolloutHealth", "RolloutStore", "canary_cohort"]
 
 OFFERED_STATES = ("canary", "active")
 
@@ -48,6 +48,27 @@ class AdapterRecord:
         """File name -> (path, declared size), from the signed manifest."""
         manifest = BundleManifest.model_validate_json(self.manifest)
         return {f.name: (self.directory / f.name, f.size) for f in manifest.files}
+
+
+@dataclass(frozen=True, slots=True)
+class Offers:
+    """The bundles on offer at one moment (rollouts in canary or active), newest first, each
+    with its canary cohort: what every device should be offered, worked out without a query
+    per device."""
+
+    bundles: tuple[tuple[AdapterRecord, frozenset[str]], ...]
+
+    def for_device(
+        self, device_id: str, base_model_sha256: str | None = None
+    ) -> AdapterRecord | None:
+        """The newest bundle for this device: active, or in canary with the device in its
+        cohort; built for `base_model_sha256` when that is given."""
+        for record, canary in self.bundles:
+            if base_model_sha256 is not None and record.base_model_sha256 != base_model_sha256:
+                continue
+            if record.state == "active" or device_id in canary:
+                return record
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +107,17 @@ def _record(adapter: t.Adapter, rollout: t.Rollout) -> AdapterRecord:
         state=rollout.state,
         canary_share=rollout.canary_share,
     )
+
+
+async def _offers(store: _Transactional) -> Offers:
+    async with store._tx() as s:
+        rows = await s.execute(
+            select(t.Adapter, t.Rollout)
+            .join(t.Rollout, t.Rollout.version == t.Adapter.version)
+            .where(t.Rollout.state.in_(OFFERED_STATES))
+            .order_by(t.Adapter.version.desc())
+        )
+        return Offers(tuple((_record(a, r), frozenset(r.canary)) for a, r in rows))
 
 
 class RolloutStore:
@@ -162,23 +194,15 @@ class RolloutStore:
             )
             return bool(result.rowcount)
 
+    async def offers(self: _Transactional) -> Offers:
+        """The bundles on offer now: one query, whatever the number of devices asking."""
+        return await _offers(self)
+
     async def offer_for(
         self: _Transactional, device_id: str, base_model_sha256: str | None = None
     ) -> AdapterRecord | None:
         """The newest bundle this device should run now (its cohort and base model permitting)."""
-        async with self._tx() as s:
-            query = (
-                select(t.Adapter, t.Rollout)
-                .join(t.Rollout, t.Rollout.version == t.Adapter.version)
-                .where(t.Rollout.state.in_(OFFERED_STATES))
-                .order_by(t.Adapter.version.desc())
-            )
-            if base_model_sha256 is not None:
-                query = query.where(t.Adapter.base_model_sha256 == base_model_sha256)
-            for adapter, rollout in (await s.execute(query)).all():
-                if rollout.state == "active" or device_id in rollout.canary:
-                    return _record(adapter, rollout)
-            return None
+        return (await _offers(self)).for_device(device_id, base_model_sha256)
 
     async def rollout_health(self: _Transactional, version: int) -> RolloutHealth | None:
         async with self._tx() as s:

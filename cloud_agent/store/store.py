@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -184,6 +184,12 @@ class Store(JobStore, RolloutStore):
         async with self._tx() as s:
             row = await s.get(t.Device, device_id)
             return _device(row) if row is not None else None
+
+    async def get_devices(self, device_ids: Sequence[str]) -> dict[str, DeviceRecord]:
+        """The devices enrolled under any of `device_ids`, by id (one query for all)."""
+        async with self._tx() as s:
+            rows = await s.scalars(select(t.Device).where(t.Device.id.in_(device_ids)))
+            return {row.id: _device(row) for row in rows}
 
     async def list_devices(self) -> list[DeviceRecord]:
         async with self._tx() as s:

@@ -133,6 +133,41 @@ async def test_an_unknown_device_and_a_revoked_device_are_refused(cloud: Cloud) 
     assert isinstance(closed, SessionClosed) and closed.code == 1008
 
 
+async def test_devices_connecting_together_share_store_queries_and_revoked_ones_stay_out(
+    cloud: Cloud,
+) -> None:
+    store = cloud.service.store
+    fleet = []
+    for _ in range(12):
+        device, creds = await cloud.enroll()
+        await device.close()
+        fleet.append(creds)
+    assert await store.revoke_device(fleet[5].device_id)
+    queries = {"devices": 0, "offers": 0}
+    get_devices, offers = store.get_devices, store.offers
+
+    async def counted_devices(ids: list[str]):  # type: ignore[no-untyped-def]
+        queries["devices"] += 1
+        return await get_devices(ids)
+
+    async def counted_offers():  # type: ignore[no-untyped-def]
+        queries["offers"] += 1
+        return await offers()
+
+    store.get_devices, store.offers = counted_devices, counted_offers  # type: ignore[method-assign]
+    sessions = await asyncio.gather(*(Device.connect(cloud.url, c) for c in fleet))
+    events = await asyncio.gather(*(s.next_event(Welcomed) for s in sessions))
+    refused = [i for i, e in enumerate(events) if not isinstance(e, Welcomed)]
+    assert refused == [5]
+    assert isinstance(events[5], PeerError) and events[5].error.name == "device_revoked"
+    # Each query serves whoever asked while the one before it ran: fewer than one each.
+    assert 1 <= queries["devices"] < len(fleet)
+    assert 1 <= queries["offers"] < len(fleet) - 1
+    for i, session in enumerate(sessions):
+        if i not in refused:
+            await session.close()
+
+
 async def test_a_used_token_is_refused(cloud: Cloud) -> None:
     from protocol import EnrollmentCredentials
 

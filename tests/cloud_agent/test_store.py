@@ -102,6 +102,16 @@ async def test_revoked_devices_are_marked(store: Store) -> None:
     assert await store.get_device("dev_nope") is None
 
 
+async def test_many_devices_are_looked_up_in_one_query(store: Store) -> None:
+    ids = await ten_enrolled(store)
+    await store.revoke_device("dev_3")
+    found = await store.get_devices([*ids[2:5], "dev_nope", ids[2]])
+    assert sorted(found) == ["dev_2", "dev_3", "dev_4"]
+    assert found["dev_3"].revoked and not found["dev_2"].revoked
+    assert found["dev_4"].public_key == "E" * 43
+    assert await store.get_devices([]) == {}
+
+
 async def test_feedback_is_stored_once_per_idempotency_key(store: Store) -> None:
     await enrolled(store)
     assert await store.add_feedback("dev_a", "idk_1", "req_1", "negative", "Plan B") is False
@@ -351,6 +361,9 @@ async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
     assert len(offered) == 2
     assert [d for d in ids if await store.offer_for(d) is not None] == offered  # deterministic
     assert [d for d in ids if await store.offer_for(d, "cd" * 32)] == []  # another base model
+    offers = await store.offers()  # one read, then every device's offer worked out from it
+    assert [d for d in ids if offers.for_device(d, "ab" * 32)] == offered
+    assert [d for d in ids if offers.for_device(d, "cd" * 32)] == []
     await store.add_update_status(offered[0], "k1", 1, "applied", None, {})
     await store.add_feedback(offered[0], "k2", "req_local", "negative", None, adapter_version=1)
     health = await store.rollout_health(1)
