@@ -100,7 +100,10 @@ class CloudConfig(_Section):
     """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
     knowledge_poll_s: float = Field(30.0, gt=0)
     """How often the knowledge index reads feedback taken by other replicas (its own is
-    learned at once)."""
+    learned at once), and looks whether the knowledge file changed."""
+    knowledge_watch: bool = True
+    """Reload the knowledge file when it changes (seen within `knowledge_poll_s`), as SIGHUP
+    would: every replica reading the file picks up a new version by itself."""
     store_name: str = "the store"
     """How the assistant names the business in its prompt."""
     capacity: int = Field(1, ge=1, le=1024)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -82,6 +83,8 @@ class CloudService:
         self.metrics = Metrics()
         self.scheduler = Scheduler(config.capacity)
         skill = None
+        self._knowledge_stamp = _file_stamp(config.knowledge)
+        """The knowledge file's identity when it was last read (see `_reload_if_changed`)."""
         if config.knowledge is not None:
             skill = self._skill(KnowledgeBase.from_file(config.knowledge))
             self.metrics.knowledge_facts.set(len(skill.kb))
@@ -204,6 +207,8 @@ class CloudService:
             raise KnowledgeError("no knowledge file is configured (--knowledge)")
         async with self._reloading:
             started = datetime.now(UTC)
+            # Taken before reading: a change made while the file is read is seen next time.
+            self._knowledge_stamp = _file_stamp(path)
             try:
                 kb = await asyncio.to_thread(KnowledgeBase.from_file, path)
             except KnowledgeError:
@@ -271,6 +276,27 @@ class CloudService:
                 log.warning("knowledge: feedback not read (%s); trying again", exc)
                 continue
             checked = now
+            if self.config.knowledge_watch:
+                await self._reload_if_changed()
+
+    async def _reload_if_changed(self) -> None:
+        """Reload the knowledge file if it is not the one last read (another modification
+        time, size or inode: an edit, or a new file moved into place). A file that is refused
+        is not tried again until it changes once more; one that could not be reloaded because
+        the store was down is tried again at the next look."""
+        path = self.config.knowledge
+        stamp = _file_stamp(path)
+        if path is None or stamp == self._knowledge_stamp:
+            return
+        if stamp is not None and time.time() - stamp[0] / 1e9 < _SETTLE_S:
+            return  # still being written, perhaps: look again next time
+        try:
+            await self.reload_knowledge()
+        except KnowledgeError as exc:
+            log.warning("knowledge: the changed file was not loaded (%s); facts in use stay", exc)
+        except StoreError as exc:
+            self._knowledge_stamp = None  # look again next time
+            log.warning("knowledge: reload postponed, the store is unavailable (%s)", exc)
 
     async def _purge(self, days: float) -> None:
         """Apply the retention policy once: delete what is older than `days`."""
@@ -383,6 +409,20 @@ class _AdminServer(uvicorn.Server):
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+_SETTLE_S = 1.0
+"""A knowledge file modified less than this long ago is left until the next look."""
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells one version of a file from another without reading it: modification time,
+    size and inode (None when there is no file)."""
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat is not None else None
 
 
 def _ssl_context(config: CloudConfig) -> ssl.SSLContext | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -501,6 +502,67 @@ async def test_the_knowledge_file_is_reloaded_while_serving(tmp_path: Path, kb_p
             assert 'edgeloop_knowledge_reloads_total{outcome="ok"} 2.0' in metrics
             assert "edgeloop_knowledge_facts 20.0" in metrics
         await device.close()
+    finally:
+        await service.stop()
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` with a modification time two seconds back (a file finished
+    writing, as the knowledge watch wants it)."""
+    path.write_text(text, encoding="utf-8")
+    stamp = path.stat().st_mtime - 2
+    os.utime(path, (stamp, stamp))
+
+
+async def test_a_changed_knowledge_file_is_reloaded_by_itself_and_a_broken_one_once_refused(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    kb = tmp_path / "kb.md"
+    original = kb_path.read_text(encoding="utf-8")
+    replace_file(kb, original)
+    config = make_config(tmp_path, kb, knowledge_poll_s=0.05)
+    service = await CloudService.create(config, backend=ScriptedBackend("Hm."))
+    await service.start()
+    reloads = service.metrics.knowledge_reloads
+
+    def count(outcome: str) -> float:
+        return reloads.labels(outcome)._value.get()
+
+    try:
+        replace_file(kb, original.replace("free on orders over $75", "free on orders over $60"))
+        async with asyncio.timeout(10):
+            while count("ok") < 1:
+                await asyncio.sleep(0.02)
+        skill = service.agent.skill
+        assert skill is not None and "$60" in skill.kb.facts["free-shipping"].text
+        replace_file(kb, "# nothing here any more\n")
+        async with asyncio.timeout(10):
+            while count("refused") < 1:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more looks at the same broken file
+        assert count("refused") == 1 and count("ok") == 1
+        assert service.agent.skill is skill  # the facts in use stay
+    finally:
+        await service.stop()
+
+
+async def test_with_the_watch_off_only_a_reload_request_reads_the_file(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    kb = tmp_path / "kb.md"
+    original = kb_path.read_text(encoding="utf-8")
+    replace_file(kb, original)
+    config = make_config(tmp_path, kb, knowledge_poll_s=0.05, knowledge_watch=False)
+    service = await CloudService.create(config, backend=ScriptedBackend("Hm."))
+    await service.start()
+    try:
+        replace_file(kb, original.replace("free on orders over $75", "free on orders over $60"))
+        await asyncio.sleep(0.3)
+        skill = service.agent.skill
+        assert skill is not None and "$75" in skill.kb.facts["free-shipping"].text
+        await service.reload_knowledge()
+        skill = service.agent.skill
+        assert skill is not None and "$60" in skill.kb.facts["free-shipping"].text
     finally:
         await service.stop()
 
