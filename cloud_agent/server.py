@@ -8,14 +8,12 @@ frames, looking devices up and storing what the session accepted, running escala
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -24,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from cloud_agent.agent import Answer, CloudAgent
 from cloud_agent.backends.base import ChatTurn
 from cloud_agent.batching import BatchedLookup
+from cloud_agent.distribution import BundleDistribution
 from cloud_agent.errors import (
     BackendError,
     EnrollmentRefused,
@@ -34,10 +33,8 @@ from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import (
-    AdapterRecord,
     DeviceRecord,
     NewInteraction,
-    Offers,
     SessionEvent,
     Store,
 )
@@ -46,7 +43,6 @@ from protocol import (
     Ack,
     AuthRequested,
     CancelRequested,
-    Chunk,
     CloseCode,
     CloseFrame,
     Delta,
@@ -56,7 +52,6 @@ from protocol import (
     EscalationReceived,
     Event,
     FeedbackReceived,
-    Fetch,
     FetchReceived,
     Goodbye,
     HelloReceived,
@@ -137,18 +132,19 @@ class CloudServer:
         self.auth_timeout_s = auth_timeout_s
         self.ssl_context = ssl_context
         self._rate = _RateLimiter(limits.max_requests_per_minute)
-        self.rollout_policy = rollout_policy or RolloutPolicy()
-        self.on_rollout_change: Callable[[], Awaitable[None]] | None = None
-        """Called when a rollout changed state here (the service announces it to replicas)."""
         # Characters of answer text per frame: the protocol's field limit, and room in a frame
         # (4 bytes per character at worst, plus the envelope).
         self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
-        self._max_chunk = max(1024, limits.max_message_bytes - 1024)
-        self._bundle_files: dict[int, dict[str, tuple[Path, int]]] = {}
+        self.updates = BundleDistribution(
+            store,
+            self.metrics,
+            max_chunk=max(1024, limits.max_message_bytes - 1024),
+            rollout_policy=rollout_policy,
+        )
+        self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
-        # Connections authenticating together share their store queries (`BatchedLookup`).
+        # Connections authenticating together share one query (`BatchedLookup`).
         self._devices = BatchedLookup[str, DeviceRecord](self._fetch_devices)
-        self._offers = BatchedLookup[tuple[str, str | None], AdapterRecord](self._fetch_offers)
         self._server: Server | None = None
         self._draining = False
 
@@ -320,7 +316,7 @@ class CloudServer:
                     ),
                 )  # fmt: skip
                 if fb.adapter_version is not None:
-                    await self._review(fb.adapter_version)
+                    await self.updates.review(fb.adapter_version)
                 if fb.rating == "positive" or fb.correction:
                     await self._learn(conn, fb.request_id)
             case ReportReceived(message=rp):
@@ -342,9 +338,9 @@ class CloudServer:
                 )
                 if us.status == "applied":
                     conn.adapter_version = us.version
-                await self._review(us.version)
+                await self.updates.review(us.version)
             case FetchReceived(request=request):
-                await self._fetch(conn, request)
+                await self.updates.fetch(conn.session, request)
             case ProtocolViolation(code=code):
                 self.metrics.protocol_violations.labels(code.wire_name).inc()
 
@@ -399,103 +395,20 @@ class CloudServer:
                 adapter_version=conn.adapter_version, base_model_sha256=conn.base_model_sha256,
             )
         )  # fmt: skip
-        await self._offer(conn)
-
-    # --- updates --------------------------------------------------------------------------
+        await self.updates.offer(conn)
 
     async def _fetch_devices(self, device_ids: list[str]) -> dict[str, DeviceRecord]:
         return await self.store.get_devices(device_ids)
 
-    async def _fetch_offers(
-        self, keys: list[tuple[str, str | None]]
-    ) -> dict[tuple[str, str | None], AdapterRecord]:
-        offers = await self.store.offers()
-        return {key: record for key in keys if (record := offers.for_device(*key)) is not None}
-
-    async def _offer(self, conn: _Connection, offers: Offers | None = None) -> None:
-        """Offer the device the newest bundle its rollout cohort should run, once."""
-        if conn.device_id is None or not conn.session.is_open:
-            return
-        try:
-            record = (
-                offers.for_device(conn.device_id, conn.base_model_sha256)
-                if offers is not None
-                else await self._offers.get((conn.device_id, conn.base_model_sha256))
-            )
-        except StoreError:
-            return  # offered again on the next change or connection
-        if record is None or record.version == conn.offered:
-            return
-        if conn.adapter_version is not None and record.version <= conn.adapter_version:
-            return
-        conn.offered = record.version
-        self.metrics.update_offers.inc()
-        conn.session.send(record.offer)
-
     async def push_offers(self) -> None:
         """Re-check offers for every connected device (a bundle was published or moved on):
-        one query for them all. Raises `StoreError` when the store cannot say."""
+        one read of the offers for them all. Raises `StoreError` when the store cannot say."""
         offers = await self.store.offers()
         for conn in list(self._connections):
-            await self._offer(conn, offers)
+            await self.updates.offer(conn, offers)
             await self._flush(conn)
 
-    async def _review(self, version: int) -> None:
-        try:
-            changed = await self.rollout_policy.review(self.store, version)
-        except StoreError:
-            return
-        if changed is not None:
-            log.info("rollout of version %s is now %s", version, changed)
-            if self.on_rollout_change is not None:
-                await self.on_rollout_change()
-            else:
-                with contextlib.suppress(StoreError):  # offered on the next connection
-                    await self.push_offers()
-
-    async def _fetch(self, conn: _Connection, request: Fetch) -> None:
-        """Serve one range of a published bundle's file as a `chunk` and a binary frame."""
-        session = conn.session
-        rid = request.request_id
-        files = self._bundle_files.get(request.version)
-        if files is None:
-            try:
-                record = await self.store.get_adapter(request.version)
-            except StoreError:
-                session.send(
-                    make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid)
-                )
-                return
-            if record is None:
-                session.send(
-                    make_error(
-                        ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}",
-                        request_id=rid,
-                    )
-                )  # fmt: skip
-                return
-            # A published bundle's files never change: look them up once, not per chunk.
-            files = self._bundle_files[request.version] = record.files
-        entry = files.get(request.file)
-        if entry is None:
-            session.send(
-                make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)
-            )
-            return
-        path, size = entry
-        if request.offset > size:
-            session.send(
-                make_error(
-                    ErrorCode.INVALID_RANGE, f"offset {request.offset} past {size}", request_id=rid
-                )
-            )
-            return
-        length = min(request.length, size - request.offset, self._max_chunk)
-        data = await asyncio.to_thread(_read_range, path, request.offset, length)
-        header = Chunk(request_id=rid, file=request.file, offset=request.offset,
-                       length=len(data), size=size)  # fmt: skip
-        session.send_chunk(header, data)
-        self.metrics.bundle_bytes.inc(len(data))
+    # --- acknowledged messages ------------------------------------------------------------
 
     async def _acknowledge(
         self,
@@ -711,9 +624,3 @@ def _loop_time(monotonic_deadline: float) -> float:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _read_range(path: Path, offset: int, length: int) -> bytes:
-    with path.open("rb") as fh:
-        fh.seek(offset)
-        return fh.read(length)

@@ -123,7 +123,7 @@ class CloudService:
             database_url=config.resolved_database_url(),
             poll_s=config.rollout.poll_s,
         )
-        self.server.on_rollout_change = self.feed.announce
+        self.server.updates.on_rollout_change = self.feed.announce
         self.port: int | None = None
         self.admin_port: int | None = None
         self.draining = False

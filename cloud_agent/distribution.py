@@ -1,0 +1,152 @@
+"""`BundleDistribution`: the server's side of adapter updates. It offers each device the
+bundle its rollout cohort should run, serves the bundle's files in ranges, and reviews a
+rollout when devices report on it.
+
+It works on one session at a time and never writes to a socket: it queues frames on the
+session, and the server sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from cloud_agent.batching import BatchedLookup
+from cloud_agent.errors import StoreError
+from cloud_agent.metrics import Metrics
+from cloud_agent.rollout import RolloutPolicy
+from cloud_agent.store import AdapterRecord, Offers, Store
+from protocol import Chunk, ErrorCode, Fetch, ServerSession, make_error
+
+__all__ = ["BundleDistribution", "Receiver"]
+
+log = logging.getLogger("edgeloop.cloud.updates")
+
+OfferKey = tuple[str, str | None]
+"""A device id and the sha256 of the base model it runs (None: not stated)."""
+
+
+class Receiver(Protocol):
+    """What distribution needs to know of one authenticated connection."""
+
+    session: ServerSession
+    device_id: str | None
+    adapter_version: int | None
+    base_model_sha256: str | None
+    offered: int | None
+    """The version last offered on this connection (each is offered once)."""
+
+
+class BundleDistribution:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        *,
+        max_chunk: int,
+        rollout_policy: RolloutPolicy | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_chunk = max_chunk
+        """Most bytes of file data per `chunk` frame."""
+        self.rollout_policy = rollout_policy or RolloutPolicy()
+        self.on_rollout_change: Callable[[], Awaitable[None]] | None = None
+        """Called when a review changed a rollout's state: the server pushes offers to its
+        connections; the service replaces it to tell every replica, which then pushes."""
+        self._files: dict[int, dict[str, tuple[Path, int]]] = {}
+        # Devices connecting together share one read of the offers.
+        self._offers = BatchedLookup[OfferKey, AdapterRecord](self._fetch_offers)
+
+    async def _fetch_offers(self, keys: list[OfferKey]) -> dict[OfferKey, AdapterRecord]:
+        offers = await self.store.offers()
+        return {key: record for key in keys if (record := offers.for_device(*key)) is not None}
+
+    async def offer(self, conn: Receiver, offers: Offers | None = None) -> None:
+        """Offer the device the newest bundle it should run, unless it runs it or was offered
+        it on this connection. `offers` is a read of the offers already made for many."""
+        if conn.device_id is None or not conn.session.is_open:
+            return
+        try:
+            record = (
+                offers.for_device(conn.device_id, conn.base_model_sha256)
+                if offers is not None
+                else await self._offers.get((conn.device_id, conn.base_model_sha256))
+            )
+        except StoreError:
+            return  # offered again on the next change or connection
+        if record is None or record.version == conn.offered:
+            return
+        if conn.adapter_version is not None and record.version <= conn.adapter_version:
+            return
+        conn.offered = record.version
+        self.metrics.update_offers.inc()
+        conn.session.send(record.offer)
+
+    async def review(self, version: int) -> None:
+        """Let the rollout policy look at `version` after a device reported on it, and call
+        `on_rollout_change` if the rollout changed state."""
+        try:
+            changed = await self.rollout_policy.review(self.store, version)
+        except StoreError:
+            return
+        if changed is None:
+            return
+        log.info("rollout of version %s is now %s", version, changed)
+        if self.on_rollout_change is not None:
+            try:
+                await self.on_rollout_change()
+            except StoreError as exc:  # offered on the next connection or publication poll
+                log.warning("offers not pushed after the rollout change (%s)", exc)
+
+    async def fetch(self, session: ServerSession, request: Fetch) -> None:
+        """Serve one range of a published bundle's file as a `chunk` and a binary frame."""
+        rid = request.request_id
+        files = self._files.get(request.version)
+        if files is None:
+            try:
+                record = await self.store.get_adapter(request.version)
+            except StoreError:
+                session.send(
+                    make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid)
+                )
+                return
+            if record is None:
+                session.send(
+                    make_error(
+                        ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}",
+                        request_id=rid,
+                    )
+                )  # fmt: skip
+                return
+            # A published bundle's files never change: look them up once, not per chunk.
+            files = self._files[request.version] = record.files
+        entry = files.get(request.file)
+        if entry is None:
+            session.send(
+                make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)
+            )
+            return
+        path, size = entry
+        if request.offset > size:
+            session.send(
+                make_error(
+                    ErrorCode.INVALID_RANGE, f"offset {request.offset} past {size}", request_id=rid
+                )
+            )
+            return
+        length = min(request.length, size - request.offset, self.max_chunk)
+        data = await asyncio.to_thread(_read_range, path, request.offset, length)
+        header = Chunk(request_id=rid, file=request.file, offset=request.offset,
+                       length=len(data), size=size)  # fmt: skip
+        session.send_chunk(header, data)
+        self.metrics.bundle_bytes.inc(len(data))
+
+
+def _read_range(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)
