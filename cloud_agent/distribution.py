@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
-from cloud_agent.batching import BatchedLookup
+from cloud_agent.batching import Batcher
 from cloud_agent.errors import StoreError
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import RolloutPolicy
@@ -59,7 +59,7 @@ class BundleDistribution:
         connections; the service replaces it to tell every replica, which then pushes."""
         self._files: dict[int, dict[str, tuple[Path, int]]] = {}
         # Devices connecting together share one read of the offers.
-        self._offers = BatchedLookup[OfferKey, AdapterRecord](self._fetch_offers)
+        self._offers = Batcher[OfferKey, AdapterRecord](self._fetch_offers)
 
     async def _fetch_offers(self, keys: list[OfferKey]) -> dict[OfferKey, AdapterRecord]:
         offers = await self.store.offers()
@@ -74,7 +74,7 @@ class BundleDistribution:
             record = (
                 offers.for_device(conn.device_id, conn.base_model_sha256)
                 if offers is not None
-                else await self._offers.get((conn.device_id, conn.base_model_sha256))
+                else await self._offers.submit((conn.device_id, conn.base_model_sha256))
             )
         except StoreError:
             return  # offered again on the next change or connection

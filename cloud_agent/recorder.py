@@ -42,12 +42,20 @@ class InteractionRecorder:
         self.written = 0
         self._queue: asyncio.Queue[Record | None] = asyncio.Queue(max_queue)
         self._task: asyncio.Task[None] | None = None
+        self._unwritten: set[tuple[str, str]] = set()
+        """(device id, request id) of the interactions taken and not yet written or lost."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="interaction-recorder")
 
     async def record(self, item: Record) -> None:
+        if isinstance(item, NewInteraction):
+            self._unwritten.add((item.device_id, item.request_id))
         await self._queue.put(item)
+
+    def holds(self, device_id: str, request_id: str) -> bool:
+        """Whether that interaction is still on its way to the store (`flush` to wait)."""
+        return (device_id, request_id) in self._unwritten
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written (or counted as lost)."""
@@ -89,6 +97,9 @@ class InteractionRecorder:
                 else:
                     batch.append(item)
             await self._write(batch)
+            for item in batch:
+                if isinstance(item, NewInteraction):
+                    self._unwritten.discard((item.device_id, item.request_id))
             for _ in range(taken):
                 self._queue.task_done()
 

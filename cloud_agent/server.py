@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from cloud_agent.agent import Answer, CloudAgent
 from cloud_agent.backends.base import ChatTurn
-from cloud_agent.batching import BatchedLookup
+from cloud_agent.batching import Batcher
 from cloud_agent.distribution import BundleDistribution
 from cloud_agent.errors import (
     BackendError,
@@ -34,6 +34,8 @@ from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import (
     DeviceRecord,
+    InteractionRecord,
+    NewFeedback,
     NewInteraction,
     SessionEvent,
     Store,
@@ -143,8 +145,11 @@ class CloudServer:
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
-        # Connections authenticating together share one query (`BatchedLookup`).
-        self._devices = BatchedLookup[str, DeviceRecord](self._fetch_devices)
+        # Devices authenticating together share one query, and feedback arriving together one
+        # commit (`Batcher`).
+        self._devices = Batcher[str, DeviceRecord](self._fetch_devices)
+        self._feedback = Batcher[NewFeedback, bool](self._store_feedback)
+        self._interactions = Batcher[tuple[str, str], InteractionRecord](self._find_interactions)
         self._server: Server | None = None
         self._draining = False
 
@@ -310,9 +315,9 @@ class CloudServer:
                     conn,
                     "feedback",
                     fb.idempotency_key,
-                    lambda device: self.store.add_feedback(
-                        device, fb.idempotency_key, fb.request_id, fb.rating, fb.correction,
-                        fb.adapter_version,
+                    lambda device: self._add_feedback(
+                        NewFeedback(device, fb.idempotency_key, fb.request_id, fb.rating,
+                                    fb.correction, fb.adapter_version)
                     ),
                 )  # fmt: skip
                 if fb.adapter_version is not None:
@@ -347,24 +352,25 @@ class CloudServer:
     async def _learn(self, conn: _Connection, request_id: str) -> None:
         """Let the agent learn from feedback on one of its answers (best effort)."""
         assert conn.device_id is not None
-        for attempt in range(2):
-            try:
-                found = await self.store.list_interactions(
-                    device_id=conn.device_id, request_id=request_id, limit=1
-                )
-            except StoreError:
-                return
-            if found:
-                if self.agent.learn(found[0]):
-                    self.metrics.learned.inc()
-                return
-            if attempt == 0:
-                await self.recorder.flush()  # the answer may still be in the write batch
+        if self.recorder.holds(conn.device_id, request_id):
+            await self.recorder.flush()  # the answer is still in the write batch
+        try:
+            found = await self._interactions.submit((conn.device_id, request_id))
+        except StoreError:
+            return
+        if found is not None and self.agent.learn(found):
+            self.metrics.learned.inc()
+
+    async def _find_interactions(
+        self, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], InteractionRecord]:
+        found = await self.store.list_interactions(keys=keys, limit=len(keys))
+        return {(r.device_id, r.request_id): r for r in found}
 
     async def _authenticate(self, conn: _Connection, device_id: str) -> None:
         session = conn.session
         try:
-            device = await self._devices.get(device_id)
+            device = await self._devices.submit(device_id)
         except StoreError:
             session.refuse(ErrorCode.INTERNAL_ERROR, "store unavailable, try again")
             return
@@ -399,6 +405,13 @@ class CloudServer:
 
     async def _fetch_devices(self, device_ids: list[str]) -> dict[str, DeviceRecord]:
         return await self.store.get_devices(device_ids)
+
+    async def _store_feedback(self, items: list[NewFeedback]) -> dict[NewFeedback, bool]:
+        return await self.store.add_feedback_batch(items)
+
+    async def _add_feedback(self, item: NewFeedback) -> bool:
+        """Store `item` in the next feedback commit; True if it was stored before."""
+        return bool(await self._feedback.submit(item))
 
     async def push_offers(self) -> None:
         """Re-check offers for every connected device (a bundle was published or moved on):

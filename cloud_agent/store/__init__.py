@@ -8,6 +8,7 @@ from cloud_agent.store.records import (
     DeviceRecord,
     FeedbackSummary,
     InteractionRecord,
+    NewFeedback,
     NewInteraction,
     SessionEvent,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceRecord",
     "FeedbackSummary",
     "InteractionRecord",
+    "NewFeedback",
     "NewInteraction",
     "Offers",
     "RolloutHealth",

@@ -47,6 +47,20 @@ class NewInteraction:
 
 
 @dataclass(frozen=True, slots=True)
+class NewFeedback:
+    """A rating (and perhaps a correction) a device sent on one of its requests; stored once
+    per device and idempotency key."""
+
+    device_id: str
+    idempotency_key: str
+    request_id: str
+    rating: str
+    correction: str | None = None
+    adapter_version: int | None = None
+    """Set when the device answered with that adapter active (rollouts watch these)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionEvent:
     """A session began (with what the device announced) or ended; written in batches."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, delete, event, func, insert, select, update
+from sqlalchemy import Table, delete, event, func, insert, select, tuple_, update
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -36,6 +36,7 @@ from cloud_agent.store.records import (
     DeviceRecord,
     FeedbackSummary,
     InteractionRecord,
+    NewFeedback,
     NewInteraction,
     SessionEvent,
 )
@@ -278,11 +279,12 @@ class Store(JobStore, RolloutStore):
         rated_only: bool = False,
         rated_since: datetime | None = None,
         before_id: int | None = None,
+        keys: Collection[tuple[str, str]] | None = None,
     ) -> list[InteractionRecord]:
         """Newest first, each with the latest feedback on it (if any); `rated_only` keeps those
         that have feedback, `rated_since` those with feedback stored since then. `before_id`
         pages back: the interactions older than the one with that id (the last `id` of the
-        previous page)."""
+        previous page). `keys` keeps those with these (device id, request id) pairs."""
         async with self._tx() as s:
             query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
             if before_id is not None:
@@ -293,6 +295,9 @@ class Store(JobStore, RolloutStore):
                 query = query.where(t.Interaction.status == status)
             if request_id is not None:
                 query = query.where(t.Interaction.request_id == request_id)
+            if keys is not None:
+                pair = tuple_(t.Interaction.device_id, t.Interaction.request_id)
+                query = query.where(pair.in_(list(keys)))
             if rated_only or rated_since is not None:
                 feedback = select(t.Feedback.request_id).where(
                     t.Feedback.device_id == t.Interaction.device_id,
@@ -367,17 +372,48 @@ class Store(JobStore, RolloutStore):
         correction: str | None = None,
         adapter_version: int | None = None,
     ) -> bool:
-        return await self._insert_once(
-            t.Feedback(
-                device_id=device_id,
-                idempotency_key=idempotency_key,
-                request_id=request_id,
-                rating=rating,
-                correction=correction,
-                created_at=_now(),
-                adapter_version=adapter_version,
-            )
+        """Store one feedback; True if its key was stored before (a resend)."""
+        item = NewFeedback(
+            device_id, idempotency_key, request_id, rating, correction, adapter_version
         )
+        return (await self.add_feedback_batch([item]))[item]
+
+    async def add_feedback_batch(self, items: Sequence[NewFeedback]) -> dict[NewFeedback, bool]:
+        """Store many feedbacks in one transaction, each once per device and idempotency key;
+        returns, for each, whether its key was stored before (a resend, or an earlier item of
+        this batch). Nothing is stored if the transaction fails."""
+        try:
+            return await self._insert_feedback(items)
+        except IntegrityError:
+            # Another replica stored one of these keys between the read and the insert; read
+            # again, and this time it is among the stored ones.
+            try:
+                return await self._insert_feedback(items)
+            except IntegrityError as exc:
+                raise StoreError("feedback refused by the database (IntegrityError)") from exc
+
+    async def _insert_feedback(self, items: Sequence[NewFeedback]) -> dict[NewFeedback, bool]:
+        columns = (t.Feedback.device_id, t.Feedback.idempotency_key)
+        wanted = {(f.device_id, f.idempotency_key) for f in items}
+        now = _now()
+        async with self._tx() as s:
+            query = select(*columns).where(tuple_(*columns).in_(wanted))
+            seen = {(row[0], row[1]) for row in await s.execute(query)}
+            result: dict[NewFeedback, bool] = {}
+            rows = []
+            for f in items:
+                result[f] = (f.device_id, f.idempotency_key) in seen
+                if not result[f]:
+                    seen.add((f.device_id, f.idempotency_key))
+                    rows.append(
+                        {"device_id": f.device_id, "idempotency_key": f.idempotency_key,
+                         "request_id": f.request_id, "rating": f.rating,
+                         "correction": f.correction, "created_at": now,
+                         "adapter_version": f.adapter_version}
+                    )  # fmt: skip
+            if rows:
+                await s.execute(insert(t.Feedback), rows)
+        return result
 
     async def add_report(self, device_id: str, idempotency_key: str, body: dict[str, Any]) -> bool:
         return await self._insert_once(

@@ -1,4 +1,4 @@
-"""`BatchedLookup`: concurrent lookups share queries, and none is answered by a stale one."""
+"""`Batcher`: concurrent calls share batches, and none is answered by a batch older than it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cloud_agent.batching import BatchedLookup
+from cloud_agent.batching import Batcher
 
 
 class Table:
@@ -29,29 +29,29 @@ class Table:
 
 async def test_lookups_made_while_a_query_runs_share_the_next_query() -> None:
     table = Table({"a": 1, "b": 2, "c": 3, "d": 4})
-    lookup = BatchedLookup(table.fetch)
+    lookup = Batcher(table.fetch)
     table.gate.clear()
-    first = asyncio.create_task(lookup.get("a"))
+    first = asyncio.create_task(lookup.submit("a"))
     await asyncio.sleep(0)  # the first query is now running, held at the gate
     await asyncio.sleep(0)
-    rest = [asyncio.create_task(lookup.get(k)) for k in ("b", "c", "d", "b")]
+    rest = [asyncio.create_task(lookup.submit(k)) for k in ("b", "c", "d", "b")]
     await asyncio.sleep(0)
     table.gate.set()
     assert await first == 1
     assert await asyncio.gather(*rest) == [2, 3, 4, 2]
     assert table.queries == [["a"], ["b", "c", "d"]]
-    assert lookup.fetches == 2
+    assert lookup.batches == 2
 
 
 async def test_a_lookup_is_answered_by_a_query_that_started_after_it_asked() -> None:
     table = Table({"dev": 1})
-    lookup = BatchedLookup(table.fetch)
+    lookup = Batcher(table.fetch)
     table.gate.clear()
-    early = asyncio.create_task(lookup.get("dev"))
+    early = asyncio.create_task(lookup.submit("dev"))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     table.rows["dev"] = 2  # changed while the first query runs (say, the device was revoked)
-    late = asyncio.create_task(lookup.get("dev"))
+    late = asyncio.create_task(lookup.submit("dev"))
     await asyncio.sleep(0)
     table.gate.set()
     # The first query read before the change here; a real one may see either. The late caller
@@ -62,36 +62,36 @@ async def test_a_lookup_is_answered_by_a_query_that_started_after_it_asked() -> 
 
 
 async def test_a_key_nobody_has_is_none() -> None:
-    lookup = BatchedLookup(Table({"a": 1}).fetch)
-    assert await lookup.get("zzz") is None
+    lookup = Batcher(Table({"a": 1}).fetch)
+    assert await lookup.submit("zzz") is None
 
 
 async def test_batches_hold_at_most_max_batch_keys() -> None:
     table = Table({k: i for i, k in enumerate("abcdefg")})
-    lookup = BatchedLookup(table.fetch, max_batch=3)
-    got = await asyncio.gather(*(lookup.get(k) for k in "abcdefg"))
+    lookup = Batcher(table.fetch, max_batch=3)
+    got = await asyncio.gather(*(lookup.submit(k) for k in "abcdefg"))
     assert got == list(range(7))
     assert [len(q) for q in table.queries] == [3, 3, 1]
     with pytest.raises(ValueError):
-        BatchedLookup(table.fetch, max_batch=0)
+        Batcher(table.fetch, max_batch=0)
 
 
 async def test_a_failed_query_fails_each_of_its_callers_and_the_next_batch_still_runs() -> None:
     table = Table({"a": 1, "bad": 2})
     table.fail_on = "bad"
-    lookup = BatchedLookup(table.fetch)
-    results = await asyncio.gather(lookup.get("a"), lookup.get("bad"), return_exceptions=True)
+    lookup = Batcher(table.fetch)
+    results = await asyncio.gather(lookup.submit("a"), lookup.submit("bad"), return_exceptions=True)
     assert [type(r) for r in results] == [LookupError, LookupError]
     table.fail_on = None
-    assert await lookup.get("a") == 1
+    assert await lookup.submit("a") == 1
 
 
 async def test_a_caller_that_gives_up_does_not_cancel_the_query_the_others_wait_for() -> None:
     table = Table({"a": 1, "b": 2})
-    lookup = BatchedLookup(table.fetch)
+    lookup = Batcher(table.fetch)
     table.gate.clear()
-    quitter = asyncio.create_task(lookup.get("a"))
-    stayer = asyncio.create_task(lookup.get("b"))
+    quitter = asyncio.create_task(lookup.submit("a"))
+    stayer = asyncio.create_task(lookup.submit("b"))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     quitter.cancel()

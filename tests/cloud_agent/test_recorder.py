@@ -57,8 +57,10 @@ async def test_records_are_written_in_batches_and_flush_waits_for_them(store: St
     for i in range(25):
         await recorder.record(interaction(i, device.id))
     await recorder.record(SessionEvent("started", "ses_1", device.id, datetime.now(UTC)))
+    assert recorder.holds(device.id, "req_24") and not recorder.holds(device.id, "req_25")
     await recorder.flush()
     assert recorder.written == 26 and recorder.lost == 0
+    assert not recorder.holds(device.id, "req_24"), "written: the store has it now"
     stored = await store.list_interactions(limit=100)
     assert sorted(r.request_id for r in stored) == sorted(f"req_{i}" for i in range(25))
     await recorder.stop()
@@ -80,12 +82,14 @@ async def test_a_failed_batch_is_retried_once_then_counted_as_lost() -> None:
     recorder = InteractionRecorder(double, max_delay_s=0.0, retry_delay_s=0.0)  # type: ignore[arg-type]
     recorder.start()
     await recorder.record(interaction(1, "dev_1"))
+    assert recorder.holds("dev_1", "req_1")
     await recorder.flush()
     assert (recorder.written, recorder.lost) == (1, 0), "the retry succeeded"
     double.failures = 2
     await recorder.record(interaction(2, "dev_1"))
     await recorder.flush()
     assert (recorder.written, recorder.lost) == (1, 1)
+    assert not recorder.holds("dev_1", "req_1") and not recorder.holds("dev_1", "req_2")
     await recorder.stop()
 
 

@@ -296,6 +296,37 @@ async def test_feedback_is_acknowledged_after_commit_and_stored_once(cloud: Clou
     await device.close()
 
 
+async def test_feedback_from_many_devices_at_once_shares_commits_and_each_is_acked_once(
+    cloud: Cloud,
+) -> None:
+    store = cloud.service.store
+    devices = [(await cloud.enroll())[0] for _ in range(8)]
+    commits = 0
+    add_batch = store.add_feedback_batch
+
+    async def counted(items):  # type: ignore[no-untyped-def]
+        nonlocal commits
+        commits += 1
+        return await add_batch(items)
+
+    store.add_feedback_batch = counted  # type: ignore[method-assign]
+
+    async def rate(device: Device) -> list[bool]:
+        flags = []
+        for key in ("idk_1", "idk_2", "idk_1"):  # the last is a resend (its ack was lost)
+            await device.send(Feedback(idempotency_key=key, request_id="req_x", rating="negative"))
+            ack = await device.next_event(AckReceived)
+            assert isinstance(ack, AckReceived) and ack.ack.idempotency_key == key
+            flags.append(ack.ack.duplicate)
+        return flags
+
+    assert await asyncio.gather(*(rate(d) for d in devices)) == [[False, False, True]] * 8
+    assert (await store.feedback_summary()).negative == 16
+    assert commits < 24, "devices sending at once share commits"
+    for device in devices:
+        await device.close()
+
+
 EARLY_CALL = "Can I call customer service early in the morning?"
 HOTLINE = "The support hotline is open from 7:30 to 21:00, every day of the week."
 

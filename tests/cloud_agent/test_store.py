@@ -13,8 +13,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import update
 
-from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
-from cloud_agent.store import NewInteraction, SessionEvent, Store, tables
+from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
+from cloud_agent.store import NewFeedback, NewInteraction, SessionEvent, Store, tables
 from cloud_agent.store import store as store_module
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import INTERACTIONS, Base
@@ -119,6 +119,28 @@ async def test_feedback_is_stored_once_per_idempotency_key(store: Store) -> None
     assert await store.add_feedback("dev_a", "idk_2", "req_2", "positive") is False
     summary = await store.feedback_summary()
     assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
+
+
+async def test_a_feedback_batch_is_one_transaction_storing_each_key_once(store: Store) -> None:
+    await enrolled(store)
+    await enrolled(store, "dev_b", KEY_B)
+    assert await store.add_feedback("dev_a", "idk_1", "req_1", "positive") is False
+    batch = [
+        NewFeedback("dev_a", "idk_1", "req_1", "positive"),  # a resend of the one above
+        NewFeedback("dev_a", "idk_2", "req_2", "negative", "Plan B", adapter_version=3),
+        NewFeedback("dev_b", "idk_1", "req_1", "negative"),  # same key, another device
+        NewFeedback("dev_a", "idk_2", "req_2", "positive"),  # same key again in the batch
+    ]
+    assert list((await store.add_feedback_batch(batch)).values()) == [True, False, False, True]
+    summary = await store.feedback_summary()
+    assert (summary.positive, summary.negative, summary.corrections) == (1, 2, 1)
+    # A batch the database refuses (a device that is not enrolled) stores none of its items.
+    with pytest.raises(StoreError):
+        await store.add_feedback_batch(
+            [NewFeedback("dev_a", "idk_3", "req_3", "positive"),
+             NewFeedback("dev_nobody", "idk_1", "req_1", "positive")]
+        )  # fmt: skip
+    assert await store.add_feedback("dev_a", "idk_3", "req_3", "positive") is False
 
 
 async def test_reports_and_update_statuses_are_stored_once(store: Store) -> None:
@@ -277,6 +299,12 @@ async def test_rated_interactions_are_found_by_when_their_feedback_came(store: S
     assert [r.request_id for r in recent] == ["req_2"]
     [one] = await store.list_interactions(request_id="req_0")
     assert one.correction == "Better answer."
+    wanted = [("dev_a", "req_0"), ("dev_a", "req_2"), ("dev_a", "req_9"), ("dev_b", "req_1")]
+    found = await store.list_interactions(keys=wanted)
+    assert [(r.request_id, r.rating) for r in found] == [
+        ("req_2", "positive"),
+        ("req_0", "negative"),
+    ]
 
 
 async def test_privacy_events_count_kinds_against_the_device(store: Store) -> None:
