@@ -58,8 +58,10 @@ class BundleDistribution:
         """Called when a review changed a rollout's state: the server pushes offers to its
         connections; the service replaces it to tell every replica, which then pushes."""
         self._files: dict[int, dict[str, tuple[Path, int]]] = {}
-        # Devices connecting together share one read of the offers.
+        # Devices connecting together share one read of the offers, and devices reporting
+        # together one review.
         self._offers = Batcher[OfferKey, AdapterRecord](self._fetch_offers)
+        self._reviews = Batcher[int, None](self._review_versions)
 
     async def _fetch_offers(self, keys: list[OfferKey]) -> dict[OfferKey, AdapterRecord]:
         offers = await self.store.offers()
@@ -87,20 +89,28 @@ class BundleDistribution:
         conn.session.send(record.offer)
 
     async def review(self, version: int) -> None:
-        """Let the rollout policy look at `version` after a device reported on it, and call
-        `on_rollout_change` if the rollout changed state."""
-        try:
-            changed = await self.rollout_policy.review(self.store, version)
-        except StoreError:
-            return
-        if changed is None:
-            return
-        log.info("rollout of version %s is now %s", version, changed)
-        if self.on_rollout_change is not None:
+        """Let the rollout policy look at `version` after a device reported on it (its report
+        stored), and call `on_rollout_change` if the rollout changed state. Reports arriving
+        together share one review per version: after a publication, thousands of devices
+        report within seconds, and each review counts the rollout's deployments and feedback."""
+        await self._reviews.submit(version)
+
+    async def _review_versions(self, versions: list[int]) -> dict[int, None]:
+        changed = False
+        for version in versions:
+            try:
+                state = await self.rollout_policy.review(self.store, version)
+            except StoreError:
+                continue  # reviewed again on the next report
+            if state is not None:
+                log.info("rollout of version %s is now %s", version, state)
+                changed = True
+        if changed and self.on_rollout_change is not None:
             try:
                 await self.on_rollout_change()
             except StoreError as exc:  # offered on the next connection or publication poll
                 log.warning("offers not pushed after the rollout change (%s)", exc)
+        return {}
 
     async def fetch(self, session: ServerSession, request: Fetch) -> None:
         """Serve one range of a published bundle's file as a `chunk` and a binary frame."""

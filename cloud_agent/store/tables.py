@@ -229,3 +229,6 @@ class JobItem(Base):
 
 
 Index("ix_feedback_created", Feedback.created_at)
+# Reviewing a rollout counts its deployments and the feedback given under it.
+Index("ix_deployments_version", Deployment.version, Deployment.status)
+Index("ix_feedback_adapter_version", Feedback.adapter_version, Feedback.rating)
