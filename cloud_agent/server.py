@@ -37,6 +37,7 @@ from cloud_agent.store import (
     InteractionRecord,
     NewFeedback,
     NewInteraction,
+    NewReport,
     SessionEvent,
     Store,
 )
@@ -145,10 +146,11 @@ class CloudServer:
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
-        # Devices authenticating together share one query, and feedback arriving together one
-        # commit (`Batcher`).
+        # Devices authenticating together share one query, and feedback (or reports) arriving
+        # together one commit (`Batcher`).
         self._devices = Batcher[str, DeviceRecord](self._fetch_devices)
         self._feedback = Batcher[NewFeedback, bool](self._store_feedback)
+        self._reports = Batcher[NewReport, bool](self._store_reports)
         self._interactions = Batcher[tuple[str, str], InteractionRecord](self._find_interactions)
         self._server: Server | None = None
         self._draining = False
@@ -330,7 +332,7 @@ class CloudServer:
                     conn,
                     "report",
                     rp.idempotency_key,
-                    lambda device: self.store.add_report(device, rp.idempotency_key, body),
+                    lambda device: self._add_report(NewReport(device, rp.idempotency_key, body)),
                 )
             case UpdateStatusReceived(message=us):
                 await self._acknowledge(
@@ -412,6 +414,13 @@ class CloudServer:
     async def _add_feedback(self, item: NewFeedback) -> bool:
         """Store `item` in the next feedback commit; True if it was stored before."""
         return bool(await self._feedback.submit(item))
+
+    async def _store_reports(self, items: list[NewReport]) -> dict[NewReport, bool]:
+        return await self.store.add_report_batch(items)
+
+    async def _add_report(self, item: NewReport) -> bool:
+        """Store `item` in the next report commit; True if it was stored before."""
+        return bool(await self._reports.submit(item))
 
     async def push_offers(self) -> None:
         """Re-check offers for every connected device (a bundle was published or moved on):

@@ -10,6 +10,7 @@ from cloud_agent.store.records import (
     InteractionRecord,
     NewFeedback,
     NewInteraction,
+    NewReport,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
@@ -22,6 +23,7 @@ __all__ = [
     "InteractionRecord",
     "NewFeedback",
     "NewInteraction",
+    "NewReport",
     "Offers",
     "RolloutHealth",
     "SessionEvent",

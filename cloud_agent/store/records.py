@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,16 @@ class NewFeedback:
     correction: str | None = None
     adapter_version: int | None = None
     """Set when the device answered with that adapter active (rollouts watch these)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class NewReport:
+    """A device's report (its routes, latencies and the like), stored once per device and
+    idempotency key. Compared by identity: the body is a dict."""
+
+    device_id: str
+    idempotency_key: str
+    body: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ from cloud_agent.store.records import (
     InteractionRecord,
     NewFeedback,
     NewInteraction,
+    NewReport,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import RolloutStore
@@ -354,15 +355,6 @@ class Store(JobStore, RolloutStore):
 
     # --- idempotent messages: stored once per (device, key), acknowledged after commit ----
 
-    async def _insert_once(self, row: Any) -> bool:
-        """Insert `row`; return True if its key was stored before (a resend)."""
-        try:
-            async with self._tx() as s:
-                s.add(row)
-        except IntegrityError:
-            return True
-        return False
-
     async def add_feedback(
         self,
         device_id: str,
@@ -382,45 +374,64 @@ class Store(JobStore, RolloutStore):
         """Store many feedbacks in one transaction, each once per device and idempotency key;
         returns, for each, whether its key was stored before (a resend, or an earlier item of
         this batch). Nothing is stored if the transaction fails."""
+        now = _now()
+        rows = [
+            {"device_id": f.device_id, "idempotency_key": f.idempotency_key,
+             "request_id": f.request_id, "rating": f.rating, "correction": f.correction,
+             "created_at": now, "adapter_version": f.adapter_version}
+            for f in items
+        ]  # fmt: skip
+        return dict(zip(items, await self._insert_once(t.Feedback, rows), strict=True))
+
+    async def add_report(self, device_id: str, idempotency_key: str, body: dict[str, Any]) -> bool:
+        """Store one device report; True if its key was stored before (a resend)."""
+        item = NewReport(device_id, idempotency_key, body)
+        return (await self.add_report_batch([item]))[item]
+
+    async def add_report_batch(self, items: Sequence[NewReport]) -> dict[NewReport, bool]:
+        """Store many device reports in one transaction, like `add_feedback_batch`."""
+        now = _now()
+        rows = [
+            {"device_id": r.device_id, "idempotency_key": r.idempotency_key, "body": r.body,
+             "created_at": now}
+            for r in items
+        ]  # fmt: skip
+        return dict(zip(items, await self._insert_once(t.Report, rows), strict=True))
+
+    async def _insert_once(
+        self, table: type[t.Feedback] | type[t.Report], rows: list[dict[str, Any]]
+    ) -> list[bool]:
+        """Insert the rows whose (device_id, idempotency_key) is new, in one transaction;
+        returns, for each row, whether its key was stored before."""
         try:
-            return await self._insert_feedback(items)
+            return await self._insert_new(table, rows)
         except IntegrityError:
             # Another replica stored one of these keys between the read and the insert; read
             # again, and this time it is among the stored ones.
             try:
-                return await self._insert_feedback(items)
+                return await self._insert_new(table, rows)
             except IntegrityError as exc:
-                raise StoreError("feedback refused by the database (IntegrityError)") from exc
+                raise StoreError(f"{table.__tablename__} refused by the database") from exc
 
-    async def _insert_feedback(self, items: Sequence[NewFeedback]) -> dict[NewFeedback, bool]:
-        columns = (t.Feedback.device_id, t.Feedback.idempotency_key)
-        wanted = {(f.device_id, f.idempotency_key) for f in items}
-        now = _now()
+    async def _insert_new(
+        self, table: type[t.Feedback] | type[t.Report], rows: list[dict[str, Any]]
+    ) -> list[bool]:
+        columns = (table.device_id, table.idempotency_key)
+        wanted = {(r["device_id"], r["idempotency_key"]) for r in rows}
         async with self._tx() as s:
             query = select(*columns).where(tuple_(*columns).in_(wanted))
             seen = {(row[0], row[1]) for row in await s.execute(query)}
-            result: dict[NewFeedback, bool] = {}
-            rows = []
-            for f in items:
-                result[f] = (f.device_id, f.idempotency_key) in seen
-                if not result[f]:
-                    seen.add((f.device_id, f.idempotency_key))
-                    rows.append(
-                        {"device_id": f.device_id, "idempotency_key": f.idempotency_key,
-                         "request_id": f.request_id, "rating": f.rating,
-                         "correction": f.correction, "created_at": now,
-                         "adapter_version": f.adapter_version}
-                    )  # fmt: skip
-            if rows:
-                await s.execute(insert(t.Feedback), rows)
-        return result
-
-    async def add_report(self, device_id: str, idempotency_key: str, body: dict[str, Any]) -> bool:
-        return await self._insert_once(
-            t.Report(
-                device_id=device_id, idempotency_key=idempotency_key, body=body, created_at=_now()
-            )
-        )
+            stored_before = []
+            fresh = []
+            for r in rows:
+                key = (r["device_id"], r["idempotency_key"])
+                stored_before.append(key in seen)
+                if key not in seen:
+                    seen.add(key)
+                    fresh.append(r)
+            if fresh:
+                await s.execute(insert(table), fresh)
+        return stored_before
 
     async def add_update_status(
         self,

@@ -11,10 +11,17 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
-from cloud_agent.store import NewFeedback, NewInteraction, SessionEvent, Store, tables
+from cloud_agent.store import (
+    NewFeedback,
+    NewInteraction,
+    NewReport,
+    SessionEvent,
+    Store,
+    tables,
+)
 from cloud_agent.store import store as store_module
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import INTERACTIONS, Base
@@ -148,6 +155,14 @@ async def test_reports_and_update_statuses_are_stored_once(store: Store) -> None
     body = {"routes": {"local": 3}}
     assert await store.add_report("dev_a", "idk_r", body) is False
     assert await store.add_report("dev_a", "idk_r", body) is True
+    batch = [NewReport("dev_a", "idk_r", body), NewReport("dev_a", "idk_s", body),
+             NewReport("dev_a", "idk_s", {"routes": {"cloud": 1}})]  # fmt: skip
+    assert list((await store.add_report_batch(batch)).values()) == [True, False, True]
+    async with store.engine.connect() as conn:
+        stored = (
+            await conn.execute(select(tables.Report.body).order_by(tables.Report.idempotency_key))
+        ).all()
+    assert [row[0] for row in stored] == [body, body], "one row per key, the first one kept"
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is False
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is True
 
