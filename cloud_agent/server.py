@@ -148,9 +148,12 @@ class CloudServer:
         self._connections: set[_Connection] = set()
         # Devices authenticating together share one query, and feedback (or reports) arriving
         # together one commit (`Batcher`).
-        self._devices = Batcher[str, DeviceRecord](self._fetch_devices)
-        self._feedback = Batcher[NewFeedback, bool](self._store_feedback)
-        self._reports = Batcher[NewReport, bool](self._store_reports)
+        # (Each calls `self.store` when it runs: the store is looked up late, not captured.)
+        self._devices = Batcher[str, DeviceRecord](lambda ids: self.store.get_devices(ids))
+        self._feedback = Batcher[NewFeedback, bool](
+            lambda items: self.store.add_feedback_batch(items)
+        )
+        self._reports = Batcher[NewReport, bool](lambda items: self.store.add_report_batch(items))
         self._interactions = Batcher[tuple[str, str], InteractionRecord](self._find_interactions)
         self._server: Server | None = None
         self._draining = False
@@ -317,7 +320,7 @@ class CloudServer:
                     conn,
                     "feedback",
                     fb.idempotency_key,
-                    lambda device: self._add_feedback(
+                    lambda device: self._feedback.submit(
                         NewFeedback(device, fb.idempotency_key, fb.request_id, fb.rating,
                                     fb.correction, fb.adapter_version)
                     ),
@@ -332,7 +335,9 @@ class CloudServer:
                     conn,
                     "report",
                     rp.idempotency_key,
-                    lambda device: self._add_report(NewReport(device, rp.idempotency_key, body)),
+                    lambda device: self._reports.submit(
+                        NewReport(device, rp.idempotency_key, body)
+                    ),
                 )
             case UpdateStatusReceived(message=us):
                 await self._acknowledge(
@@ -405,23 +410,6 @@ class CloudServer:
         )  # fmt: skip
         await self.updates.offer(conn)
 
-    async def _fetch_devices(self, device_ids: list[str]) -> dict[str, DeviceRecord]:
-        return await self.store.get_devices(device_ids)
-
-    async def _store_feedback(self, items: list[NewFeedback]) -> dict[NewFeedback, bool]:
-        return await self.store.add_feedback_batch(items)
-
-    async def _add_feedback(self, item: NewFeedback) -> bool:
-        """Store `item` in the next feedback commit; True if it was stored before."""
-        return bool(await self._feedback.submit(item))
-
-    async def _store_reports(self, items: list[NewReport]) -> dict[NewReport, bool]:
-        return await self.store.add_report_batch(items)
-
-    async def _add_report(self, item: NewReport) -> bool:
-        """Store `item` in the next report commit; True if it was stored before."""
-        return bool(await self._reports.submit(item))
-
     async def push_offers(self) -> None:
         """Re-check offers for every connected device (a bundle was published or moved on):
         one read of the offers for them all. Raises `StoreError` when the store cannot say."""
@@ -437,11 +425,13 @@ class CloudServer:
         conn: _Connection,
         kind: str,
         key: str,
-        write: Callable[[str], Awaitable[bool]],
+        write: Callable[[str], Awaitable[bool | None]],
     ) -> None:
+        """Store a message with an idempotency key, then ack it; `write` returns whether the
+        key was stored before."""
         assert conn.device_id is not None
         try:
-            duplicate = await write(conn.device_id)
+            duplicate = bool(await write(conn.device_id))
         except StoreError:
             # No ack: the device keeps the message and resends it; nothing is lost.
             log.warning("store unavailable; %s %s not acknowledged", kind, key)
