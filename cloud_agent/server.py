@@ -38,6 +38,7 @@ from cloud_agent.store import (
     NewFeedback,
     NewInteraction,
     NewReport,
+    NewUpdateStatus,
     SessionEvent,
     Store,
 )
@@ -146,14 +147,17 @@ class CloudServer:
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
-        # Devices authenticating together share one query, and feedback (or reports) arriving
-        # together one commit (`Batcher`).
+        # Devices authenticating together share one query, and feedback, reports or update
+        # statuses arriving together one commit (`Batcher`).
         # (Each calls `self.store` when it runs: the store is looked up late, not captured.)
         self._devices = Batcher[str, DeviceRecord](lambda ids: self.store.get_devices(ids))
         self._feedback = Batcher[NewFeedback, bool](
             lambda items: self.store.add_feedback_batch(items)
         )
         self._reports = Batcher[NewReport, bool](lambda items: self.store.add_report_batch(items))
+        self._statuses = Batcher[NewUpdateStatus, bool](
+            lambda items: self.store.add_update_status_batch(items)
+        )
         self._interactions = Batcher[tuple[str, str], InteractionRecord](self._find_interactions)
         self._server: Server | None = None
         self._draining = False
@@ -344,9 +348,16 @@ class CloudServer:
                     conn,
                     "update_status",
                     us.idempotency_key,
-                    lambda device: self.store.add_update_status(
-                        device, us.idempotency_key, us.version, us.status, us.reason, us.self_check
-                    ),
+                    lambda device: self._statuses.submit(
+                        NewUpdateStatus(
+                            device,
+                            us.idempotency_key,
+                            us.version,
+                            us.status,
+                            us.reason,
+                            us.self_check,
+                        )
+                    ),  # fmt: skip
                 )
                 if us.status == "applied":
                     conn.adapter_version = us.version

@@ -11,6 +11,7 @@ from cloud_agent.store.records import (
     NewFeedback,
     NewInteraction,
     NewReport,
+    NewUpdateStatus,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
@@ -24,6 +25,7 @@ __all__ = [
     "NewFeedback",
     "NewInteraction",
     "NewReport",
+    "NewUpdateStatus",
     "Offers",
     "RolloutHealth",
     "SessionEvent",

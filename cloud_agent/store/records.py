@@ -70,6 +70,19 @@ class NewReport:
     body: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class NewUpdateStatus:
+    """How applying a bundle went on a device (applied, rejected, rolled back), stored once
+    per device and idempotency key. Compared by identity: the self-check is a dict."""
+
+    device_id: str
+    idempotency_key: str
+    version: int
+    status: str
+    reason: str | None
+    self_check: dict[str, float]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
     """A session began (with what the device announced) or ended; written in batches."""

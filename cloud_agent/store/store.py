@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,11 +39,16 @@ from cloud_agent.store.records import (
     NewFeedback,
     NewInteraction,
     NewReport,
+    NewUpdateStatus,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import RolloutStore
 
 __all__ = ["Store", "hash_token", "sqlite_url"]
+
+_Keyed = t.Feedback | t.Report | t.StatusReport
+"""Tables of messages stored once per device and idempotency key."""
+_FollowUp = Callable[[AsyncSession, list[dict[str, Any]]], Awaitable[None]]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -399,22 +404,23 @@ class Store(JobStore, RolloutStore):
         return dict(zip(items, await self._insert_once(t.Report, rows), strict=True))
 
     async def _insert_once(
-        self, table: type[t.Feedback] | type[t.Report], rows: list[dict[str, Any]]
+        self, table: type[_Keyed], rows: list[dict[str, Any]], then: _FollowUp | None = None
     ) -> list[bool]:
         """Insert the rows whose (device_id, idempotency_key) is new, in one transaction;
-        returns, for each row, whether its key was stored before."""
+        returns, for each row, whether its key was stored before. `then(session, stored)`
+        runs in the same transaction with the rows inserted."""
         try:
-            return await self._insert_new(table, rows)
+            return await self._insert_new(table, rows, then)
         except IntegrityError:
             # Another replica stored one of these keys between the read and the insert; read
             # again, and this time it is among the stored ones.
             try:
-                return await self._insert_new(table, rows)
+                return await self._insert_new(table, rows, then)
             except IntegrityError as exc:
                 raise StoreError(f"{table.__tablename__} refused by the database") from exc
 
     async def _insert_new(
-        self, table: type[t.Feedback] | type[t.Report], rows: list[dict[str, Any]]
+        self, table: type[_Keyed], rows: list[dict[str, Any]], then: _FollowUp | None
     ) -> list[bool]:
         columns = (table.device_id, table.idempotency_key)
         wanted = {(r["device_id"], r["idempotency_key"]) for r in rows}
@@ -431,6 +437,8 @@ class Store(JobStore, RolloutStore):
                     fresh.append(r)
             if fresh:
                 await s.execute(insert(table), fresh)
+                if then is not None:
+                    await then(s, fresh)
         return stored_before
 
     async def add_update_status(
@@ -442,25 +450,39 @@ class Store(JobStore, RolloutStore):
         reason: str | None,
         self_check: dict[str, float],
     ) -> bool:
-        try:
-            async with self._tx() as s:
-                s.add(
-                    t.StatusReport(
-                        device_id=device_id, idempotency_key=idempotency_key, version=version,
-                        status=status, created_at=_now(),
-                    )
-                )  # fmt: skip
-                await s.flush()
-                if await s.get(t.Adapter, version) is not None:
+        """Store one update status; True if its key was stored before (a resend)."""
+        item = NewUpdateStatus(device_id, idempotency_key, version, status, reason, self_check)
+        return (await self.add_update_status_batch([item]))[item]
+
+    async def add_update_status_batch(
+        self, items: Sequence[NewUpdateStatus]
+    ) -> dict[NewUpdateStatus, bool]:
+        """Store many update statuses in one transaction, like `add_feedback_batch`, and with
+        each new one, the device's deployment of that version (for published versions)."""
+        now = _now()
+        rows = [
+            {"device_id": u.device_id, "idempotency_key": u.idempotency_key,
+             "version": u.version, "status": u.status, "created_at": now}
+            for u in items
+        ]  # fmt: skip
+        extra = {(u.device_id, u.idempotency_key): u for u in items}
+
+        async def deploy(s: AsyncSession, stored: list[dict[str, Any]]) -> None:
+            versions = {r["version"] for r in stored}
+            published = set(
+                await s.scalars(select(t.Adapter.version).where(t.Adapter.version.in_(versions)))
+            )
+            for r in stored:  # in order: the latest status of a device's version wins
+                if r["version"] in published:
+                    u = extra[(r["device_id"], r["idempotency_key"])]
                     await s.merge(
                         t.Deployment(
-                            device_id=device_id, version=version, status=status, reason=reason,
-                            self_check=dict(self_check), updated_at=_now(),
+                            device_id=u.device_id, version=u.version, status=u.status,
+                            reason=u.reason, self_check=dict(u.self_check), updated_at=now,
                         )
                     )  # fmt: skip
-        except IntegrityError:
-            return True
-        return False
+
+        return dict(zip(items, await self._insert_once(t.StatusReport, rows, deploy), strict=True))
 
     async def feedback_summary(self) -> FeedbackSummary:
         async with self._tx() as s:

@@ -18,6 +18,7 @@ from cloud_agent.store import (
     NewFeedback,
     NewInteraction,
     NewReport,
+    NewUpdateStatus,
     SessionEvent,
     Store,
     tables,
@@ -379,6 +380,18 @@ async def test_adapters_and_deployments_are_summarised(store: Store) -> None:
     [adapter] = await store.list_adapters()
     assert adapter["version"] == 3 and adapter["metrics"] == {"fact_accuracy": 0.9}
     assert await store.deployment_summary() == [{"version": 3, "devices": {"applied": 1}}]
+    await enrolled(store, "dev_b", KEY_B)
+    batch = [
+        NewUpdateStatus("dev_a", "idk_1", 3, "applied", None, {}),  # a resend
+        NewUpdateStatus("dev_b", "idk_1", 3, "applied", None, {"ok": 1.0}),
+        NewUpdateStatus("dev_b", "idk_2", 3, "rolled_back", "self-check failed", {"ok": 0.0}),
+        NewUpdateStatus("dev_b", "idk_3", 9, "rejected", "unknown version", {}),  # unpublished
+    ]
+    flags = await store.add_update_status_batch(batch)
+    assert list(flags.values()) == [True, False, False, False]
+    # The device's latest status of a published version stands; unpublished ones only count.
+    summary = await store.deployment_summary()
+    assert summary == [{"version": 3, "devices": {"applied": 1, "rolled_back": 1}}]
 
 
 async def publish(store: Store, tmp_path: Path, version: int, **kw: object) -> None:
