@@ -39,12 +39,18 @@ class Batcher(Generic[K, V]):
     batch. Equal keys submitted to one batch are run once and share the result."""
 
     def __init__(
-        self, run: Callable[[list[K]], Awaitable[Mapping[K, V]]], *, max_batch: int = 500
+        self,
+        run: Callable[[list[K]], Awaitable[Mapping[K, V]]],
+        *,
+        max_batch: int = 500,
+        observe: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._call = run
         self.max_batch = max_batch
+        self._observe = observe
+        """Told the size of each batch as it runs (a metric)."""
         self.batches = 0
         """Batches run so far."""
         self._open: _Batch[K, V] | None = None
@@ -72,6 +78,8 @@ class Batcher(Generic[K, V]):
         if self._open is batch:
             self._open = None  # from here on, callers join the next batch
         self.batches += 1
+        if self._observe is not None:
+            self._observe(len(batch.keys))
         return await self._call(list(batch.keys))
 
 

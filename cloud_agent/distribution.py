@@ -60,8 +60,13 @@ class BundleDistribution:
         self._files: dict[int, dict[str, tuple[Path, int]]] = {}
         # Devices connecting together share one read of the offers, and devices reporting
         # together one review.
-        self._offers = Batcher[OfferKey, AdapterRecord](self._fetch_offers)
-        self._reviews = Batcher[int, None](self._review_versions)
+        sizes = metrics.store_batch
+        self._offers = Batcher[OfferKey, AdapterRecord](
+            self._fetch_offers, observe=sizes.labels("offers").observe
+        )
+        self._reviews = Batcher[int, None](
+            self._review_versions, observe=sizes.labels("reviews").observe
+        )
 
     async def _fetch_offers(self, keys: list[OfferKey]) -> dict[OfferKey, AdapterRecord]:
         offers = await self.store.offers()

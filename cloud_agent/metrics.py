@@ -38,6 +38,13 @@ class Metrics:
         self.tokens = Counter(
             "edgeloop_tokens_total", "Tokens spent by the cloud", ["kind"], registry=r
         )
+        self.store_batch = Histogram(
+            "edgeloop_store_batch_items",
+            "Items sharing one store query or commit (devices looked up, feedback stored, ...)",
+            ["kind"],
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
+            registry=r,
+        )
         self.grounded = Counter(
             "edgeloop_grounded_answers_total", "Answers quoted from a knowledge fact", registry=r
         )

@@ -150,15 +150,25 @@ class CloudServer:
         # Devices authenticating together share one query, and feedback, reports or update
         # statuses arriving together one commit (`Batcher`).
         # (Each calls `self.store` when it runs: the store is looked up late, not captured.)
-        self._devices = Batcher[str, DeviceRecord](lambda ids: self.store.get_devices(ids))
+        sizes = self.metrics.store_batch
+        self._devices = Batcher[str, DeviceRecord](
+            lambda ids: self.store.get_devices(ids), observe=sizes.labels("devices").observe
+        )
         self._feedback = Batcher[NewFeedback, bool](
-            lambda items: self.store.add_feedback_batch(items)
+            lambda items: self.store.add_feedback_batch(items),
+            observe=sizes.labels("feedback").observe,
         )
-        self._reports = Batcher[NewReport, bool](lambda items: self.store.add_report_batch(items))
+        self._reports = Batcher[NewReport, bool](
+            lambda items: self.store.add_report_batch(items),
+            observe=sizes.labels("reports").observe,
+        )
         self._statuses = Batcher[NewUpdateStatus, bool](
-            lambda items: self.store.add_update_status_batch(items)
+            lambda items: self.store.add_update_status_batch(items),
+            observe=sizes.labels("update_statuses").observe,
         )
-        self._interactions = Batcher[tuple[str, str], InteractionRecord](self._find_interactions)
+        self._interactions = Batcher[tuple[str, str], InteractionRecord](
+            self._find_interactions, observe=sizes.labels("rated_answers").observe
+        )
         self._server: Server | None = None
         self._draining = False
 

@@ -68,10 +68,11 @@ async def test_a_key_nobody_has_is_none() -> None:
 
 async def test_batches_hold_at_most_max_batch_keys() -> None:
     table = Table({k: i for i, k in enumerate("abcdefg")})
-    lookup = Batcher(table.fetch, max_batch=3)
+    sizes: list[int] = []
+    lookup = Batcher(table.fetch, max_batch=3, observe=sizes.append)
     got = await asyncio.gather(*(lookup.submit(k) for k in "abcdefg"))
     assert got == list(range(7))
-    assert [len(q) for q in table.queries] == [3, 3, 1]
+    assert [len(q) for q in table.queries] == sizes == [3, 3, 1]
     with pytest.raises(ValueError):
         Batcher(table.fetch, max_batch=0)
 

@@ -164,6 +164,9 @@ async def test_devices_connecting_together_share_store_queries_and_revoked_ones_
     # Each query serves whoever asked while the one before it ran: fewer than one each.
     assert 1 <= queries["devices"] < len(fleet)
     assert 1 <= queries["offers"] < len(fleet) - 1
+    registry, kind = cloud.service.metrics.registry, {"kind": "devices"}
+    assert registry.get_sample_value("edgeloop_store_batch_items_sum", kind) == len(fleet)
+    assert registry.get_sample_value("edgeloop_store_batch_items_count", kind) == queries["devices"]
     for i, session in enumerate(sessions):
         if i not in refused:
             await session.close()
