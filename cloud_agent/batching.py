@@ -70,6 +70,12 @@ class Batcher(Generic[K, V]):
         found = await asyncio.shield(batch.task)
         return found.get(key)
 
+    async def drain(self) -> None:
+        """Wait until every batch submitted so far has run (its errors stay with its callers)."""
+        last = self._last
+        if last is not None and not last.done():
+            await asyncio.wait([last])
+
     async def _run(
         self, batch: _Batch[K, V], previous: asyncio.Task[Mapping[K, V]] | None
     ) -> Mapping[K, V]:

@@ -68,6 +68,11 @@ class BundleDistribution:
             self._review_versions, observe=sizes.labels("reviews").observe
         )
 
+    async def drain(self) -> None:
+        """Wait for the offer reads and reviews already asked for (before the store closes)."""
+        await self._offers.drain()
+        await self._reviews.drain()
+
     async def _fetch_offers(self, keys: list[OfferKey]) -> dict[OfferKey, AdapterRecord]:
         offers = await self.store.offers()
         return {key: record for key in keys if (record := offers.for_device(*key)) is not None}

@@ -209,6 +209,11 @@ class CloudServer:
         await asyncio.gather(*(self._goodbye(c, grace_s) for c in list(self._connections)))
         if self._server is not None:
             await self._server.wait_closed()
+        # A batch whose callers went away still runs: let it finish before the store closes.
+        for batcher in (self._devices, self._feedback, self._reports, self._statuses,
+                        self._interactions):  # fmt: skip
+            await batcher.drain()
+        await self.updates.drain()
 
     async def _goodbye(self, conn: _Connection, grace_s: float) -> None:
         session = conn.session

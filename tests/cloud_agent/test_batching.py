@@ -100,3 +100,20 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_query_the_others_wait_
     table.gate.set()
     assert await stayer == 2
     assert quitter.cancelled()
+
+
+async def test_drain_waits_for_a_batch_nobody_waits_for_any_more() -> None:
+    table = Table({"a": 1})
+    lookup = Batcher(table.fetch)
+    table.gate.clear()
+    caller = asyncio.create_task(lookup.submit("a"))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    caller.cancel()
+    draining = asyncio.create_task(lookup.drain())
+    await asyncio.sleep(0.01)
+    assert not draining.done(), "the query is still held at the gate"
+    table.gate.set()
+    await asyncio.wait_for(draining, 5)
+    assert table.queries == [["a"]]
+    await lookup.drain()  # nothing left: returns at once
