@@ -27,13 +27,21 @@ class Table:
         return {k: self.rows[k] for k in keys if k in self.rows}
 
 
+async def held(table: Table, lookup: Batcher[str, int], key: str) -> asyncio.Task[int | None]:
+    """Submit `key` with the table's gate closed; returns once its query runs, held there."""
+    table.gate.clear()
+    started = len(table.queries)
+    task = asyncio.create_task(lookup.submit(key))
+    async with asyncio.timeout(5):
+        while len(table.queries) == started:
+            await asyncio.sleep(0)
+    return task
+
+
 async def test_lookups_made_while_a_query_runs_share_the_next_query() -> None:
     table = Table({"a": 1, "b": 2, "c": 3, "d": 4})
     lookup = Batcher(table.fetch)
-    table.gate.clear()
-    first = asyncio.create_task(lookup.submit("a"))
-    await asyncio.sleep(0)  # the first query is now running, held at the gate
-    await asyncio.sleep(0)
+    first = await held(table, lookup, "a")
     rest = [asyncio.create_task(lookup.submit(k)) for k in ("b", "c", "d", "b")]
     await asyncio.sleep(0)
     table.gate.set()
@@ -46,10 +54,7 @@ async def test_lookups_made_while_a_query_runs_share_the_next_query() -> None:
 async def test_a_lookup_is_answered_by_a_query_that_started_after_it_asked() -> None:
     table = Table({"dev": 1})
     lookup = Batcher(table.fetch)
-    table.gate.clear()
-    early = asyncio.create_task(lookup.submit("dev"))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    early = await held(table, lookup, "dev")
     table.rows["dev"] = 2  # changed while the first query runs (say, the device was revoked)
     late = asyncio.create_task(lookup.submit("dev"))
     await asyncio.sleep(0)
@@ -93,8 +98,9 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_query_the_others_wait_
     table.gate.clear()
     quitter = asyncio.create_task(lookup.submit("a"))
     stayer = asyncio.create_task(lookup.submit("b"))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        while not table.queries:  # both in the first batch, held at the gate
+            await asyncio.sleep(0)
     quitter.cancel()
     await asyncio.sleep(0)
     table.gate.set()
@@ -105,10 +111,7 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_query_the_others_wait_
 async def test_drain_waits_for_a_batch_nobody_waits_for_any_more() -> None:
     table = Table({"a": 1})
     lookup = Batcher(table.fetch)
-    table.gate.clear()
-    caller = asyncio.create_task(lookup.submit("a"))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    caller = await held(table, lookup, "a")
     caller.cancel()
     draining = asyncio.create_task(lookup.drain())
     await asyncio.sleep(0.01)
