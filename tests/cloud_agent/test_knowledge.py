@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cloud_agent.backends import ChatTurn
@@ -78,9 +79,38 @@ def test_paraphrases_sharing_no_word_with_the_fact_are_found_by_meaning(
     assert result.coverage == 0.0 and result.similarity > 0.2 and result.confidence > 0
 
 
+class NoMeaning:
+    """Embedder double: every text gets the same vector, so only words rank facts."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:  # type: ignore[type-arg]
+        return np.ones((len(texts), 4), dtype=np.float32) / 2
+
+
+@pytest.mark.parametrize(
+    ("question", "fact_id"),
+    [
+        ("Besides cards, how else can I pay?", "payment"),  # pay ~ payment
+        ("What do members get?", "tiers"),  # members ~ membership
+        ("Can I rent one?", "rental"),  # rent ~ rental
+    ],
+)
+def test_words_match_across_their_derived_forms(question: str, fact_id: str) -> None:
+    kb = KnowledgeBase(
+        [
+            Fact("payment", "We take Visa and Mastercard for payment."),
+            Fact("gift", "Gift cards never expire and are sold at every till."),
+            Fact("tiers", "Our membership has three tiers."),
+            Fact("rental", "Tents are available for rental by the day."),
+        ],
+        NoMeaning(),
+    )
+    result = kb.search(question)
+    assert result.best is not None and result.best.id == fact_id
+
+
 def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Path) -> None:
-    """Words and meaning together find the right fact for at least 90% of the paraphrases
-    (words alone: 86%); the figure is printed so a regression shows."""
+    """Words and meaning together find the right fact for at least 92.5% of the paraphrases
+    (words alone: 90%); the figure is printed so a regression shows."""
     kb = KnowledgeBase.from_file(kb_path)
     rows = [json.loads(line) for line in workload_path.read_text().splitlines() if line.strip()]
     facts = [r for r in rows if r["class"] == "learnable_fact"]
@@ -88,7 +118,7 @@ def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Pa
         1 for r in facts if (b := kb.search(r["text"]).best) is not None and b.id == r["fact"]
     )
     print(f"retrieval hit rate: {hits}/{len(facts)} = {hits / len(facts):.1%}")
-    assert hits / len(facts) >= 0.9
+    assert hits / len(facts) >= 0.925
 
 
 def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
