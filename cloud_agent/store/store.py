@@ -465,7 +465,9 @@ class Store(JobStore, RolloutStore):
              "version": u.version, "status": u.status, "created_at": now}
             for u in items
         ]  # fmt: skip
-        extra = {(u.device_id, u.idempotency_key): u for u in items}
+        first: dict[tuple[str, str], NewUpdateStatus] = {}
+        for u in items:  # the first of a key is the one stored
+            first.setdefault((u.device_id, u.idempotency_key), u)
 
         async def deploy(s: AsyncSession, stored: list[dict[str, Any]]) -> None:
             versions = {r["version"] for r in stored}
@@ -474,7 +476,7 @@ class Store(JobStore, RolloutStore):
             )
             for r in stored:  # in order: the latest status of a device's version wins
                 if r["version"] in published:
-                    u = extra[(r["device_id"], r["idempotency_key"])]
+                    u = first[(r["device_id"], r["idempotency_key"])]
                     await s.merge(
                         t.Deployment(
                             device_id=u.device_id, version=u.version, status=u.status,

@@ -386,9 +386,10 @@ async def test_adapters_and_deployments_are_summarised(store: Store) -> None:
         NewUpdateStatus("dev_b", "idk_1", 3, "applied", None, {"ok": 1.0}),
         NewUpdateStatus("dev_b", "idk_2", 3, "rolled_back", "self-check failed", {"ok": 0.0}),
         NewUpdateStatus("dev_b", "idk_3", 9, "rejected", "unknown version", {}),  # unpublished
+        NewUpdateStatus("dev_b", "idk_2", 3, "applied", None, {}),  # the same key again
     ]
     flags = await store.add_update_status_batch(batch)
-    assert list(flags.values()) == [True, False, False, False]
+    assert list(flags.values()) == [True, False, False, False, True]
     # The device's latest status of a published version stands; unpublished ones only count.
     summary = await store.deployment_summary()
     assert summary == [{"version": 3, "devices": {"applied": 1, "rolled_back": 1}}]
