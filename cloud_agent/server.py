@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +55,7 @@ from protocol import (
     Escalate,
     EscalationReceived,
     Event,
+    Feedback,
     FeedbackReceived,
     FetchReceived,
     Goodbye,
@@ -101,6 +102,9 @@ class _Connection:
     session_id: str = field(default_factory=new_session_id)
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    """Escalations in flight, by request id."""
+    acks: set[asyncio.Task[None]] = field(default_factory=set)
+    """Messages being stored and acknowledged (`CloudServer._beside`)."""
     device_id: str | None = None
     adapter_version: int | None = None
     base_model_sha256: str | None = None
@@ -200,7 +204,7 @@ class CloudServer:
         self._draining = True
         if self._server is not None:
             self._server.close(close_connections=False)
-        pending = [t for c in self._connections for t in c.tasks.values()]
+        pending = [t for c in self._connections for t in (*c.tasks.values(), *c.acks)]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace_s)
             for task in late:
@@ -209,11 +213,15 @@ class CloudServer:
         await asyncio.gather(*(self._goodbye(c, grace_s) for c in list(self._connections)))
         if self._server is not None:
             await self._server.wait_closed()
-        # A batch whose callers went away still runs: let it finish before the store closes.
-        for batcher in (self._devices, self._feedback, self._reports, self._statuses,
-                        self._interactions):  # fmt: skip
-            await batcher.drain()
-        await self.updates.drain()
+        # A batch whose callers went away still runs: let it finish before the store closes,
+        # within the grace period (a store that hangs cannot hold the shutdown hostage).
+        drains = [b.drain() for b in (self._devices, self._feedback, self._reports,
+                                      self._statuses, self._interactions)]  # fmt: skip
+        try:
+            async with asyncio.timeout(grace_s):
+                await asyncio.gather(*drains, self.updates.drain())
+        except TimeoutError:
+            log.warning("store work still running after %.1f s; closing anyway", grace_s)
 
     async def _goodbye(self, conn: _Connection, grace_s: float) -> None:
         session = conn.session
@@ -261,6 +269,10 @@ class CloudServer:
                 task.cancel()
             if conn.tasks:
                 await asyncio.gather(*conn.tasks.values(), return_exceptions=True)
+            # Messages being stored finish (their acks go nowhere; the device resends, and
+            # the resend is acked as a duplicate).
+            if conn.acks:
+                await asyncio.gather(*conn.acks, return_exceptions=True)
             if conn.device_id is not None:
                 self.metrics.sessions.dec()
                 await self.recorder.record(
@@ -335,27 +347,18 @@ class CloudServer:
                         make_error(ErrorCode.CANCELLED, "cancelled", request_id=request_id)
                     )
             case FeedbackReceived(message=fb):
-                await self._acknowledge(
-                    conn,
-                    "feedback",
-                    fb.idempotency_key,
-                    lambda device: self._feedback.submit(
-                        NewFeedback(device, fb.idempotency_key, fb.request_id, fb.rating,
-                                    fb.correction, fb.adapter_version)
-                    ),
-                )  # fmt: skip
-                if fb.adapter_version is not None:
-                    await self.updates.review(fb.adapter_version)
-                if fb.rating == "positive" or fb.correction:
-                    await self._learn(conn, fb.request_id)
+                await self._beside(conn, self._take_feedback(conn, fb))
             case ReportReceived(message=rp):
                 body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
-                await self._acknowledge(
+                await self._beside(
                     conn,
-                    "report",
-                    rp.idempotency_key,
-                    lambda device: self._reports.submit(
-                        NewReport(device, rp.idempotency_key, body)
+                    self._acknowledge(
+                        conn,
+                        "report",
+                        rp.idempotency_key,
+                        lambda device: self._reports.submit(
+                            NewReport(device, rp.idempotency_key, body)
+                        ),
                     ),
                 )
             case UpdateStatusReceived(message=us):
@@ -381,6 +384,38 @@ class CloudServer:
                 await self.updates.fetch(conn.session, request)
             case ProtocolViolation(code=code):
                 self.metrics.protocol_violations.labels(code.wire_name).inc()
+
+    async def _beside(self, conn: _Connection, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (storing and acknowledging one message) beside the connection's next
+        frames, so the messages a device sends in a row, as an outbox does after an outage,
+        share a commit instead of waiting for one each. At most `_MAX_ACKS_PENDING` run at
+        once per connection; past that, the connection waits (its next frames stay unread)."""
+        while len(conn.acks) >= _MAX_ACKS_PENDING:
+            await asyncio.wait(conn.acks, return_when=asyncio.FIRST_COMPLETED)
+
+        async def run() -> None:
+            await work
+            await self._flush(conn)  # the ack, and whatever else it queued
+
+        task = asyncio.create_task(run())
+        conn.acks.add(task)
+        task.add_done_callback(conn.acks.discard)
+        task.add_done_callback(_log_failure)
+
+    async def _take_feedback(self, conn: _Connection, fb: Feedback) -> None:
+        await self._acknowledge(
+            conn,
+            "feedback",
+            fb.idempotency_key,
+            lambda device: self._feedback.submit(
+                NewFeedback(device, fb.idempotency_key, fb.request_id, fb.rating,
+                            fb.correction, fb.adapter_version)
+            ),
+        )  # fmt: skip
+        if fb.adapter_version is not None:
+            await self.updates.review(fb.adapter_version)
+        if fb.rating == "positive" or fb.correction:
+            await self._learn(conn, fb.request_id)
 
     async def _learn(self, conn: _Connection, request_id: str) -> None:
         """Let the agent learn from feedback on one of its answers (best effort)."""
@@ -653,6 +688,15 @@ class CloudServer:
             await write
         except StoreError as exc:
             log.warning("store write failed: %s", exc)
+
+
+_MAX_ACKS_PENDING = 64
+"""Messages one connection may have being stored at once (an outbox sends up to 100 in a row)."""
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("storing a message failed", exc_info=exc)
 
 
 def _loop_time(monotonic_deadline: float) -> float:

@@ -330,6 +330,36 @@ async def test_feedback_from_many_devices_at_once_shares_commits_and_each_is_ack
         await device.close()
 
 
+async def test_messages_a_device_sends_in_a_row_share_commits_up_to_a_cap(cloud: Cloud) -> None:
+    store = cloud.service.store
+    gate, batches = asyncio.Event(), []
+    add_batch = store.add_feedback_batch
+
+    async def held(items):  # type: ignore[no-untyped-def]
+        batches.append(len(items))
+        await gate.wait()
+        return await add_batch(items)
+
+    store.add_feedback_batch = held  # type: ignore[method-assign]
+    device, _ = await cloud.enroll()
+    for i in range(100):  # an outbox resending without waiting for each ack
+        await device.send(Feedback(idempotency_key=f"k{i}", request_id="req_x", rating="negative"))
+    [conn] = cloud.service.server._connections
+    try:
+        async with asyncio.timeout(5):
+            while len(conn.acks) < 64:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert len(conn.acks) == 64, "past the cap, the connection's next frames wait unread"
+    finally:
+        gate.set()
+    acks = [await device.next_event(AckReceived) for _ in range(100)]
+    assert {a.ack.idempotency_key for a in acks} == {f"k{i}" for i in range(100)}  # type: ignore[union-attr]
+    assert (await store.feedback_summary()).negative == 100
+    assert max(batches) <= 64 and len(batches) < 10, batches
+    await device.close()
+
+
 EARLY_CALL = "Can I call customer service early in the morning?"
 HOTLINE = "The support hotline is open from 7:30 to 21:00, every day of the week."
 
