@@ -38,7 +38,7 @@ async def run(devices: int, each: int, rating: str, *, batch: int | None) -> tup
         )  # fmt: skip
         service = await CloudService.create(config, backend=ScriptedBackend("x"))
         if batch is not None:
-            service.server._feedback.max_batch = batch  # the baseline: commits of one
+            service.server.inbox._feedback.max_batch = batch  # the baseline: commits of one
         await service.start()
         try:
             url = f"ws://127.0.0.1:{service.port}/v1"

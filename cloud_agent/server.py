@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,22 +29,18 @@ from cloud_agent.errors import (
     Overloaded,
     StoreError,
 )
+from cloud_agent.inbox import Inbox
 from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import (
     DeviceRecord,
-    InteractionRecord,
-    NewFeedback,
     NewInteraction,
-    NewReport,
-    NewUpdateStatus,
     SessionEvent,
     Store,
 )
 from protocol import (
     SUBPROTOCOL,
-    Ack,
     AuthRequested,
     CancelRequested,
     CloseCode,
@@ -55,7 +51,6 @@ from protocol import (
     Escalate,
     EscalationReceived,
     Event,
-    Feedback,
     FeedbackReceived,
     FetchReceived,
     Goodbye,
@@ -104,7 +99,7 @@ class _Connection:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     """Escalations in flight, by request id."""
     acks: set[asyncio.Task[None]] = field(default_factory=set)
-    """Messages being stored and acknowledged (`CloudServer._beside`)."""
+    """Messages being stored and acknowledged (`Inbox`)."""
     device_id: str | None = None
     adapter_version: int | None = None
     base_model_sha256: str | None = None
@@ -151,27 +146,19 @@ class CloudServer:
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
-        # Devices authenticating together share one query, and feedback, reports or update
-        # statuses arriving together one commit (`Batcher`).
-        # (Each calls `self.store` when it runs: the store is looked up late, not captured.)
-        sizes = self.metrics.store_batch
+        # Devices authenticating together share one query (`Batcher`); it calls `self.store`
+        # when it runs, so the store is looked up late, not captured.
         self._devices = Batcher[str, DeviceRecord](
-            lambda ids: self.store.get_devices(ids), observe=sizes.labels("devices").observe
+            lambda ids: self.store.get_devices(ids),
+            observe=self.metrics.store_batch.labels("devices").observe,
         )
-        self._feedback = Batcher[NewFeedback, bool](
-            lambda items: self.store.add_feedback_batch(items),
-            observe=sizes.labels("feedback").observe,
-        )
-        self._reports = Batcher[NewReport, bool](
-            lambda items: self.store.add_report_batch(items),
-            observe=sizes.labels("reports").observe,
-        )
-        self._statuses = Batcher[NewUpdateStatus, bool](
-            lambda items: self.store.add_update_status_batch(items),
-            observe=sizes.labels("update_statuses").observe,
-        )
-        self._interactions = Batcher[tuple[str, str], InteractionRecord](
-            self._find_interactions, observe=sizes.labels("rated_answers").observe
+        self.inbox = Inbox(
+            store,
+            metrics=self.metrics,
+            recorder=self.recorder,
+            agent=agent,
+            updates=self.updates,
+            flush=self._flush,
         )
         self._server: Server | None = None
         self._draining = False
@@ -215,11 +202,11 @@ class CloudServer:
             await self._server.wait_closed()
         # A batch whose callers went away still runs: let it finish before the store closes,
         # within the grace period (a store that hangs cannot hold the shutdown hostage).
-        drains = [b.drain() for b in (self._devices, self._feedback, self._reports,
-                                      self._statuses, self._interactions)]  # fmt: skip
         try:
             async with asyncio.timeout(grace_s):
-                await asyncio.gather(*drains, self.updates.drain())
+                await asyncio.gather(
+                    self._devices.drain(), self.inbox.drain(), self.updates.drain()
+                )
         except TimeoutError:
             log.warning("store work still running after %.1f s; closing anyway", grace_s)
 
@@ -347,93 +334,15 @@ class CloudServer:
                         make_error(ErrorCode.CANCELLED, "cancelled", request_id=request_id)
                     )
             case FeedbackReceived(message=fb):
-                await self._beside(conn, self._take_feedback(conn, fb))
+                await self.inbox.feedback(conn, fb)
             case ReportReceived(message=rp):
-                body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
-                await self._beside(
-                    conn,
-                    self._acknowledge(
-                        conn,
-                        "report",
-                        rp.idempotency_key,
-                        lambda device: self._reports.submit(
-                            NewReport(device, rp.idempotency_key, body)
-                        ),
-                    ),
-                )
+                await self.inbox.report(conn, rp)
             case UpdateStatusReceived(message=us):
-                await self._acknowledge(
-                    conn,
-                    "update_status",
-                    us.idempotency_key,
-                    lambda device: self._statuses.submit(
-                        NewUpdateStatus(
-                            device,
-                            us.idempotency_key,
-                            us.version,
-                            us.status,
-                            us.reason,
-                            us.self_check,
-                        )
-                    ),  # fmt: skip
-                )
-                if us.status == "applied":
-                    conn.adapter_version = us.version
-                await self.updates.review(us.version)
+                await self.inbox.update_status(conn, us)
             case FetchReceived(request=request):
                 await self.updates.fetch(conn.session, request)
             case ProtocolViolation(code=code):
                 self.metrics.protocol_violations.labels(code.wire_name).inc()
-
-    async def _beside(self, conn: _Connection, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` (storing and acknowledging one message) beside the connection's next
-        frames, so the messages a device sends in a row, as an outbox does after an outage,
-        share a commit instead of waiting for one each. At most `_MAX_ACKS_PENDING` run at
-        once per connection; past that, the connection waits (its next frames stay unread)."""
-        while len(conn.acks) >= _MAX_ACKS_PENDING:
-            await asyncio.wait(conn.acks, return_when=asyncio.FIRST_COMPLETED)
-
-        async def run() -> None:
-            await work
-            await self._flush(conn)  # the ack, and whatever else it queued
-
-        task = asyncio.create_task(run())
-        conn.acks.add(task)
-        task.add_done_callback(conn.acks.discard)
-        task.add_done_callback(_log_failure)
-
-    async def _take_feedback(self, conn: _Connection, fb: Feedback) -> None:
-        await self._acknowledge(
-            conn,
-            "feedback",
-            fb.idempotency_key,
-            lambda device: self._feedback.submit(
-                NewFeedback(device, fb.idempotency_key, fb.request_id, fb.rating,
-                            fb.correction, fb.adapter_version)
-            ),
-        )  # fmt: skip
-        if fb.adapter_version is not None:
-            await self.updates.review(fb.adapter_version)
-        if fb.rating == "positive" or fb.correction:
-            await self._learn(conn, fb.request_id)
-
-    async def _learn(self, conn: _Connection, request_id: str) -> None:
-        """Let the agent learn from feedback on one of its answers (best effort)."""
-        assert conn.device_id is not None
-        if self.recorder.holds(conn.device_id, request_id):
-            await self.recorder.flush()  # the answer is still in the write batch
-        try:
-            found = await self._interactions.submit((conn.device_id, request_id))
-        except StoreError:
-            return
-        if found is not None and self.agent.learn(found):
-            self.metrics.learned.inc()
-
-    async def _find_interactions(
-        self, keys: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], InteractionRecord]:
-        found = await self.store.list_interactions(keys=keys, limit=len(keys))
-        return {(r.device_id, r.request_id): r for r in found}
 
     async def _authenticate(self, conn: _Connection, device_id: str) -> None:
         session = conn.session
@@ -478,28 +387,6 @@ class CloudServer:
         for conn in list(self._connections):
             await self.updates.offer(conn, offers)
             await self._flush(conn)
-
-    # --- acknowledged messages ------------------------------------------------------------
-
-    async def _acknowledge(
-        self,
-        conn: _Connection,
-        kind: str,
-        key: str,
-        write: Callable[[str], Awaitable[bool | None]],
-    ) -> None:
-        """Store a message with an idempotency key, then ack it; `write` returns whether the
-        key was stored before."""
-        assert conn.device_id is not None
-        try:
-            duplicate = bool(await write(conn.device_id))
-        except StoreError:
-            # No ack: the device keeps the message and resends it; nothing is lost.
-            log.warning("store unavailable; %s %s not acknowledged", kind, key)
-            return
-        self.metrics.acks.labels(kind, str(duplicate).lower()).inc()
-        if conn.session.is_open:
-            conn.session.send(Ack(idempotency_key=key, duplicate=duplicate))
 
     # --- escalations ----------------------------------------------------------------------
 
@@ -688,15 +575,6 @@ class CloudServer:
             await write
         except StoreError as exc:
             log.warning("store write failed: %s", exc)
-
-
-_MAX_ACKS_PENDING = 64
-"""Messages one connection may have being stored at once (an outbox sends up to 100 in a row)."""
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("storing a message failed", exc_info=exc)
 
 
 def _loop_time(monotonic_deadline: float) -> float:
