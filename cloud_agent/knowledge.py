@@ -21,10 +21,9 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -215,8 +214,7 @@ class KnowledgeBase:
 
     def search(self, query: str, limit: int = 3) -> Retrieval:
         terms = [w.lower() for w in _WORD.findall(query)]
-        words = [t for t in terms if t not in _STOPWORDS and len(t) > 1]
-        unique = list(dict.fromkeys(_stems(" ".join(words))))
+        unique = list(dict.fromkeys(_stem(t) for t in terms if t not in _STOPWORDS and len(t) > 1))
         if not unique:
             return Retrieval((), (), 0.0)
         vector = self._embedder.embed([query])[0]
@@ -259,15 +257,14 @@ class KnowledgeBase:
         )
 
 
-@functools.cache
-def _stemmer() -> Callable[[str], str]:
-    from nltk.stem import LancasterStemmer
-
-    return functools.cache(LancasterStemmer().stem)
-
-
 def _stems(text: str) -> list[str]:
-    """The words of `text`, lower-cased and stemmed by the Lancaster (Paice/Husk) stemmer.
+    """The words of `text`, lower-cased and stemmed (`_stem`)."""
+    return [_stem(w) for w in _WORD.findall(text.lower())]
+
+
+@functools.cache
+def _stem(word: str) -> str:
+    """`word` (lower case) cut to its stem by the Lancaster (Paice/Husk) stemmer.
 
     Lancaster strips derivational endings that Porter keeps, so a question meets the fact's
     own word: "how else can I pay?" matches "payment", "membership" matches "members".
@@ -275,8 +272,15 @@ def _stems(text: str) -> list[str]:
     74), and confidently wrong quoted facts down from 4 to 2, with no open request newly
     answered by a fact. Its over-stemming ("early" and "ear" are both "ear", "care" is "car")
     costs little here: the embeddings carry most of the ranking, the words refine it."""
-    stem = _stemmer()
-    return [stem(w.replace("’", "'").split("'")[0]) for w in _WORD.findall(text.lower())]
+    stem: str = _lancaster().stem(word.replace("’", "'").split("'")[0])
+    return stem
+
+
+@functools.cache
+def _lancaster() -> Any:
+    from nltk.stem import LancasterStemmer  # imported on first use: nltk is slow to import
+
+    return LancasterStemmer()
 
 
 def _normalise(text: str) -> str:

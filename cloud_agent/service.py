@@ -418,11 +418,13 @@ _SETTLE_S = 1.0
 def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
     """What tells one version of a file from another without reading it: modification time,
     size and inode (None when there is no file)."""
+    if path is None:
+        return None
     try:
-        stat = path.stat() if path is not None else None
+        stat = path.stat()
     except OSError:
         return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino) if stat is not None else None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def _ssl_context(config: CloudConfig) -> ssl.SSLContext | None:
