@@ -98,7 +98,11 @@ async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[
         )
         service = await CloudService.create(config, backend=ScriptedBackend("Use wax, then dry."))
         if not keep_log:
-            service.server.recorder = DiscardingRecorder(service.store)
+            # The server and its inbox (which asks whether an answer is still unwritten)
+            # share one recorder.
+            service.server.recorder = service.server.inbox.recorder = DiscardingRecorder(
+                service.store
+            )
         await service.start()
         try:
             url = f"ws://127.0.0.1:{service.port}/v1"
