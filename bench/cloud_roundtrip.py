@@ -7,7 +7,11 @@ connections, each sending a request frame and waiting for one reply frame, as fa
   that answers at once (non-streaming escalations: one `escalate` in, one `result` out);
 - baseline: a websockets server that echoes a reply of the same size for each frame;
 - for the record of where the time goes: ours again with `DiscardingRecorder`, a bench double
-  that drops interactions instead of storing them (the log is the largest single cost).
+  that drops interactions instead of storing them (the log is the largest single cost), and a
+  codec-only server: websockets plus the protocol's decode and encode (an `escalate` validated
+  in, a `result` built and encoded out) and nothing else. That is the floor of any server
+  speaking protocol v1 with these libraries; the gap between it and ours is the session machine,
+  auth, rate limits, scheduling, the privacy check, metrics and the log.
 
 Prints round trips per second, p50/p99 latency and the process CPU time per round trip (steadier
 than throughput on a shared machine) for each, and the ratio ours/echo (target: at least 0.5).
@@ -19,15 +23,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.typing import Subprotocol
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.config import CloudConfig
@@ -35,7 +40,7 @@ from cloud_agent.recorder import InteractionRecorder, Record
 from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
-from protocol.messages import ChatMessage, Escalate
+from protocol.messages import ChatMessage, Escalate, Result, decode
 from shared import SigningKey
 
 
@@ -85,7 +90,8 @@ async def drive(sockets: list[ClientConnection], frames: list[list[str]], second
     return Run(len(latencies) / seconds, latencies, cpu_us)
 
 
-async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[Run, int]:
+async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[Run, Result]:
+    """Our server's run, and the `result` it sent for the first request."""
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {
@@ -117,16 +123,15 @@ async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[
             # Unique request ids per connection: a request id may not repeat while in flight,
             # and interactions are stored per (device, request id).
             frames = [[escalate_frame(k * 1_000_000 + i) for i in range(20_000)] for k in range(n)]
-            reply = json.loads(await _sample(devices[0].ws, frames[0][0]))
-            assert reply["type"] == "result", reply
+            reply = decode(await _sample(devices[0].ws, frames[0][0]))
+            assert isinstance(reply, Result), reply
             frames = [f[1:] for f in frames]
             run = await drive([d.ws for d in devices], frames, seconds)
-            size = len(json.dumps(reply))
             for d in devices:
                 await d.ws.close()
         finally:
             await service.stop()
-    return run, size
+    return run, reply
 
 
 async def _sample(ws: ClientConnection, frame: str) -> str:
@@ -142,10 +147,30 @@ async def bench_echo(n: int, seconds: float, reply_size: int) -> Run:
         async for _ in ws:
             await ws.send(reply)
 
-    async with serve(echo, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], compression=None) as server:  # type: ignore[list-item]
+    return await _bench_plain(echo, n, seconds)
+
+
+async def bench_codec(n: int, seconds: float, reply: Result) -> Run:
+    async def answer(ws: ServerConnection) -> None:
+        async for frame in ws:
+            request = decode(frame)
+            assert isinstance(request, Escalate)
+            await ws.send(encode(reply.model_copy(update={"request_id": request.request_id})))
+
+    return await _bench_plain(answer, n, seconds)
+
+
+async def _bench_plain(
+    handler: Callable[[ServerConnection], Awaitable[None]], n: int, seconds: float
+) -> Run:
+    """`handler` served by a bare websockets server, driven like ours."""
+    subprotocols = [Subprotocol(SUBPROTOCOL)]
+    async with serve(
+        handler, "127.0.0.1", 0, subprotocols=subprotocols, compression=None
+    ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         sockets = [
-            await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=[SUBPROTOCOL], proxy=None,  # type: ignore[list-item]
+            await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=subprotocols, proxy=None,
                           compression=None)
             for _ in range(n)
         ]  # fmt: skip
@@ -162,15 +187,18 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    ours, size = await bench_ours(args.connections, args.seconds)
+    ours, sample = await bench_ours(args.connections, args.seconds)
+    size = len(encode(sample))
     echo = await bench_echo(args.connections, args.seconds, size)
     unlogged, _ = await bench_ours(args.connections, args.seconds, keep_log=False)
+    codec = await bench_codec(args.connections, args.seconds, sample)
     print(f"{args.connections} connections, {args.seconds:.0f} s each, reply {size} bytes\n")
     print(f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10}")
     for name, run in (
         ("websockets echo (baseline)", echo),
         ("edgeloop cloud, ScriptedBackend", ours),
         ("  same, interaction log discarded (double)", unlogged),
+        ("protocol codec only (floor)", codec),
     ):
         print(
             f"{name:<44} {run.rate:>14,.0f} {statistics.median(run.latencies) * 1000:>8.2f} "
@@ -178,6 +206,7 @@ async def main_async(args: argparse.Namespace) -> None:
         )
     print(f"\nratio ours/echo: {ours.rate / echo.rate:.2f} (target >= 0.5)")
     print(f"without storing interactions: {unlogged.rate / echo.rate:.2f}")
+    print(f"protocol codec only: {codec.rate / echo.rate:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
