@@ -13,6 +13,9 @@ connections, each sending a request frame and waiting for one reply frame, as fa
   speaking protocol v1 with these libraries; the gap between it and ours is the session machine,
   auth, rate limits, scheduling, the privacy check, metrics and the log.
 
+Before each run the heap built so far is frozen (`settle_heap`), for every server alike, as
+`edgeloop cloud serve` does once started.
+
 Prints round trips per second, p50/p99 latency and the process CPU time per round trip (steadier
 than throughput on a shared machine) for each, and the ratio ours/echo (target: at least 0.5).
 
@@ -37,7 +40,7 @@ from websockets.typing import Subprotocol
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.config import CloudConfig
 from cloud_agent.recorder import InteractionRecorder, Record
-from cloud_agent.service import CloudService
+from cloud_agent.service import CloudService, settle_heap
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
 from protocol.messages import ChatMessage, Escalate, Result, decode
@@ -72,6 +75,7 @@ class Run:
 
 async def drive(sockets: list[ClientConnection], frames: list[list[str]], seconds: float) -> Run:
     """Each socket sends its next frame, waits for one reply, repeats until time is up."""
+    settle_heap()  # as `edgeloop cloud serve` does once started, for every server alike
     latencies: list[float] = []
     stop_at = time.perf_counter() + seconds
     cpu = time.process_time()

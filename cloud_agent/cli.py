@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_async(config: CloudConfig) -> int:
-    from cloud_agent.service import CloudService
+    from cloud_agent.service import CloudService, settle_heap
 
     service = await CloudService.create(config)
     # Signal handlers before the service announces itself: a SIGHUP sent as soon as the URL
@@ -173,6 +173,7 @@ async def _serve_async(config: CloudConfig) -> int:
 
         loop.add_signal_handler(signal.SIGHUP, reload)
     await service.start()
+    settle_heap()
     scheme = "wss" if config.tls_cert else "ws"
     print(f"edgeloop cloud agent: {scheme}://{config.host}:{service.port}/v1", flush=True)
     print(

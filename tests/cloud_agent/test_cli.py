@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import queue
 import signal
 import subprocess
 import sys
 import threading
+import weakref
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from cloud_agent.config import CloudConfig
+from cloud_agent.service import settle_heap
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from shared import ConfigError, load_config
@@ -150,3 +153,21 @@ def test_serve_reads_the_knowledge_file_again_on_sighup(tmp_path: Path, kb_path:
         reader.join(timeout=10)
         server.stdout.close()
         server.stderr.close()
+
+
+def test_settle_heap_collects_garbage_cycles_then_freezes_what_is_alive() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.other: object = self  # a cycle: only the collector can free it
+
+    garbage, alive = Node(), Node()
+    gone = weakref.ref(garbage)
+    del garbage
+    frozen = gc.get_freeze_count()
+    try:
+        settle_heap()
+        assert gone() is None, "an unreachable cycle was collected, not frozen"
+        assert gc.get_freeze_count() > frozen
+        assert not any(o is alive for o in gc.get_objects(generation=2)), "frozen, out of sight"
+    finally:
+        gc.unfreeze()
