@@ -36,7 +36,7 @@ async def run(devices: int, each: int, rating: str, *, batch: int | None) -> tup
             {"data_dir": Path(tmp), "port": 0, "admin_port": 0,
              "limits": {"max_requests_per_minute": 10**6}}
         )  # fmt: skip
-        service = await CloudService.create(config, backend=ScriptedBackend("x"))
+        service = await CloudService.create(config, backend=ScriptedBackend("x", keep_calls=False))
         if batch is not None:
             service.server.inbox._feedback.max_batch = batch  # the baseline: commits of one
         await service.start()

@@ -106,7 +106,9 @@ async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[
                 "limits": {"max_requests_per_minute": 10**6},
             }
         )
-        service = await CloudService.create(config, backend=ScriptedBackend("Use wax, then dry."))
+        service = await CloudService.create(
+            config, backend=ScriptedBackend("Use wax, then dry.", keep_calls=False)
+        )
         if not keep_log:
             # The server and its inbox (which asks whether an answer is still unwritten)
             # share one recorder.

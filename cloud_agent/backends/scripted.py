@@ -26,13 +26,19 @@ class ScriptedBackend:
         delay_s: float = 0.0,
         fail_with: BackendError | None = None,
         hang: bool = False,
+        keep_calls: bool = True,
     ) -> None:
         self.name = name
         self._answers = answers
         self.delay_s = delay_s
         self.fail_with = fail_with
         self.hang = hang
+        self.keep_calls = keep_calls
         self.calls: list[ChatRequest] = []
+        """The requests received, for tests to inspect; empty when `keep_calls` is off (a
+        benchmark's millions of requests would otherwise stay alive, and be scanned by every
+        garbage collection, until it ends)."""
+        self.call_count = 0
         self.cancelled = 0
         self.closed = False
 
@@ -45,7 +51,9 @@ class ScriptedBackend:
         return self._answers.get(question, "I do not know.")
 
     async def _prelude(self, request: ChatRequest) -> str:
-        self.calls.append(request)
+        self.call_count += 1
+        if self.keep_calls:
+            self.calls.append(request)
         if self.hang:
             await asyncio.Event().wait()
         if self.delay_s:

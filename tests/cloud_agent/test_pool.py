@@ -69,3 +69,12 @@ async def test_streams_fail_over_before_any_text() -> None:
     )
     items = [i async for i in pool.stream(REQUEST)]
     assert items[:2] == ["ok ", "go"]
+
+
+async def test_the_scripted_double_counts_calls_and_keeps_them_only_when_asked() -> None:
+    kept, counted = ScriptedBackend("a"), ScriptedBackend("b", keep_calls=False)
+    for backend in (kept, counted):
+        await backend.complete(REQUEST)
+        await backend.complete(REQUEST)
+    assert kept.calls == [REQUEST, REQUEST] and kept.call_count == 2
+    assert counted.calls == [] and counted.call_count == 2, "a benchmark's requests are not kept"
