@@ -105,3 +105,21 @@ async def test_a_full_queue_makes_record_wait_instead_of_growing() -> None:
     await asyncio.wait_for(blocked, 5)
     await recorder.stop()
     assert recorder.written == 4
+
+
+async def test_a_whole_batch_is_written_at_once_and_the_rest_waits_for_the_delay() -> None:
+    double = FailingStore(failures=0)
+    recorder = InteractionRecorder(double, max_batch=4, max_delay_s=60.0)  # type: ignore[arg-type]
+    recorder.start()
+    for i in range(5):
+        await recorder.record(interaction(i, "dev_1"))
+        await asyncio.sleep(0)  # the writer is waiting out the delay when the batch fills
+    await asyncio.wait_for(_written(recorder, 4), 5)  # not 60 s: the batch was full
+    assert double.batches == [(4, 0)] and recorder.holds("dev_1", "req_4")
+    await recorder.stop()
+    assert double.batches == [(4, 0), (1, 0)], "stopping writes the rest without waiting"
+
+
+async def _written(recorder: InteractionRecorder, count: int) -> None:
+    while recorder.written < count:
+        await asyncio.sleep(0.01)
