@@ -45,6 +45,15 @@ class Metrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500),
             registry=r,
         )
+        self.log_records = Counter(
+            "edgeloop_interaction_log_records",
+            "Interactions and session events the log writer handled, by outcome (written, lost)",
+            ["outcome"],
+            registry=r,
+        )
+        self.log_pending = Gauge(
+            "edgeloop_interaction_log_pending", "Records waiting to be written", registry=r
+        )
         self.grounded = Counter(
             "edgeloop_grounded_answers_total", "Answers quoted from a knowledge fact", registry=r
         )

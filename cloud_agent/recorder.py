@@ -4,7 +4,8 @@ off the request path.
 A reply is never delayed by bookkeeping: escalations hand their record to the recorder, which
 commits whatever has accumulated in one transaction (at most `max_batch` rows, at least every
 `max_delay_s`). The queue is bounded; when it is full, `record` waits, slowing the finished
-request's task, never the answer. A failed batch is retried once, then counted as lost; the
+request's task, never the answer. A failed batch is retried once, then counted as lost (in
+`lost`, and in the `edgeloop_interaction_log_records{outcome="lost"}` metric); the
 interactions are bookkeeping, not acknowledged data (feedback is acked only after its own
 commit).
 """
@@ -16,6 +17,7 @@ import contextlib
 import logging
 
 from cloud_agent.errors import StoreError
+from cloud_agent.metrics import Metrics
 from cloud_agent.store import NewInteraction, SessionEvent, Store
 
 Record = NewInteraction | SessionEvent
@@ -34,6 +36,7 @@ class InteractionRecorder:
         max_delay_s: float = 0.05,
         max_queue: int = 10_000,
         retry_delay_s: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.max_batch = max_batch
@@ -61,6 +64,9 @@ class InteractionRecorder:
         self._task: asyncio.Task[None] | None = None
         self._unwritten: set[tuple[str, str]] = set()
         """(device id, request id) of the interactions taken and not yet written or lost."""
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.log_pending.set_function(lambda: len(self._pending))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="interaction-recorder")
@@ -134,10 +140,14 @@ class InteractionRecorder:
             try:
                 await self.store.record_interactions(interactions, sessions)
                 self.written += len(batch)
+                if self._metrics is not None:
+                    self._metrics.log_records.labels("written").inc(len(batch))
                 return
             except StoreError as exc:
                 if attempt == 0:
                     log.warning("interaction batch failed (%s); retrying once", exc)
                     await asyncio.sleep(self.retry_delay_s)
         self.lost += len(batch)
+        if self._metrics is not None:
+            self._metrics.log_records.labels("lost").inc(len(batch))
         log.error("lost %d records after a retry", len(batch))

@@ -125,12 +125,12 @@ class CloudServer:
         rollout_policy: RolloutPolicy | None = None,
     ) -> None:
         self.store = store
-        self.recorder = recorder or InteractionRecorder(store)
+        self.metrics = metrics or Metrics()
+        self.recorder = recorder or InteractionRecorder(store, metrics=self.metrics)
         self.agent = agent
         self.signing_key = signing_key
         self.server_id = server_id
         self.limits = limits
-        self.metrics = metrics or Metrics()
         self.max_queue = max_queue
         self.auth_timeout_s = auth_timeout_s
         self.ssl_context = ssl_context

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cloud_agent.errors import StoreUnavailable
+from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.store import NewInteraction, SessionEvent, Store
 from cloud_agent.store.store import sqlite_url
@@ -123,3 +124,25 @@ async def test_a_whole_batch_is_written_at_once_and_the_rest_waits_for_the_delay
 async def _written(recorder: InteractionRecorder, count: int) -> None:
     while recorder.written < count:
         await asyncio.sleep(0.01)
+
+
+async def test_metrics_count_written_and_lost_records_and_show_the_waiting_ones() -> None:
+    metrics = Metrics()
+    double = FailingStore(failures=0)
+    recorder = InteractionRecorder(double, max_delay_s=0.0, retry_delay_s=0.0, metrics=metrics)  # type: ignore[arg-type]
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    await recorder.record(interaction(1, "dev_1"))
+    await recorder.record(interaction(2, "dev_1"))
+    assert sample("edgeloop_interaction_log_pending") == 2, "the writer has not started"
+    recorder.start()
+    await recorder.flush()
+    double.failures = 2
+    await recorder.record(interaction(3, "dev_1"))
+    await recorder.flush()
+    assert sample("edgeloop_interaction_log_records_total", outcome="written") == 2
+    assert sample("edgeloop_interaction_log_records_total", outcome="lost") == 1
+    assert sample("edgeloop_interaction_log_pending") == 0
+    await recorder.stop()
