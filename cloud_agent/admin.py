@@ -130,6 +130,7 @@ def build_admin_app(service: CloudService) -> Starlette:
                 "scheduler": asdict(service.scheduler.load()),
                 "backends": service.backend_health(),
                 "sessions": service.server.session_count,
+                "interaction_log": service.server.recorder.stats(),
             }
         )
 

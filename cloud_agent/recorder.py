@@ -66,7 +66,7 @@ class InteractionRecorder:
         """(device id, request id) of the interactions taken and not yet written or lost."""
         self._metrics = metrics
         if metrics is not None:
-            metrics.log_pending.set_function(lambda: len(self._pending))
+            metrics.log_pending.set_function(lambda: self.pending)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="interaction-recorder")
@@ -84,6 +84,15 @@ class InteractionRecorder:
         self._taken += 1
         if len(self._pending) >= self.max_batch:
             self._full.set()
+
+    @property
+    def pending(self) -> int:
+        """Records waiting to be written."""
+        return len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        """Records waiting, written and lost (for the admin API's load report)."""
+        return {"pending": self.pending, "written": self.written, "lost": self.lost}
 
     def holds(self, device_id: str, request_id: str) -> bool:
         """Whether that interaction is still on its way to the store (`flush` to wait)."""

@@ -507,6 +507,8 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         assert token["token"].startswith("elt_")
         load = (await client.get("/v1/load", headers=auth)).json()
         assert load["scheduler"]["capacity"] == 1 and load["sessions"] == 1
+        log = load["interaction_log"]
+        assert log["pending"] + log["written"] == 1 and log["lost"] == 0, "the session's start"
         revoked = await client.post(f"/v1/devices/{creds.device_id}/revoke", headers=auth)
         assert revoked.json()["revoked"] is True
         assert (await client.get("/v1/interactions?before=1", headers=auth)).json() == []
