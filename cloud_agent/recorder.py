@@ -54,10 +54,9 @@ class InteractionRecorder:
         self._taken = 0
         self._done = 0
         """Records taken by `record`, and those written or counted as lost, since the start."""
-        self._arrived = asyncio.Event()
-        """Set when there is something to write (or to stop for)."""
-        self._full = asyncio.Event()
-        """Set when a whole batch is waiting: the writer need not wait out the delay."""
+        self._wake = asyncio.Event()
+        """Set when the writer has something to do now: a first record arrived (so the delay
+        starts), a whole batch is waiting (so it need not wait the delay out), or stop."""
         self._progress = asyncio.Condition()
         """Notified after each batch: for `flush`, and for `record` waiting for room."""
         self._stopping = False
@@ -79,11 +78,11 @@ class InteractionRecorder:
             self._unwritten.add((item.device_id, item.request_id))
         if not self._pending:
             self._first_at = asyncio.get_running_loop().time()
-            self._arrived.set()
+            self._wake.set()
         self._pending.append(item)
         self._taken += 1
         if len(self._pending) >= self.max_batch:
-            self._full.set()
+            self._wake.set()
 
     @property
     def pending(self) -> int:
@@ -109,8 +108,7 @@ class InteractionRecorder:
         if self._task is None:
             return
         self._stopping = True
-        self._arrived.set()
-        self._full.set()
+        self._wake.set()
         await self._task
         self._task = None
 
@@ -120,15 +118,15 @@ class InteractionRecorder:
             if not self._pending:
                 if self._stopping:
                     return
-                self._arrived.clear()
-                await self._arrived.wait()
+                self._wake.clear()
+                await self._wake.wait()
                 continue
             wait = self._first_at + self.max_delay_s - loop.time()
             if len(self._pending) < self.max_batch and wait > 0 and not self._stopping:
-                self._full.clear()
+                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
-                        await self._full.wait()
+                        await self._wake.wait()
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._first_at = loop.time()
