@@ -13,24 +13,30 @@ connections, each sending a request frame and waiting for one reply frame, as fa
   speaking protocol v1 with these libraries; the gap between it and ours is the session machine,
   auth, rate limits, scheduling, the privacy check, metrics and the log.
 
-Before each run the heap built so far is frozen (`settle_heap`), for every server alike, as
+Once all are up, the heap built so far is frozen (`settle_heap`), for every server alike, as
 `edgeloop cloud serve` does once started.
 
-Prints round trips per second, p50/p99 latency and the process CPU time per round trip (steadier
-than throughput on a shared machine) for each, and the ratio ours/echo (target: at least 0.5).
+The machine is shared and its speed swings by half within seconds, so all four servers stay up
+and are driven in turn, a short slice each (`--slice`), cycle after cycle (`--cycles`): a slow
+spell falls on all of them alike. Our server's slice ends when its interaction log has written
+what the slice produced. Prints, per server, round trips per second, p50/p99 latency and the
+process CPU time per round trip over all its slices; then the ratio ours/echo (target: at least
+0.5) over the whole run, with the median and range of the ratios per cycle.
 
-    python -m bench.cloud_roundtrip [--connections 16] [--seconds 5]
+    python -m bench.cloud_roundtrip [--connections 16] [--slice 1] [--cycles 10]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,15 +53,28 @@ from protocol.messages import ChatMessage, Escalate, Result, decode
 from shared import SigningKey
 
 
-def escalate_frame(i: int) -> str:
+def escalate_frame(request_id: str) -> str:
     return encode(
         Escalate(
-            request_id=f"req_{i}",
+            request_id=request_id,
             messages=[ChatMessage(role="user", content="How do I waterproof my hiking boots?")],
             deadline_ms=10_000,
             max_tokens=32,
         )
     )
+
+
+class Frames:
+    """The `escalate` frame with a fresh request id for each send (a request id may not repeat
+    while in flight, and interactions are stored per device and request id), made by splicing
+    the id into one encoded frame: every server's client pays the same few hundred ns."""
+
+    def __init__(self) -> None:
+        mark = "REQUESTID"
+        self._head, self._tail = escalate_frame(mark).split(mark)
+
+    def __call__(self, request_id: str) -> str:
+        return f"{self._head}{request_id}{self._tail}"
 
 
 class DiscardingRecorder(InteractionRecorder):
@@ -67,35 +86,65 @@ class DiscardingRecorder(InteractionRecorder):
 
 @dataclass
 class Run:
-    rate: float
-    latencies: list[float]
-    cpu_us: float
-    """Process CPU time per round trip (clients and server together), microseconds."""
+    """Round trips through one server, summed over its slices."""
+
+    seconds: float = 0.0
+    cpu_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        """Process CPU time per round trip (clients and server together), microseconds."""
+        return self.cpu_s / max(1, len(self.latencies)) * 1e6
+
+    def add(self, other: Run) -> None:
+        self.seconds += other.seconds
+        self.cpu_s += other.cpu_s
+        self.latencies += other.latencies
 
 
-async def drive(sockets: list[ClientConnection], frames: list[list[str]], seconds: float) -> Run:
-    """Each socket sends its next frame, waits for one reply, repeats until time is up."""
-    settle_heap()  # as `edgeloop cloud serve` does once started, for every server alike
+@dataclass
+class Target:
+    """A running server and the client connections that drive it."""
+
+    sockets: list[ClientConnection]
+    settle: Callable[[], Awaitable[None]] | None = None
+    """Waits for work the server put off (our interaction log); counted in its slice."""
+
+
+ids = itertools.count()
+"""Request ids, unique over the whole run."""
+
+
+async def drive(target: Target, frame: Frames, seconds: float) -> Run:
+    """Each socket sends an `escalate`, waits for one reply, repeats until time is up; then
+    the server settles."""
     latencies: list[float] = []
-    stop_at = time.perf_counter() + seconds
+    started = time.perf_counter()
+    stop_at = started + seconds
     cpu = time.process_time()
 
-    async def one(ws: ClientConnection, own: list[str]) -> None:
-        i = 0
+    async def one(ws: ClientConnection, k: int) -> None:
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
-            await ws.send(own[i % len(own)])
+            await ws.send(frame(f"req_{k}_{next(ids)}"))
             await ws.recv()
             latencies.append(time.perf_counter() - t0)
-            i += 1
 
-    await asyncio.gather(*(one(ws, f) for ws, f in zip(sockets, frames, strict=True)))
-    cpu_us = (time.process_time() - cpu) / max(1, len(latencies)) * 1e6
-    return Run(len(latencies) / seconds, latencies, cpu_us)
+    await asyncio.gather(*(one(ws, k) for k, ws in enumerate(target.sockets)))
+    if target.settle is not None:
+        await target.settle()
+    return Run(time.perf_counter() - started, time.process_time() - cpu, latencies)
 
 
-async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[Run, Result]:
-    """Our server's run, and the `result` it sent for the first request."""
+@contextlib.asynccontextmanager
+async def serve_ours(n: int, *, keep_log: bool = True) -> AsyncIterator[tuple[Target, Result]]:
+    """Our server with `n` enrolled devices connected, and the `result` it sent for a first
+    request."""
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {
@@ -126,18 +175,13 @@ async def bench_ours(n: int, seconds: float, *, keep_log: bool = True) -> tuple[
                 )
                 assert isinstance(await device.next_event(Welcomed), Welcomed)
                 devices.append(device)
-            # Unique request ids per connection: a request id may not repeat while in flight,
-            # and interactions are stored per (device, request id).
-            frames = [[escalate_frame(k * 1_000_000 + i) for i in range(20_000)] for k in range(n)]
-            reply = decode(await _sample(devices[0].ws, frames[0][0]))
+            reply = decode(await _sample(devices[0].ws, escalate_frame("sample")))
             assert isinstance(reply, Result), reply
-            frames = [f[1:] for f in frames]
-            run = await drive([d.ws for d in devices], frames, seconds)
+            yield Target([d.ws for d in devices], service.server.recorder.flush), reply
             for d in devices:
                 await d.ws.close()
         finally:
             await service.stop()
-    return run, reply
 
 
 async def _sample(ws: ClientConnection, frame: str) -> str:
@@ -146,30 +190,31 @@ async def _sample(ws: ClientConnection, frame: str) -> str:
     return data if isinstance(data, str) else data.decode()
 
 
-async def bench_echo(n: int, seconds: float, reply_size: int) -> Run:
+def echo_handler(reply_size: int) -> Callable[[ServerConnection], Awaitable[None]]:
     reply = "x" * reply_size
 
     async def echo(ws: ServerConnection) -> None:
         async for _ in ws:
             await ws.send(reply)
 
-    return await _bench_plain(echo, n, seconds)
+    return echo
 
 
-async def bench_codec(n: int, seconds: float, reply: Result) -> Run:
+def codec_handler(reply: Result) -> Callable[[ServerConnection], Awaitable[None]]:
     async def answer(ws: ServerConnection) -> None:
         async for frame in ws:
             request = decode(frame)
             assert isinstance(request, Escalate)
             await ws.send(encode(reply.model_copy(update={"request_id": request.request_id})))
 
-    return await _bench_plain(answer, n, seconds)
+    return answer
 
 
-async def _bench_plain(
-    handler: Callable[[ServerConnection], Awaitable[None]], n: int, seconds: float
-) -> Run:
-    """`handler` served by a bare websockets server, driven like ours."""
+@contextlib.asynccontextmanager
+async def serve_plain(
+    handler: Callable[[ServerConnection], Awaitable[None]], n: int
+) -> AsyncIterator[Target]:
+    """`handler` served by a bare websockets server, with `n` connections to it."""
     subprotocols = [Subprotocol(SUBPROTOCOL)]
     async with serve(
         handler, "127.0.0.1", 0, subprotocols=subprotocols, compression=None
@@ -180,11 +225,9 @@ async def _bench_plain(
                           compression=None)
             for _ in range(n)
         ]  # fmt: skip
-        frames = [[escalate_frame(i)] for i in range(n)]
-        run = await drive(sockets, frames, seconds)
+        yield Target(sockets)
         for ws in sockets:
             await ws.close()
-    return run
 
 
 def pct(values: list[float], q: float) -> float:
@@ -192,34 +235,71 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+SERVERS = (
+    ("websockets echo (baseline)", "echo"),
+    ("edgeloop cloud, ScriptedBackend", "ours"),
+    ("  same, interaction log discarded (double)", "unlogged"),
+    ("protocol codec only (floor)", "codec"),
+)
+
+
 async def main_async(args: argparse.Namespace) -> None:
-    ours, sample = await bench_ours(args.connections, args.seconds)
-    size = len(encode(sample))
-    echo = await bench_echo(args.connections, args.seconds, size)
-    unlogged, _ = await bench_ours(args.connections, args.seconds, keep_log=False)
-    codec = await bench_codec(args.connections, args.seconds, sample)
-    print(f"{args.connections} connections, {args.seconds:.0f} s each, reply {size} bytes\n")
+    n = args.connections
+    async with contextlib.AsyncExitStack() as stack:
+        ours, sample = await stack.enter_async_context(serve_ours(n))
+        unlogged, _ = await stack.enter_async_context(serve_ours(n, keep_log=False))
+        size = len(encode(sample))
+        targets = {
+            "echo": await stack.enter_async_context(serve_plain(echo_handler(size), n)),
+            "ours": ours,
+            "unlogged": unlogged,
+            "codec": await stack.enter_async_context(serve_plain(codec_handler(sample), n)),
+        }
+        settle_heap()  # as `edgeloop cloud serve` does once started, for every server alike
+        frame = Frames()
+        totals = {key: Run() for key in targets}
+        cycles: list[dict[str, Run]] = []
+        for _ in range(args.cycles):
+            cycle = {key: await drive(target, frame, args.slice) for key, target in targets.items()}
+            for key, run in cycle.items():
+                totals[key].add(run)
+            cycles.append(cycle)
+
+    print(
+        f"{n} connections; {args.cycles} cycles of {args.slice:g} s on each server in turn; "
+        f"reply {size} bytes\n"
+    )
     print(f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10}")
-    for name, run in (
-        ("websockets echo (baseline)", echo),
-        ("edgeloop cloud, ScriptedBackend", ours),
-        ("  same, interaction log discarded (double)", unlogged),
-        ("protocol codec only (floor)", codec),
-    ):
+    for name, key in SERVERS:
+        run = totals[key]
         print(
             f"{name:<44} {run.rate:>14,.0f} {statistics.median(run.latencies) * 1000:>8.2f} "
             f"{pct(run.latencies, 0.99) * 1000:>8.2f} {run.cpu_us:>10.0f}"
         )
-    print(f"\nratio ours/echo: {ours.rate / echo.rate:.2f} (target >= 0.5)")
-    print(f"without storing interactions: {unlogged.rate / echo.rate:.2f}")
-    print(f"protocol codec only: {codec.rate / echo.rate:.2f}")
+    print()
+    for label, key, target in (
+        ("ratio ours/echo", "ours", " (target >= 0.5)"),
+        ("without storing interactions", "unlogged", ""),
+        ("protocol codec only", "codec", ""),
+    ):
+        # Each cycle's ratio compares runs seconds apart, so the machine's drift cancels out.
+        ratios = sorted(c[key].rate / c["echo"].rate for c in cycles)
+        whole = totals[key].rate / totals["echo"].rate
+        print(
+            f"{label}: {whole:.2f}{target}; per cycle median {statistics.median(ratios):.2f}, "
+            f"range {ratios[0]:.2f}-{ratios[-1]:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    asyncio.run(main_async(parser.parse_args(argv)))
+    parser.add_argument("--slice", type=float, default=1.0, help="seconds on a server per turn")
+    parser.add_argument("--cycles", type=int, default=10, help="turns of every server")
+    args = parser.parse_args(argv)
+    if args.cycles < 1 or args.connections < 1 or args.slice <= 0:
+        parser.error("--cycles and --connections must be at least 1, --slice above 0")
+    asyncio.run(main_async(args))
     return 0
 
 
