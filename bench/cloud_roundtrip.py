@@ -17,11 +17,12 @@ Once all are up, the heap built so far is frozen (`settle_heap`), for every serv
 `edgeloop cloud serve` does once started.
 
 The machine is shared and its speed swings by half within seconds, so all four servers stay up
-and are driven in turn, a short slice each (`--slice`), cycle after cycle (`--cycles`): a slow
-spell falls on all of them alike. Our server's slice ends when its interaction log has written
-what the slice produced. Prints, per server, round trips per second, p50/p99 latency and the
-process CPU time per round trip over all its slices; then the ratio ours/echo (target: at least
-0.5) over the whole run, with the median and range of the ratios per cycle.
+and are driven in turn, a short slice each (`--slice`), cycle after cycle (`--cycles`), each
+cycle starting one server later: a slow spell falls on all of them alike. Our server's slice
+ends when its interaction log has written what the slice produced. Prints, per server, round
+trips per second, p50/p99 latency and the process CPU time per round trip over all its slices;
+then the ratio ours/echo (target: at least 0.5) over the whole run, with the median and range of
+the ratios per cycle.
 
     python -m bench.cloud_roundtrip [--connections 16] [--slice 1] [--cycles 10]
 """
@@ -259,8 +260,11 @@ async def main_async(args: argparse.Namespace) -> None:
         frame = Frames()
         totals = {key: Run() for key in targets}
         cycles: list[dict[str, Run]] = []
-        for _ in range(args.cycles):
-            cycle = {key: await drive(target, frame, args.slice) for key, target in targets.items()}
+        keys = list(targets)
+        for c in range(args.cycles):
+            # Each cycle starts with the next server: no server always follows the same one.
+            order = keys[c % len(keys) :] + keys[: c % len(keys)]
+            cycle = {key: await drive(targets[key], frame, args.slice) for key in order}
             for key, run in cycle.items():
                 totals[key].add(run)
             cycles.append(cycle)
