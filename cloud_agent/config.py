@@ -106,6 +106,12 @@ class CloudConfig(_Section):
     would: every replica reading the file picks up a new version by itself."""
     store_name: str = "the store"
     """How the assistant names the business in its prompt."""
+    quote_facts: bool = True
+    """Answer a store question whose fact retrieval is confident about with that fact's text,
+    without calling the LLM: right with any model, and free. False: the LLM phrases every
+    answer, with the best facts in its prompt (for a strong backend that restates them well)."""
+    knowledge_top_k: int = Field(3, ge=1, le=20)
+    """Most facts put into the LLM's prompt (those related enough to the request)."""
     capacity: int = Field(1, ge=1, le=1024)
     """Backend calls served at once (scheduler slots)."""
     backend: BackendConfig = BackendConfig()

@@ -207,7 +207,12 @@ class CloudService:
         )  # fmt: skip
 
     def _skill(self, kb: KnowledgeBase) -> KnowledgeSkill:
-        return KnowledgeSkill(kb, store_name=self.config.store_name)
+        return KnowledgeSkill(
+            kb,
+            store_name=self.config.store_name,
+            quote_facts=self.config.quote_facts,
+            top_k=self.config.knowledge_top_k,
+        )
 
     async def reload_knowledge(self) -> dict[str, Any]:
         """Read the knowledge file again and answer from it from now on (the admin API's

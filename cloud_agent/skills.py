@@ -2,8 +2,9 @@
 
 `KnowledgeSkill.plan` looks the user's question up in the knowledge base. When retrieval is
 confident, the answer is the fact itself (grounded: a tiny embedded model restates facts
-unreliably, and quoting costs no tokens). Otherwise the best facts go into the system prompt and
-the LLM phrases the answer or handles the open request.
+unreliably, and quoting costs no tokens; `quote_facts=False` turns this off for a backend that
+phrases well). Otherwise the best facts go into the system prompt and the LLM phrases the answer
+or handles the open request.
 
 `KnowledgeSkill.learn` takes feedback on an answer: a correction that states a fact, or a
 positive rating of a quoted fact, attaches the question to that fact, so the same and similar
@@ -64,6 +65,7 @@ class KnowledgeSkill:
         kb: KnowledgeBase,
         *,
         store_name: str = "the store",
+        quote_facts: bool = True,
         ground_threshold: float = 0.05,
         min_similarity: float = 0.4,
         min_coverage: float = 0.3,
@@ -75,6 +77,9 @@ class KnowledgeSkill:
     ) -> None:
         self.kb = kb
         self.store_name = store_name
+        self.quote_facts = quote_facts
+        """Whether a confident match is answered with the fact itself (`Plan.grounded_answer`);
+        when False, every answer is left to the LLM, with the facts in its prompt."""
         self.ground_threshold = ground_threshold
         self.min_similarity = min_similarity
         self.min_coverage = min_coverage
@@ -131,7 +136,8 @@ class KnowledgeSkill:
         )
         grounded = (
             retrieval.best.text
-            if retrieval.best is not None and short and not personal and (close or asked)
+            if self.quote_facts and retrieval.best is not None and short and not personal
+            and (close or asked)
             else None
         )  # fmt: skip
         return Plan(

@@ -138,6 +138,17 @@ def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
     )
 
 
+def test_with_quoting_off_every_answer_is_left_to_the_llm_with_the_facts(kb_path: Path) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    plan = KnowledgeSkill(kb, quote_facts=False).plan([ChatTurn("user", "Is shipping free?")])
+    assert plan.grounded_answer is None and plan.fact_ids[0] == "free-shipping"
+    assert "$75" in plan.messages[0].content and plan.messages[0].content.count("\n- ") == 3
+    plan = KnowledgeSkill(kb, quote_facts=False, top_k=1).plan(
+        [ChatTurn("user", "Is shipping free?")]
+    )
+    assert plan.fact_ids == ("free-shipping",) and plan.messages[0].content.count("\n- ") == 1
+
+
 def assert_left_to_the_llm(skill: KnowledgeSkill, *requests: str) -> None:
     """Each request goes to the LLM as written, under the system prompt, with no quoted fact."""
     for request in requests:

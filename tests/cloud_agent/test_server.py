@@ -108,6 +108,21 @@ async def test_store_facts_are_answered_from_the_retrieved_fact(cloud: Cloud) ->
     await device.close()
 
 
+@pytest.mark.cloud(quote_facts=False, knowledge_top_k=1)
+async def test_with_quote_facts_off_the_backend_answers_store_questions(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await device.send(ask("Is shipping free?", stream=False))
+    event = await final(device)
+    assert isinstance(event, ResultReceived)
+    assert event.result.text == "Layer up: base, mid, shell." and event.result.model == "scripted"
+    [call] = cloud.backend.calls
+    system = call.messages[0].content
+    # One fact in the prompt (three related ones by default).
+    assert "$75" in system and system.count("\n- ") == 1
+    assert event.result.sources == ["free-shipping"]
+    await device.close()
+
+
 async def test_open_questions_go_to_the_backend_with_the_facts_in_the_prompt(cloud: Cloud) -> None:
     device, _ = await cloud.enroll()
     await device.send(ask("Is renting a tent for 4 weekends a year cheaper than buying one?"))
