@@ -4,7 +4,8 @@ Plays the workload's `learnable_fact` requests through a `CloudService` with the
 SmolLM2 model and the store's knowledge base, and reports the share of answers that contain
 every expected group (target: at least 95%), next to the retrieval hit rate (the right fact
 ranked first) and the share answered from a grounded fact. Baseline in the same run: the
-embedded model alone, with no knowledge base.
+embedded model alone, with no knowledge base; and for contrast the same cloud with `quote_facts`
+off, so that the model phrases every answer from the facts in its prompt.
 
 Then one round of feedback, as a store associate would give it, on half of the questions (split
 by a hash of the text): a thumbs-up where the answer was right, a correction quoting the fact
@@ -65,14 +66,18 @@ async def ask(device: Device, rows: list[dict[str, Any]], prefix: str) -> Answer
 
 
 async def play(
-    rows: list[dict[str, Any]], kb: Path | None, teach: list[bool] | None = None
+    rows: list[dict[str, Any]],
+    kb: Path | None,
+    teach: list[bool] | None = None,
+    *,
+    quote_facts: bool = True,
 ) -> tuple[Answers, Answers]:
     """Answers to `rows`; with `teach`, feedback on the rows marked True, then the answers to
     all rows asked again."""
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {"data_dir": Path(tmp), "port": 0, "admin_port": 0, "knowledge": kb,
-             "store_name": "Northwind Outfitters"}
+             "store_name": "Northwind Outfitters", "quote_facts": quote_facts}
         )  # fmt: skip
         service = await CloudService.create(config)
         await service.start()
@@ -118,21 +123,30 @@ async def main_async(args: argparse.Namespace) -> None:
     teach = [taught(r) for r in facts]
     ours, again = await play(facts, args.kb, teach)
     alone, _ = await play(facts, None)
+    phrased, _ = await play(facts, args.kb, quote_facts=False)
     right = sum(
         contains_expected(text, r["expect"]) for (text, _), r in zip(ours, facts, strict=True)
     )
-    grounded = sum(1 for text, sources in ours if len(sources) == 1 and text and any(
-        f.text == text for f in kb.facts.values()))  # fmt: skip
-    base = sum(
-        contains_expected(text, r["expect"]) for (text, _), r in zip(alone, facts, strict=True)
+    quoted = [
+        (text, r) for (text, sources), r in zip(ours, facts, strict=True)
+        if len(sources) == 1 and text and any(f.text == text for f in kb.facts.values())
+    ]  # fmt: skip
+    grounded = len(quoted)
+    # A quoted fact is said with confidence: a wrong one misleads more than a vague answer.
+    wrong_quotes = sum(1 for text, r in quoted if not contains_expected(text, r["expect"]))
+    base, by_llm = (
+        sum(contains_expected(text, r["expect"]) for (text, _), r in zip(run, facts, strict=True))
+        for run in (alone, phrased)
     )
     n = len(facts)
     print(f"{n} learnable_fact requests through the cloud server (embedded SmolLM2-135M Q4_1)\n")
     print(f"retrieval hit rate (right fact ranked first): {hits}/{n} = {hits / n:.1%}")
     print(f"answered from a grounded fact:                {grounded}/{n} = {grounded / n:.1%}")
+    print(f"  of which the wrong fact:                    {wrong_quotes}/{grounded}")
     share = f"{right}/{n} = {right / n:.1%}"
     print(f"answers holding every expected group:         {share} (target >= 95%)")
     print(f"baseline, same model without knowledge:       {base}/{n} = {base / n:.1%}")
+    print(f"quote_facts off, the model phrases every answer: {by_llm}/{n} = {by_llm / n:.1%}")
     print("\none round of feedback on half of the questions, then all asked again:")
     for label, half in (("rated", True), ("not rated", False)):
         pairs = [
