@@ -1,6 +1,6 @@
 """Escalation round trips through the real cloud server, against a plain websockets echo server.
 
-Both servers run in this process on loopback and are driven by the same raw client: N
+All servers run in this process on loopback and are driven by the same raw client: N
 connections, each sending a request frame and waiting for one reply frame, as fast as it can.
 
 - ours: `CloudService` (session machine, auth, scheduler, store writes) with a `ScriptedBackend`

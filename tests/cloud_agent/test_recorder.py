@@ -33,6 +33,8 @@ class FailingStore:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.batches: list[tuple[int, int]] = []
+        self.wrote = asyncio.Event()
+        """Set when a batch has been written."""
 
     async def record_interactions(
         self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
@@ -41,6 +43,7 @@ class FailingStore:
             self.failures -= 1
             raise StoreUnavailable("database unavailable: test")
         self.batches.append((len(batch), len(sessions or [])))
+        self.wrote.set()
 
 
 @pytest.fixture
@@ -115,15 +118,10 @@ async def test_a_whole_batch_is_written_at_once_and_the_rest_waits_for_the_delay
     for i in range(5):
         await recorder.record(interaction(i, "dev_1"))
         await asyncio.sleep(0)  # the writer is waiting out the delay when the batch fills
-    await asyncio.wait_for(_written(recorder, 4), 5)  # not 60 s: the batch was full
+    await asyncio.wait_for(double.wrote.wait(), 5)  # not 60 s: the batch was full
     assert double.batches == [(4, 0)] and recorder.holds("dev_1", "req_4")
     await recorder.stop()
     assert double.batches == [(4, 0), (1, 0)], "stopping writes the rest without waiting"
-
-
-async def _written(recorder: InteractionRecorder, count: int) -> None:
-    while recorder.written < count:
-        await asyncio.sleep(0.01)
 
 
 async def test_metrics_count_written_and_lost_records_and_show_the_waiting_ones() -> None:
