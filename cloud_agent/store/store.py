@@ -637,6 +637,18 @@ class _SqliteBatchInsert:
         return cls(table, dialect, 32766 if version >= (3, 32, 0) else 999)
 
     async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+        # Rows of a batch share values (its timestamp): each object is converted once. The
+        # memo holds the objects themselves, so an id is not reused while it lives.
+        memo: dict[int, tuple[Any, Any]] = {}
+
+        def bind(value: Any, convert: Callable[[Any], Any] | None) -> Any:
+            if convert is None:
+                return value
+            seen = memo.get(id(value))
+            if seen is None:
+                seen = memo[id(value)] = (value, convert(value))
+            return seen[1]
+
         connection = await session.connection()
         start = 0
         while start < len(rows):
@@ -644,7 +656,7 @@ class _SqliteBatchInsert:
             while size > len(rows) - start:
                 size //= 2
             params = tuple(
-                row[key] if convert is None else convert(row[key])
+                bind(row[key], convert)
                 for row in rows[start : start + size]
                 for key, convert in self.fields
             )

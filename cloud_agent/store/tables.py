@@ -88,7 +88,8 @@ class Interaction(Base):
     __table_args__ = (UniqueConstraint("device_id", "request_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), index=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    """Looked up through the unique (device_id, request_id) index, which it leads."""
     request_id: Mapped[str] = mapped_column(String(64))
     session_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(index=True)
