@@ -25,6 +25,8 @@ then the ratio ours/echo (target: at least 0.5) over the whole run, with the med
 the ratios per cycle.
 
     python -m bench.cloud_roundtrip [--connections 16] [--slice 1] [--cycles 10]
+
+`bench.cloud_instructions` counts the same servers' work in CPU instructions, which hold still.
 """
 
 from __future__ import annotations
