@@ -283,6 +283,8 @@ class CloudServer:
         await self._flush(conn)
 
     async def _flush(self, conn: _Connection) -> None:
+        if not conn.session.has_data_to_send:
+            return  # most calls, after events that answer later: skip the lock
         # One writer at a time: a `chunk` header and its binary frame must stay adjacent.
         async with conn.write_lock:
             for frame in conn.session.data_to_send():

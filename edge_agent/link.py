@@ -293,7 +293,7 @@ class CloudLink:
 
     async def _flush(self) -> None:
         session, ws = self._session, self._ws
-        if session is None or ws is None:
+        if session is None or ws is None or not session.has_data_to_send:
             return
         async with self._write_lock:
             for frame in session.data_to_send():

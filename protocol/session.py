@@ -76,6 +76,11 @@ class Session:
         return frames
 
     @property
+    def has_data_to_send(self) -> bool:
+        """Whether `data_to_send` would return any frame."""
+        return bool(self._frames)
+
+    @property
     def closed(self) -> bool:
         return self.close_code is not None
 

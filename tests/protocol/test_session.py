@@ -142,6 +142,18 @@ def test_escalation_streams_ordered_deltas_then_exactly_one_result() -> None:
     assert pair.client.in_flight_count == 0 and pair.server.in_flight_count == 0
 
 
+def test_has_data_to_send_says_whether_frames_wait() -> None:
+    pair = open_pair()
+    assert not pair.server.has_data_to_send
+    pair.client.send(escalate())
+    pair.pump()
+    assert not pair.server.has_data_to_send, "a request alone queues no frame"
+    pair.server.send(result())
+    assert pair.server.has_data_to_send
+    assert len(pair.server.data_to_send()) == 1
+    assert not pair.server.has_data_to_send
+
+
 def test_device_cancel_is_answered_by_exactly_one_terminal_frame() -> None:
     pair = open_pair()
     pair.client.send(escalate())
