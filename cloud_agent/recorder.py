@@ -51,6 +51,8 @@ class InteractionRecorder:
         self._pending: list[Record] = []
         self._first_at = 0.0
         """Loop time at which the oldest pending record arrived."""
+        self._writing = 0
+        """Records of the batch being written (taken from `_pending`, not yet counted)."""
         self._taken = 0
         self._done = 0
         """Records taken by `record`, and those written or counted as lost, since the start."""
@@ -86,8 +88,8 @@ class InteractionRecorder:
 
     @property
     def pending(self) -> int:
-        """Records waiting to be written."""
-        return len(self._pending)
+        """Records not written yet: waiting, or in the batch being written."""
+        return len(self._pending) + self._writing
 
     def stats(self) -> dict[str, int]:
         """Records waiting, written and lost (for the admin API's load report)."""
@@ -130,7 +132,11 @@ class InteractionRecorder:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._first_at = loop.time()
+            self._writing = len(batch)
             await self._write(batch)
+            # `_write` counted the batch as written or lost with no await since: no reader
+            # sees it twice, or not at all.
+            self._writing = 0
             for item in batch:
                 if isinstance(item, NewInteraction):
                     self._unwritten.discard((item.device_id, item.request_id))

@@ -70,6 +70,35 @@ async def test_records_are_written_in_batches_and_flush_waits_for_them(store: St
     await recorder.stop()
 
 
+class SlowStore:
+    """Test double: a store whose writes wait until the test lets them finish."""
+
+    def __init__(self) -> None:
+        self.writing = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def record_interactions(
+        self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
+    ) -> None:
+        self.writing.set()
+        await self.finish.wait()
+
+
+async def test_a_batch_being_written_still_counts_as_pending() -> None:
+    double = SlowStore()
+    recorder = InteractionRecorder(double, max_batch=2, max_delay_s=10.0)  # type: ignore[arg-type]
+    recorder.start()
+    await recorder.record(interaction(0, "dev_1"))
+    await recorder.record(interaction(1, "dev_1"))
+    await recorder.record(interaction(2, "dev_1"))
+    async with asyncio.timeout(5):
+        await double.writing.wait()
+    assert recorder.stats() == {"pending": 3, "written": 0, "lost": 0}, "2 writing, 1 waiting"
+    double.finish.set()
+    await recorder.stop()
+    assert recorder.stats() == {"pending": 0, "written": 3, "lost": 0}
+
+
 async def test_stop_writes_what_is_queued() -> None:
     double = FailingStore(failures=0)
     recorder = InteractionRecorder(double, max_batch=4, max_delay_s=10.0)  # type: ignore[arg-type]
