@@ -25,14 +25,13 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from cloud_agent.errors import Overloaded
 
-__all__ = ["Load", "Scheduler"]
+__all__ = ["Load", "Scheduler", "Slot"]
 
 Lane = Literal["online", "offline"]
 
@@ -100,25 +99,20 @@ class Scheduler:
 
     # --- public API -----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def slot(self, lane: Lane, *, deadline: float | None = None) -> AsyncIterator[None]:
-        """Hold one backend slot for the body. `deadline` (clock seconds) is for online work."""
+    def slot(self, lane: Lane, *, deadline: float | None = None) -> Slot:
+        """One backend slot, held for the body of ``async with``. `deadline` (clock seconds) is
+        for online work."""
+        if lane == "online" and deadline is None:
+            raise ValueError("online work needs a deadline")
+        return Slot(self, lane, deadline if lane == "online" else None)
+
+    def _release(self, lane: Lane, started: float) -> None:
+        self._service.add(self._clock() - started)
         if lane == "online":
-            if deadline is None:
-                raise ValueError("online work needs a deadline")
-            await self._acquire_online(deadline)
+            self._online_in_flight -= 1
         else:
-            await self._acquire_offline()
-        started = self._clock()
-        try:
-            yield
-        finally:
-            self._service.add(self._clock() - started)
-            if lane == "online":
-                self._online_in_flight -= 1
-            else:
-                self._offline_in_flight -= 1
-            self._dispatch()
+            self._offline_in_flight -= 1
+        self._dispatch()
 
     def load(self) -> Load:
         return Load(
@@ -237,3 +231,29 @@ class Scheduler:
     def _recheck_now(self) -> None:
         self._recheck = None
         self._dispatch()
+
+
+class Slot:
+    """A backend slot from `Scheduler.slot`: taken on entering ``async with`` (waiting, or
+    refused with `Overloaded`), given back on leaving. A class rather than a generator-based
+    context manager: every backend call goes through one."""
+
+    __slots__ = ("_deadline", "_lane", "_scheduler", "_started")
+
+    def __init__(self, scheduler: Scheduler, lane: Lane, deadline: float | None) -> None:
+        """`deadline` is None for offline work, and only for it."""
+        self._scheduler = scheduler
+        self._lane = lane
+        self._deadline = deadline
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        scheduler = self._scheduler
+        if self._deadline is None:
+            await scheduler._acquire_offline()
+        else:
+            await scheduler._acquire_online(self._deadline)
+        self._started = scheduler._clock()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._scheduler._release(self._lane, self._started)
