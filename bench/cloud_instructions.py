@@ -34,6 +34,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.cloud_roundtrip import (
+    SERVERS,
     Frames,
     Target,
     codec_handler,
@@ -46,12 +47,6 @@ from cloud_agent.service import settle_heap
 from protocol import encode
 
 CONNECTIONS = 16
-SERVERS = (
-    ("websockets echo (baseline)", "echo"),
-    ("edgeloop cloud, ScriptedBackend", "ours"),
-    ("  same, interaction log discarded (double)", "unlogged"),
-    ("protocol codec only (floor)", "codec"),
-)
 _TOTAL = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 

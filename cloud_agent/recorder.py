@@ -51,8 +51,6 @@ class InteractionRecorder:
         self._pending: list[Record] = []
         self._first_at = 0.0
         """Loop time at which the oldest pending record arrived."""
-        self._writing = 0
-        """Records of the batch being written (taken from `_pending`, not yet counted)."""
         self._taken = 0
         self._done = 0
         """Records taken by `record`, and those written or counted as lost, since the start."""
@@ -89,7 +87,7 @@ class InteractionRecorder:
     @property
     def pending(self) -> int:
         """Records not written yet: waiting, or in the batch being written."""
-        return len(self._pending) + self._writing
+        return self._taken - self._done
 
     def stats(self) -> dict[str, int]:
         """Records waiting, written and lost (for the admin API's load report)."""
@@ -132,14 +130,12 @@ class InteractionRecorder:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._first_at = loop.time()
-            self._writing = len(batch)
             await self._write(batch)
-            # `_write` counted the batch as written or lost with no await since: no reader
-            # sees it twice, or not at all.
-            self._writing = 0
             for item in batch:
                 if isinstance(item, NewInteraction):
                     self._unwritten.discard((item.device_id, item.request_id))
+            # With no await since `_write` counted the batch written or lost, so `pending`
+            # never shows a record twice or not at all.
             self._done += len(batch)
             async with self._progress:
                 self._progress.notify_all()
