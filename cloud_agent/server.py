@@ -104,6 +104,10 @@ class _Connection:
     adapter_version: int | None = None
     base_model_sha256: str | None = None
     offered: int | None = None
+    auth_timer: asyncio.TimerHandle | None = None
+    """Refuses the session if it is not authenticated in time; cancelled once it is."""
+    refusal: asyncio.Task[None] | None = None
+    """Sends the auth-timeout refusal."""
 
 
 class CloudServer:
@@ -237,7 +241,9 @@ class CloudServer:
             return
         conn = _Connection(ws, ServerSession(server_id=self.server_id, limits=self.limits))
         self._connections.add(conn)
-        watchdog = asyncio.create_task(self._auth_watchdog(conn))
+        timer = conn.auth_timer = asyncio.get_running_loop().call_later(
+            self.auth_timeout_s, self._auth_expired, conn
+        )
         try:
             async for data in ws:
                 if isinstance(data, str):
@@ -250,7 +256,7 @@ class CloudServer:
         except ConnectionClosed:
             pass
         finally:
-            watchdog.cancel()
+            timer.cancel()
             self._connections.discard(conn)
             for task in conn.tasks.values():
                 task.cancel()
@@ -267,12 +273,13 @@ class CloudServer:
                                  close_code=ws.close_code)
                 )  # fmt: skip
 
-    async def _auth_watchdog(self, conn: _Connection) -> None:
-        await asyncio.sleep(self.auth_timeout_s)
+    def _auth_expired(self, conn: _Connection) -> None:
+        # A timer rather than a sleeping task per connection: nothing is left behind once the
+        # session is open (`_opened` cancels it).
         if not conn.session.is_open and not conn.session.closed:
             self.metrics.auth_failures.labels("timeout").inc()
             conn.session.refuse(ErrorCode.AUTH_TIMEOUT, "not authenticated in time")
-            await self._flush(conn)
+            conn.refusal = asyncio.create_task(self._flush(conn))
 
     async def _process(self, conn: _Connection) -> None:
         """Act on the session's events until it has none left, flushing frames as we go."""
@@ -367,6 +374,8 @@ class CloudServer:
         await self._opened(conn, device.id)
 
     async def _opened(self, conn: _Connection, device_id: str) -> None:
+        if conn.auth_timer is not None:
+            conn.auth_timer.cancel()
         conn.device_id = device_id
         self.metrics.sessions.inc()
         hello = conn.session.hello

@@ -218,6 +218,35 @@ async def test_frames_before_authentication_close_the_connection(cloud: Cloud) -
     assert ws.close_code == 1008
 
 
+def auth_timeouts(cloud: Cloud) -> float | None:
+    return cloud.service.metrics.registry.get_sample_value(
+        "edgeloop_auth_failures_total", {"reason": "timeout"}
+    )
+
+
+@pytest.mark.cloud(limits={"auth_timeout_s": 0.3})
+async def test_a_connection_that_never_authenticates_is_refused_with_auth_timeout(
+    cloud: Cloud,
+) -> None:
+    async with connect(cloud.url, subprotocols=[SUBPROTOCOL], proxy=None) as ws:  # type: ignore[list-item]
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["type"] == "error" and reply["name"] == "auth_timeout"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == 4002
+    assert auth_timeouts(cloud) == 1
+
+
+@pytest.mark.cloud(limits={"auth_timeout_s": 0.3})
+async def test_an_authenticated_session_outlives_the_auth_timeout(cloud: Cloud) -> None:
+    device, _ = await cloud.enroll()
+    await asyncio.sleep(0.6)
+    await device.send(ask("Any advice for a first multi-day trek?"))
+    assert isinstance(await final(device), ResultReceived)
+    assert not auth_timeouts(cloud)
+    await device.close()
+
+
 async def test_an_oversized_frame_closes_with_1009(cloud: Cloud) -> None:
     device, _ = await cloud.enroll()
     huge = "x" * (cloud.service.config.limits.max_message_bytes + 10)
