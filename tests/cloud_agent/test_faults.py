@@ -14,10 +14,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from sqlalchemy import select
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.errors import BackendResponseError
 from cloud_agent.service import CloudService
+from cloud_agent.store import tables
 from examples.handshake import Device
 from protocol import (
     AckReceived,
@@ -77,6 +79,38 @@ async def test_a_client_that_stops_reading_neither_grows_memory_nor_stalls_other
     await fast.close()
     slow.ws.transport.abort()
     await slow.ws.wait_closed()
+
+
+@pytest.mark.cloud(limits={"heartbeat_s": 1})
+async def test_a_peer_that_stops_answering_pings_is_dropped_and_its_session_ended(
+    cloud: Cloud,
+) -> None:
+    gone, credentials = await cloud.enroll()
+    alive, _ = await cloud.enroll()
+    gone.ws.transport.pause_reading()  # a device that lost its network: no pongs come back
+    async with asyncio.timeout(15):
+        while cloud.service.server.session_count > 1:
+            await asyncio.sleep(0.1)
+        while True:  # the end is written through the batched recorder
+            async with cloud.service.store.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        select(tables.Session.device_id, tables.Session.close_code).where(
+                            tables.Session.ended_at.is_not(None)
+                        )
+                    )
+                ).all()
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+    # 1006: the peer never sent a close frame back.
+    assert [tuple(r) for r in rows] == [(credentials.device_id, 1006)]
+    # The other device answers its pings and is still served.
+    await alive.send(ask("Is the Alps trail open in winter months at all?", "req_1"))
+    assert isinstance(await alive.next_event(ResultReceived, RequestFailed), ResultReceived)
+    await alive.close()
+    gone.ws.transport.abort()
+    await gone.ws.wait_closed()
 
 
 async def test_feedback_is_not_acknowledged_while_the_database_is_locked_and_is_stored_once_after(
