@@ -20,7 +20,8 @@ The machine is shared and its speed swings by half within seconds, so all four s
 and are driven in turn, a short slice each (`--slice`), cycle after cycle (`--cycles`), each
 cycle starting one server later: a slow spell falls on all of them alike. Our server's slice
 ends when its interaction log has written what the slice produced. Prints, per server, round
-trips per second, p50/p99 latency and the process CPU time per round trip over all its slices;
+trips per second, p50/p99 latency, the process CPU time per round trip (and how much of it the
+kernel's) and the voluntary context switches per round trip, over all its slices;
 then the ratio ours/echo (target: at least 0.5) over the whole run, with the median and range of
 the ratios per cycle.
 
@@ -35,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import resource
 import statistics
 import tempfile
 import time
@@ -93,6 +95,11 @@ class Run:
 
     seconds: float = 0.0
     cpu_s: float = 0.0
+    system_s: float = 0.0
+    """The part of `cpu_s` spent in the kernel."""
+    switches: int = 0
+    """Voluntary context switches of the process's threads: a thread waiting for another, as
+    the event loop and aiosqlite's worker do when they hand the GIL over."""
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -102,11 +109,16 @@ class Run:
     @property
     def cpu_us(self) -> float:
         """Process CPU time per round trip (clients and server together), microseconds."""
-        return self.cpu_s / max(1, len(self.latencies)) * 1e6
+        return self.per_rt(self.cpu_s) * 1e6
+
+    def per_rt(self, value: float) -> float:
+        return value / max(1, len(self.latencies))
 
     def add(self, other: Run) -> None:
         self.seconds += other.seconds
         self.cpu_s += other.cpu_s
+        self.system_s += other.system_s
+        self.switches += other.switches
         self.latencies += other.latencies
 
 
@@ -130,6 +142,7 @@ async def drive(target: Target, frame: Frames, seconds: float) -> Run:
     started = time.perf_counter()
     stop_at = started + seconds
     cpu = time.process_time()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
 
     async def one(ws: ClientConnection, k: int) -> None:
         while time.perf_counter() < stop_at:
@@ -141,7 +154,14 @@ async def drive(target: Target, frame: Frames, seconds: float) -> Run:
     await asyncio.gather(*(one(ws, k) for k, ws in enumerate(target.sockets)))
     if target.settle is not None:
         await target.settle()
-    return Run(time.perf_counter() - started, time.process_time() - cpu, latencies)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return Run(
+        time.perf_counter() - started,
+        time.process_time() - cpu,
+        after.ru_stime - usage.ru_stime,
+        after.ru_nvcsw - usage.ru_nvcsw,
+        latencies,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -275,12 +295,16 @@ async def main_async(args: argparse.Namespace) -> None:
         f"{n} connections; {args.cycles} cycles of {args.slice:g} s on each server in turn; "
         f"reply {size} bytes\n"
     )
-    print(f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10}")
+    print(
+        f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10} "
+        f"{'of it sys':>10} {'switches/rt':>12}"
+    )
     for name, key in SERVERS:
         run = totals[key]
         print(
             f"{name:<44} {run.rate:>14,.0f} {statistics.median(run.latencies) * 1000:>8.2f} "
-            f"{pct(run.latencies, 0.99) * 1000:>8.2f} {run.cpu_us:>10.0f}"
+            f"{pct(run.latencies, 0.99) * 1000:>8.2f} {run.cpu_us:>10.0f} "
+            f"{run.per_rt(run.system_s) * 1e6:>10.0f} {run.per_rt(run.switches):>12.2f}"
         )
     print()
     for label, key, target in (
