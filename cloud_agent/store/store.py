@@ -1,7 +1,8 @@
 """`Store`: every read and write the cloud agent makes, over SQLAlchemy's async engine.
 
 SQLite (the embedded default, ``sqlite+aiosqlite:///path``) runs in WAL mode with
-``synchronous=FULL`` so an acknowledged write survives a crash; PostgreSQL
+``synchronous=FULL`` so an acknowledged write survives a crash; the interaction log's batches go
+through a synchronous connection on a thread of their own (`_SqliteLog`); PostgreSQL
 (``postgresql+asyncpg://...``) serves several replicas. The schema is migrated with Alembic on
 open. Database errors are mapped at this boundary: `StoreUnavailable` (retryable: the database
 is down or locked) and `StoreError` for the rest.
@@ -9,11 +10,13 @@ is down or locked) and `StoreError` for the rest.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,8 @@ from typing import Any
 import pydantic_core
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, delete, event, func, insert, select, tuple_, update
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy import Table, create_engine, delete, event, func, insert, select, tuple_, update
+from sqlalchemy.engine import URL, Connection, Dialect
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -30,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
@@ -96,12 +100,16 @@ def _device(row: t.Device) -> DeviceRecord:
 class Store(JobStore, RolloutStore):
     """The cloud agent's persistent state."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, lock_timeout_s: float = 15.0) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        sqlite = engine.dialect.name == "sqlite"
         self._sqlite_interactions = (
-            _SqliteBatchInsert.for_dialect(t.INTERACTIONS, engine.dialect)
-            if engine.dialect.name == "sqlite"
+            _SqliteBatchInsert.for_dialect(t.INTERACTIONS, engine.dialect) if sqlite else None
+        )
+        self._log = (
+            _SqliteLog(engine.url, lock_timeout_s)
+            if sqlite and engine.url.database not in (None, "", ":memory:")
             else None
         )
 
@@ -125,31 +133,27 @@ class Store(JobStore, RolloutStore):
             event.listen(
                 engine.sync_engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms)
             )
-        store = cls(engine)
+        store = cls(engine, lock_timeout_s=lock_timeout_s)
         try:
             if migrate:
                 async with engine.begin() as conn:
                     await conn.run_sync(_upgrade)
         except (OSError, SQLAlchemyError) as exc:
-            await engine.dispose()
+            await store.close()
             raise StoreUnavailable(f"cannot open the store: {exc}") from exc
         return store
 
     async def close(self) -> None:
+        if self._log is not None:
+            await self._log.close()
         await self.engine.dispose()
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncSession]:
         """One transaction; database errors leave it as `StoreError`/`StoreUnavailable`."""
-        try:
+        with _mapped_errors():
             async with self._sessions() as session, session.begin():
                 yield session
-        except (EnrollmentRefused, IntegrityError):
-            raise
-        except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
-            raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless the database answers."""
@@ -254,30 +258,46 @@ class Store(JobStore, RolloutStore):
         ]
         started = [e for e in sessions if e.kind == "started"]
         ended = [e for e in sessions if e.kind == "ended"]
-        async with self._tx() as s:
+        # The insert's parameters are built here, on the event loop: the writing thread then
+        # holds the GIL only briefly.
+        inserts = (
+            self._sqlite_interactions.statements(rows)
+            if self._sqlite_interactions is not None
+            else None
+        )
+
+        def write(s: Session) -> None:
             if started:
-                await s.execute(
+                s.execute(
                     insert(t.Session),
                     [{"id": e.session_id, "device_id": e.device_id, "server_id": e.server_id or "",
                       "started_at": e.at} for e in started],
                 )  # fmt: skip
-                await s.execute(
+                s.execute(
                     update(t.Device),
                     [{"id": e.device_id, "last_seen_at": e.at, "adapter_version": e.adapter_version,
                       "base_model_sha256": e.base_model_sha256} for e in started],
                 )  # fmt: skip
-            if self._sqlite_interactions is not None:
-                await self._sqlite_interactions.run(s, rows)
+            if inserts is not None:
+                connection = s.connection()
+                for sql, params in inserts:
+                    connection.exec_driver_sql(sql, params)
             elif rows:
                 # PostgreSQL (asyncpg: no worker thread, no GIL hand-overs): a Core insert on
                 # the table; the ORM's bulk path costs a fifth more per row.
-                await s.execute(insert(t.INTERACTIONS), rows)
+                s.execute(insert(t.INTERACTIONS), rows)
             if ended:
-                await s.execute(
+                s.execute(
                     update(t.Session),
                     [{"id": e.session_id, "ended_at": e.at, "close_code": e.close_code}
                      for e in ended],
                 )  # fmt: skip
+
+        if self._log is not None:
+            await self._log.write(write)
+        else:
+            async with self._tx() as session:
+                await session.run_sync(write)
 
     async def list_interactions(
         self,
@@ -606,13 +626,13 @@ class _SqliteBatchInsert:
     """Many rows into one SQLite table as a few multi-row ``INSERT ... VALUES (...), (...)``
     statements, driver-level.
 
-    SQLite runs on aiosqlite's worker thread, and Python's sqlite3 releases the GIL around
-    every row an executemany steps through; with the event loop busy on the other side, each
-    of those hand-overs costs more than the insert itself (the interaction log took a third of
-    the server's CPU per request in `bench/cloud_roundtrip.py`). One statement per chunk hands
-    the GIL over once per chunk. Chunks have power-of-two sizes, so a handful of statement
-    texts cover every batch and stay in sqlite3's statement cache. Values are bound as the
-    dialect's own bind processors would bind them (JSON columns as JSON text)."""
+    SQLite runs on a thread beside the event loop (`_SqliteLog`), and Python's sqlite3 releases
+    the GIL around every row an executemany steps through; with the event loop busy on the
+    other side, each of those hand-overs costs more than the insert itself (the interaction log
+    took a third of the server's CPU per request in `bench/cloud_roundtrip.py`). One statement
+    per chunk hands the GIL over once per chunk. Chunks have power-of-two sizes, so a handful of
+    statement texts cover every batch and stay in sqlite3's statement cache. Values are bound as
+    the dialect's own bind processors would bind them (JSON columns as JSON text)."""
 
     def __init__(self, table: Table, dialect: Dialect, max_variables: int) -> None:
         columns = [c for c in table.columns if not c.primary_key]
@@ -637,8 +657,9 @@ class _SqliteBatchInsert:
         version = getattr(dialect.dbapi, "sqlite_version_info", (3, 32, 0))
         return cls(table, dialect, 32766 if version >= (3, 32, 0) else 999)
 
-    async def run(self, session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-        connection = await session.connection()
+    def statements(self, rows: list[dict[str, Any]]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The statements, with their parameters, that insert `rows` in order."""
+        out = []
         start = 0
         while start < len(rows):
             size = self.chunk
@@ -648,9 +669,57 @@ class _SqliteBatchInsert:
             # Column by column, then interleaved row by row: a few comprehensions per chunk
             # rather than a Python step per value.
             columns = [_bound(key, convert, chunk) for key, convert in self.fields]
-            params = tuple(itertools.chain.from_iterable(zip(*columns, strict=True)))
-            await connection.exec_driver_sql(self._sql[size], params)
+            out.append(
+                (self._sql[size], tuple(itertools.chain.from_iterable(zip(*columns, strict=True))))
+            )
             start += size
+        return out
+
+
+class _SqliteLog:
+    """Writes the interaction log's batches to a SQLite file: each batch's whole transaction in
+    one call to a thread of its own, over a synchronous connection to the same file.
+
+    Through aiosqlite a batch took five trips to its worker thread (cursor, execute, close,
+    commit, and the pool's rollback), and in each trip the worker and the busy event loop hand
+    the GIL back and forth: in `bench.cloud_roundtrip`, 0.46 voluntary context switches per
+    round trip. With one trip per batch, about half as many."""
+
+    def __init__(self, url: URL, lock_timeout_s: float) -> None:
+        self._engine = create_engine(
+            url.set(drivername="sqlite"),
+            json_serializer=_to_json,
+            connect_args={"timeout": lock_timeout_s, "check_same_thread": False},
+        )
+        busy_ms = int(lock_timeout_s * 1000)
+        event.listen(self._engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms))
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-log")
+
+    async def write(self, work: Callable[[Session], None]) -> None:
+        """Run `work` in one transaction on the log's thread."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._run, work)
+
+    def _run(self, work: Callable[[Session], None]) -> None:
+        with _mapped_errors(), Session(self._engine) as session, session.begin():
+            work(session)
+
+    async def close(self) -> None:
+        """Wait for a batch being written, then close the connection."""
+        await asyncio.to_thread(self._thread.shutdown)
+        self._engine.dispose()
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """Database errors leave as `StoreUnavailable` (retryable) or `StoreError`."""
+    try:
+        yield
+    except (EnrollmentRefused, IntegrityError):
+        raise
+    except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
+        raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error: {type(exc).__name__}") from exc
 
 
 def _bound(key: str, convert: Callable[[Any], Any] | None, rows: list[dict[str, Any]]) -> list[Any]:

@@ -358,6 +358,33 @@ async def test_sessions_are_recorded_in_batches(store: Store) -> None:
     assert [tuple(r) for r in rows] == [("ses_1", 1000), ("ses_2", None)]
 
 
+async def test_a_log_batch_on_a_locked_sqlite_file_is_a_typed_error_and_then_goes_in(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    store = await Store.open(sqlite_url(tmp_path / "locked.db"), lock_timeout_s=0.2)
+    try:
+        await enrolled(store)
+        batch = [NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],
+                                messages=[{"role": "user", "content": "q"}], status="ok")
+                 for i in range(3)]  # fmt: skip
+        other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        with pytest.raises(StoreUnavailable):
+            await store.record_interactions(batch, [])
+        other.execute("ROLLBACK")
+        other.close()
+        await store.record_interactions(batch, [])
+        assert sorted(r.request_id for r in await store.list_interactions()) == [
+            "req_0",
+            "req_1",
+            "req_2",
+        ]
+    finally:
+        await store.close()
+
+
 async def test_an_unreachable_database_is_a_typed_error() -> None:
     with pytest.raises(StoreUnavailable):
         await Store.open("postgresql+asyncpg://nobody@127.0.0.1:1/none")
