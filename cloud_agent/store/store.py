@@ -25,7 +25,7 @@ import pydantic_core
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Table, create_engine, delete, event, func, insert, select, tuple_, update
-from sqlalchemy.engine import URL, Connection, Dialect
+from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -129,10 +129,7 @@ class Store(JobStore, RolloutStore):
             kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
         engine = create_async_engine(url, **kwargs)
         if url.startswith("sqlite"):
-            busy_ms = int(lock_timeout_s * 1000)
-            event.listen(
-                engine.sync_engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms)
-            )
+            _set_sqlite_pragmas_on_connect(engine.sync_engine, lock_timeout_s)
         store = cls(engine, lock_timeout_s=lock_timeout_s)
         try:
             if migrate:
@@ -691,8 +688,7 @@ class _SqliteLog:
             json_serializer=_to_json,
             connect_args={"timeout": lock_timeout_s, "check_same_thread": False},
         )
-        busy_ms = int(lock_timeout_s * 1000)
-        event.listen(self._engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms))
+        _set_sqlite_pragmas_on_connect(self._engine, lock_timeout_s)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-log")
 
     async def write(self, work: Callable[[Session], None]) -> None:
@@ -742,6 +738,11 @@ _MISSING = object()
 
 def _to_json(value: Any) -> str:
     return pydantic_core.to_json(value).decode()
+
+
+def _set_sqlite_pragmas_on_connect(engine: Engine, lock_timeout_s: float) -> None:
+    busy_ms = int(lock_timeout_s * 1000)
+    event.listen(engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms))
 
 
 def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
