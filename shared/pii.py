@@ -152,9 +152,13 @@ def detect(
 
     `phone_regions` are the regions numbers without a ``+`` prefix are read in.
     """
-    wanted = set(PiiKind) if kinds is None else set(kinds)
-    # Cheap gates first: every kind but e-mail needs digits, e-mail needs an "@".
+    # Cheap gates first: every kind but e-mail needs digits, e-mail needs an "@". Most text
+    # has neither, and returns before any set of kinds is built (hashing an enum member runs
+    # Python code: the sets cost more than the scan).
     digits = sum(map(str.isdigit, text))
+    if not digits and "@" not in text:
+        return []
+    wanted = set(PiiKind) if kinds is None else set(kinds)
     if digits < 4:
         wanted &= {PiiKind.EMAIL, PiiKind.ADDRESS} if digits else {PiiKind.EMAIL}
     if "@" not in text:
