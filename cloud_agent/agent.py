@@ -8,6 +8,7 @@ server) sends the pieces, enforces the deadline and cancels on request.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,9 +54,10 @@ class CloudAgent:
         self.scheduler = scheduler
         self.skill = skill
 
-    def learn(self, record: InteractionRecord) -> bool:
-        """Learn from the feedback on an answer (see `KnowledgeSkill.learn`)."""
-        return self.skill is not None and self.skill.learn(record)
+    async def learn(self, record: InteractionRecord) -> bool:
+        """Learn from the feedback on an answer (see `KnowledgeSkill.learn`), on a worker
+        thread (the question is embedded)."""
+        return self.skill is not None and await asyncio.to_thread(self.skill.learn, record)
 
     @staticmethod
     def scrub(request: Escalate) -> tuple[Escalate, tuple[str, ...]]:
@@ -109,7 +111,7 @@ class CloudAgent:
 
         A plain coroutine rather than `respond`'s generator chain: this is the hot path of
         non-streaming traffic."""
-        messages, fact_ids, grounded = self._plan(turns, personal=bool(pii_kinds))
+        messages, fact_ids, grounded = await self._plan(turns, personal=bool(pii_kinds))
         if grounded is not None:
             return self._grounded(grounded, fact_ids, pii_kinds)
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
@@ -117,13 +119,15 @@ class CloudAgent:
             completion = await self.backend.complete(chat)
         return self._from_completion(completion, fact_ids, pii_kinds)
 
-    def _plan(
+    async def _plan(
         self, turns: list[ChatTurn], *, personal: bool
     ) -> tuple[tuple[ChatTurn, ...], tuple[str, ...], str | None]:
         """(messages for the LLM, fact ids, grounded answer or None)."""
         if self.skill is None:
             return tuple(turns), (), None
-        plan = self.skill.plan(turns, personal=personal)
+        # Retrieval runs a sentence encoder, milliseconds of CPU: on a worker thread, so the
+        # event loop serves other connections meanwhile.
+        plan = await asyncio.to_thread(self.skill.plan, turns, personal=personal)
         return plan.messages, plan.fact_ids, plan.grounded_answer
 
     @staticmethod
@@ -164,7 +168,7 @@ class CloudAgent:
         pii_kinds: tuple[str, ...] = (),
     ) -> AsyncIterator[str | Answer]:
         """Text pieces as produced, then one `Answer`, in the given scheduler lane."""
-        messages, fact_ids, grounded = self._plan(turns, personal=bool(pii_kinds))
+        messages, fact_ids, grounded = await self._plan(turns, personal=bool(pii_kinds))
         if grounded is not None:
             words = grounded.split(" ")
             for i, word in enumerate(words):

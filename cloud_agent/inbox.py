@@ -177,7 +177,7 @@ class Inbox:
             found = await self._answers.submit((conn.device_id, request_id))
         except StoreError:
             return
-        if found is not None and self.agent.learn(found):
+        if found is not None and await self.agent.learn(found):
             self.metrics.learned.inc()
 
     async def _find_answers(

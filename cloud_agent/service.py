@@ -278,7 +278,10 @@ class CloudService:
         rated = await self.store.list_interactions(
             limit=100_000, rated_only=True, rated_since=since
         )
-        learned = sum(skill.learn(record) for record in reversed(rated))
+        # Each question is embedded: on a worker thread, not the event loop.
+        learned = await asyncio.to_thread(
+            lambda: sum(skill.learn(record) for record in reversed(rated))
+        )
         if learned:
             self.metrics.learned.inc(learned)
             log.info("knowledge: %d questions learned from feedback", learned)

@@ -74,6 +74,7 @@ class KnowledgeSkill:
         min_prompt_score: float = 0.2,
         question_margin: float = 0.1,
         question_similarity: float = 0.25,
+        task_margin: float = 0.1,
     ) -> None:
         self.kb = kb
         self.store_name = store_name
@@ -96,6 +97,11 @@ class KnowledgeSkill:
         questions are often paraphrased far from the fact's words ("Until what time can I phone
         support?": cosine 0.25 to the hotline fact); open tasks that close are imperatives
         ("Explain how to read a topographic map...")."""
+        self.task_margin = task_margin
+        """A task (not a question) is grounded only with its best fact at least this far
+        ahead: an open task on a topic the facts touch ("Tell me everything about tents, at
+        great length") comes close in meaning to a fact on that topic without singling one
+        out. No fact question of the dev workload is grounded as a task."""
 
     def plan(self, conversation: list[ChatTurn], *, personal: bool = False) -> Plan:
         """How to answer `conversation`. `personal` says the request carried personal data
@@ -137,7 +143,7 @@ class KnowledgeSkill:
         grounded = (
             retrieval.best.text
             if self.quote_facts and retrieval.best is not None and short and not personal
-            and (close or asked)
+            and (close or asked) and (asks or retrieval.confidence >= self.task_margin)
             else None
         )  # fmt: skip
         return Plan(

