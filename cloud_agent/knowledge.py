@@ -236,6 +236,8 @@ class KnowledgeBase:
 
     lexical_weight = 0.5
     """Weight of the BM25 score (relative to the best match) added to the cosine similarity."""
+    cached_queries = 4096
+    """How many texts' vectors are kept, most recently used first."""
 
     def __init__(self, facts: list[Fact], embedder: Embedder | None = None) -> None:
         self.facts = {f.id: f for f in facts}
@@ -245,6 +247,10 @@ class KnowledgeBase:
         self._embedder = embedder or default_embedder()
         tagged = [f"{_id_words(f.id)}. {f.text}" for f in facts]
         self._vectors = self._embedder.embed(tagged)
+        # Kiosks ask the same few questions over and over, and a question is embedded again
+        # when feedback teaches it: each text's vector is kept (the encoder takes milliseconds,
+        # a vector 3 KB).
+        self._vector_of = functools.lru_cache(maxsize=self.cached_queries)(self._embed_one)
         # Learned questions: one vector each and the fact (row) each is answered by;
         # `_examples` maps a question's normal form to its index.
         self._examples: dict[str, int] = {}
@@ -264,6 +270,11 @@ class KnowledgeBase:
             [(f.id, " ".join(_stems(f.text)), " ".join(_stems(_id_words(f.id)))) for f in facts],
         )
         self._db.commit()
+
+    def _embed_one(self, text: str) -> npt.NDArray[np.float32]:
+        vector: npt.NDArray[np.float32] = self._embedder.embed([text])[0]
+        vector.setflags(write=False)  # shared by every search of the same text
+        return vector
 
     @classmethod
     def from_file(cls, path: str | Path, embedder: Embedder | None = None) -> KnowledgeBase:
@@ -298,7 +309,7 @@ class KnowledgeBase:
         index = self._examples.get(key)
         if not key or (index is not None and self._example_owner[index] == self._row[fact_id]):
             return False
-        vector = self._embedder.embed([question])
+        vector = self._vector_of(question)[None, :]
         with self._lock:
             if index is not None:
                 self._example_owner[index] = self._row[fact_id]
@@ -313,7 +324,7 @@ class KnowledgeBase:
         unique = list(dict.fromkeys(_stem(t) for t in terms if t not in _STOPWORDS and len(t) > 1))
         if not unique:
             return Retrieval((), (), 0.0)
-        vector = self._embedder.embed([query])[0]
+        vector = self._vector_of(query)
         with self._lock:
             return self._search(vector, unique, limit)
 

@@ -116,6 +116,34 @@ class NoMeaning:
         return np.ones((len(texts), 4), dtype=np.float32) / 2
 
 
+class CountingEmbedder:
+    """Embedder double: a vector from the text's letters, and a count of the texts embedded."""
+
+    def __init__(self) -> None:
+        self.embedded: list[str] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:  # type: ignore[type-arg]
+        self.embedded += texts
+        rows = np.zeros((len(texts), 26), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for letter in text.lower():
+                if "a" <= letter <= "z":
+                    rows[i, ord(letter) - ord("a")] += 1
+        return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
+
+
+def test_a_question_asked_again_is_not_embedded_again() -> None:
+    embedder = CountingEmbedder()
+    kb = KnowledgeBase([Fact("dogs", "Dogs are welcome."), Fact("wifi", "Wifi is free.")], embedder)
+    first = kb.search("Are dogs welcome?")
+    again = kb.search("Are dogs welcome?")
+    assert first == again and embedder.embedded.count("Are dogs welcome?") == 1
+    assert kb.learn("Are dogs welcome?", "dogs"), "learning reuses the question's vector"
+    assert embedder.embedded.count("Are dogs welcome?") == 1
+    kb.search("Is wifi free?")
+    assert embedder.embedded[-1] == "Is wifi free?"
+
+
 @pytest.mark.parametrize(
     ("question", "fact_id"),
     [
