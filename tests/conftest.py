@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -70,6 +71,21 @@ def _shared_file(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: the suite needs ../shared/data beside the repository")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """CLI tests run `main` in-process, and `configure_logging` points the root logger at the
+    test's captured stderr, which is closed once the test ends: put logging back as it was, so
+    later tests do not log into a closed stream ("--- Logging error ---")."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    quieted = {name: logging.getLogger(name).level for name in ("websockets", "alembic")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, old in quieted.items():
+        logging.getLogger(name).setLevel(old)
 
 
 @pytest.fixture
