@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ from protocol import (
     SessionClosed,
     Welcomed,
 )
-from shared import SigningKey
+from shared import SigningKey, configure_logging
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
@@ -468,7 +469,13 @@ async def test_a_replica_learns_the_feedback_another_replica_took(
         await replica.stop()
 
 
-async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(cloud: Cloud) -> None:
+async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(
+    cloud: Cloud, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Logging as `edgeloop cloud serve --log-level debug` sets it up, and everything it emits
+    # kept (the suite's fixture puts logging back afterwards).
+    configure_logging("DEBUG")
+    logging.getLogger().addHandler(caplog.handler)
     device, creds = await cloud.enroll()
     await device.send(ask("Charge card 4111 1111 1111 1111 and mail me at jo@example.com"))
     assert isinstance(await final(device), ResultReceived)
@@ -496,6 +503,8 @@ async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(clou
     [call] = cloud.backend.calls
     assert "4111" not in call.messages[-1].content, "the backend never sees the raw value"
     await device.close()
+    assert caplog.records, "the cloud logged nothing at debug level: the check below is void"
+    assert "4111 1111" not in caplog.text and "jo@example.com" not in caplog.text
 
 
 async def test_a_request_that_leaked_personal_data_is_not_answered_with_a_fact(
