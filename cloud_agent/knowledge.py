@@ -25,6 +25,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -185,13 +186,34 @@ class MiniLMEmbedder:
         self._torch = torch
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self._model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
-        # A fast tokenizer that pads and truncates is not safe to call from two threads at
-        # once ("Already borrowed"), and searches run on worker threads.
-        self._lock = threading.Lock()
+        # Encoding runs on one thread of its own, with one torch thread. A short query is too
+        # small to share between cores, and torch's second thread fights the event loop and any
+        # model generating on the same machine (`bench.encoder_threads`, two cores: 10 ms a
+        # query against 6 ms with two threads when idle, but 14-17 ms against 20-72 ms with
+        # every core busy, and 12-18 ms against 24-326 ms beside llama.cpp generating). One
+        # thread also serialises the fast tokenizer, which is not safe to call from two threads
+        # at once.
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="edgeloop-encoder", initializer=_one_torch_thread
+        )
+        default = torch.get_num_threads()
+        self._worker.submit(lambda: None).result()
+        # Setting the encoder thread's count also set the default that threads starting to use
+        # torch later take (training, for one): put that back.
+        torch.set_num_threads(default)
+
+    @property
+    def threads(self) -> int:
+        """The torch threads an encoding uses."""
+        count: int = self._worker.submit(self._torch.get_num_threads).result()
+        return count
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        return self._worker.submit(self._embed, texts).result()
+
+    def _embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         torch = self._torch
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             batch = self._tokenizer(
                 texts, padding=True, truncation=True, max_length=256, return_tensors="pt"
             )
@@ -200,6 +222,15 @@ class MiniLMEmbedder:
             pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
             unit = torch.nn.functional.normalize(pooled, dim=-1)
         return np.asarray(unit.numpy(), dtype=np.float32)
+
+
+def _one_torch_thread() -> None:
+    import torch
+
+    # The first call in a thread takes the process default into that thread (once); setting
+    # the count afterwards holds for this thread whatever the default becomes.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 class FusedEmbedder:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,25 @@ def test_encoder_weights_that_are_not_the_release_are_refused(tmp_path: Path) ->
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1024)
     with pytest.raises(KnowledgeError, match="is not the all-MiniLM-L6-v2 release"):
         MiniLMEmbedder(tmp_path)
+
+
+def test_the_encoder_runs_on_one_torch_thread_and_leaves_the_default_alone() -> None:
+    """A query is encoded with one torch thread (a second fights the event loop and the LLM
+    for the cores); threads that start using torch afterwards, as training does, still get
+    the process default."""
+    import torch
+
+    default = torch.get_num_threads()
+    encoder = MiniLMEmbedder()
+    assert encoder.threads == 1
+    assert torch.get_num_threads() == default
+    with ThreadPoolExecutor(1) as later:
+        assert later.submit(torch.get_num_threads).result() == default
+    # Encodings from several threads at once are served one by one, the same as alone.
+    texts = ["Is there parking?", "How late is the store open on Sunday?"]
+    with ThreadPoolExecutor(4) as callers:
+        together = list(callers.map(lambda t: encoder.embed([t])[0], texts * 4))
+    assert np.allclose(together, np.vstack([encoder.embed([t])[0] for t in texts * 4]))
 
 
 class NoMeaning:
