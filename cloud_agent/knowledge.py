@@ -189,8 +189,8 @@ class MiniLMEmbedder:
         # Encoding runs on one thread of its own, with one torch thread. A short query is too
         # small to share between cores, and torch's second thread fights the event loop and any
         # model generating on the same machine (`bench.encoder_threads`, two cores: 10 ms a
-        # query against 6 ms with two threads when idle, but 14-17 ms against 20-72 ms with
-        # every core busy, and 12-18 ms against 24-326 ms beside llama.cpp generating). One
+        # query against 6 ms with two threads when idle, but 17 ms against 37-72 ms with every
+        # core busy, and 10-14 ms against 70-326 ms beside llama.cpp generating). One
         # thread also serialises the fast tokenizer, which is not safe to call from two threads
         # at once.
         self._worker = ThreadPoolExecutor(
