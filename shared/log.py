@@ -10,9 +10,13 @@ import logging
 import sys
 from typing import Literal
 
-__all__ = ["configure_logging"]
+__all__ = ["QUIETED_LOGGERS", "configure_logging"]
 
 LogFormat = Literal["text", "json"]
+
+QUIETED_LOGGERS = ("websockets", "alembic")
+"""Libraries held at WARNING: websockets logs every handshake failure at INFO with a traceback,
+and Alembic narrates every migration step at INFO (the store logs what matters)."""
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
 
@@ -43,7 +47,5 @@ def configure_logging(level: str | int = "INFO", fmt: LogFormat = "text") -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if isinstance(level, int) else level.upper())
-    # websockets logs every handshake failure at INFO with a traceback; keep it terse.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    # Alembic narrates every migration step at INFO; the store logs what matters.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.log import QUIETED_LOGGERS
+
 # The real cloud service fixture (`cloud`) serves the cloud, edge and end-to-end tests alike.
 pytest_plugins = ["tests.cloud_fixtures"]
 
@@ -80,7 +82,7 @@ def _restore_logging() -> Iterator[None]:
     later tests do not log into a closed stream ("--- Logging error ---")."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    quieted = {name: logging.getLogger(name).level for name in ("websockets", "alembic")}
+    quieted = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
     yield
     root.handlers[:] = handlers
     root.setLevel(level)

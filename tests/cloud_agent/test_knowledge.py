@@ -93,7 +93,7 @@ def test_a_fused_embedding_scores_the_weighted_mean_of_its_parts_cosines() -> No
     fused = FusedEmbedder(parts)
     texts = ["Is there parking?", "Free parking is available behind the store."]
     vectors = fused.embed(texts)
-    cosines = [float(e.embed(texts)[0] @ e.embed(texts)[1]) for e, _ in parts]
+    cosines = [float(a @ b) for a, b in (e.embed(texts) for e, _ in parts)]
     assert float(vectors[0] @ vectors[1]) == pytest.approx(0.25 * cosines[0] + 0.75 * cosines[1])
     assert np.linalg.norm(vectors, axis=1) == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="positive weights"):
