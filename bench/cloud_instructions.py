@@ -16,7 +16,11 @@ throughput ratio. Timers that fire while a child runs (our server's job and roll
 admin server's tick) run more often under valgrind's slowdown and add a little to our rows.
 Use it to see whether a change to the request path costs or saves a few percent.
 
+Every child runs on the event loop `edgeloop cloud serve` takes (`--loop`, as in
+`bench.cloud_roundtrip`).
+
     python -m bench.cloud_instructions [--short 1600] [--long 4800] [--servers ours ...]
+        [--loop auto]
 
 Needs valgrind (Debian's package); about a minute per server on two cores.
 """
@@ -43,7 +47,7 @@ from bench.cloud_roundtrip import (
     serve_ours,
     serve_plain,
 )
-from cloud_agent.service import settle_heap
+from cloud_agent.service import event_loop_factory, settle_heap
 from protocol import encode
 
 CONNECTIONS = 16
@@ -85,11 +89,12 @@ async def child(kind: str, round_trips: int) -> None:
         await drive(target, frame, round_trips)
 
 
-def count(kind: str, round_trips: int) -> int:
+def count(kind: str, round_trips: int, loop: str) -> int:
     """Instructions of a child serving `kind` for `round_trips`, as valgrind reports them."""
     command = [
         "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-        sys.executable, "-m", "bench.cloud_instructions", "--child", kind, str(round_trips),
+        sys.executable, "-m", "bench.cloud_instructions", "--loop", loop, "--child", kind,
+        str(round_trips),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -110,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         default=[kind for _, kind in SERVERS],
         help="which servers to count (echo, the baseline, always is)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="event loop of the servers (default: as `edgeloop cloud serve`)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        asyncio.run(child(args.child[0], int(args.child[1])))
+        with asyncio.Runner(loop_factory=event_loop_factory(args.loop)) as runner:
+            runner.run(child(args.child[0], int(args.child[1])))
         return 0
     if not CONNECTIONS <= args.short < args.long - CONNECTIONS:
         parser.error(f"need {CONNECTIONS} <= --short < --long - {CONNECTIONS}")
@@ -123,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [(name, kind) for name, kind in SERVERS if kind == "echo" or kind in args.servers]
     runs = [(kind, n) for _, kind in chosen for n in (args.short, args.long)]
     with ThreadPoolExecutor(max_workers=min(len(runs), os.cpu_count() or 1)) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: count(*run), runs), strict=True))
+        totals = dict(zip(runs, pool.map(lambda run: count(*run, args.loop), runs), strict=True))
     # Each connection makes n // CONNECTIONS round trips.
     span = (args.long // CONNECTIONS - args.short // CONNECTIONS) * CONNECTIONS
     per = {kind: (totals[kind, args.long] - totals[kind, args.short]) / span for _, kind in chosen}
     print(
         f"{CONNECTIONS} connections; instructions per round trip (client and server), the "
-        f"difference between {args.long:,} and {args.short:,} round trips\n"
+        f"difference between {args.long:,} and {args.short:,} round trips; --loop {args.loop}\n"
     )
     print(f"{'server':<44} {'instructions/rt':>16} {'echo/server':>12}")
     for name, kind in chosen:

@@ -25,7 +25,10 @@ kernel's) and the voluntary context switches per round trip, over all its slices
 then the ratio ours/echo (target: at least 0.5) over the whole run, with the median and range of
 the ratios per cycle.
 
-    python -m bench.cloud_roundtrip [--connections 16] [--slice 1] [--cycles 10]
+All run on the event loop `edgeloop cloud serve` takes (`--loop auto`: uvloop when installed);
+`--loop asyncio` runs them on the standard library's.
+
+    python -m bench.cloud_roundtrip [--connections 16] [--slice 1] [--cycles 10] [--loop auto]
 
 `bench.cloud_instructions` counts the same servers' work in CPU instructions, which hold still.
 """
@@ -51,7 +54,7 @@ from websockets.typing import Subprotocol
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.config import CloudConfig
 from cloud_agent.recorder import InteractionRecorder, Record
-from cloud_agent.service import CloudService, settle_heap
+from cloud_agent.service import CloudService, event_loop_factory, settle_heap
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
 from protocol.messages import ChatMessage, Escalate, Result, decode
@@ -291,9 +294,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 totals[key].add(run)
             cycles.append(cycle)
 
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     print(
         f"{n} connections; {args.cycles} cycles of {args.slice:g} s on each server in turn; "
-        f"reply {size} bytes\n"
+        f"reply {size} bytes; event loop {loop}\n"
     )
     print(
         f"{'server':<44} {'round trips/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/rt':>10} "
@@ -326,10 +330,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--slice", type=float, default=1.0, help="seconds on a server per turn")
     parser.add_argument("--cycles", type=int, default=10, help="turns of every server")
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="event loop of every server and the clients (default: as `edgeloop cloud serve`)",
+    )
     args = parser.parse_args(argv)
     if args.cycles < 1 or args.connections < 1 or args.slice <= 0:
         parser.error("--cycles and --connections must be at least 1, --slice above 0")
-    asyncio.run(main_async(args))
+    with asyncio.Runner(loop_factory=event_loop_factory(args.loop)) as runner:
+        runner.run(main_async(args))
     return 0
 
 

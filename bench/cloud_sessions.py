@@ -4,7 +4,8 @@ Starts `edgeloop cloud serve` as a child process (its own interpreter, so its me
 own), enrolls N devices directly in its store, then opens N WebSocket sessions from this
 process, each completing hello, challenge and auth. Reports the server's resident memory growth
 per session (target: at most 64 KiB) and the connection time, against a plain websockets server
-holding the same number of idle connections (also a child process) in the same run.
+holding the same number of idle connections (also a child process, on the same event loop) in
+the same run.
 
     python -m bench.cloud_sessions [--sessions 5000] [--concurrency 200]
 """
@@ -110,6 +111,7 @@ ECHO_SERVER = textwrap.dedent(
     """
     import asyncio, resource, sys
     from websockets.asyncio.server import serve
+    from cloud_agent.service import event_loop_factory
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     async def echo(ws):
@@ -119,7 +121,9 @@ ECHO_SERVER = textwrap.dedent(
         async with serve(echo, "127.0.0.1", 0, subprotocols=["edgeloop.v1"], compression=None) as s:
             print("listening", s.sockets[0].getsockname()[1], flush=True)
             await asyncio.Future()
-    asyncio.run(main())
+    # The event loop `edgeloop cloud serve` runs on, as the server compared.
+    with asyncio.Runner(loop_factory=event_loop_factory("auto")) as runner:
+        runner.run(main())
     """
 )
 

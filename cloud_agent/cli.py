@@ -43,6 +43,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--model", type=Path, help="GGUF model for the embedded backend")
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (serves wss://)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    serve.add_argument(
+        "--loop",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (default auto: uvloop when installed)",
+    )
     serve.set_defaults(func=_serve)
 
     token = sub.add_parser("enroll-token", help="issue a one-time enrollment token")
@@ -142,6 +147,7 @@ def _config(args: argparse.Namespace) -> CloudConfig:
             ("tls_cert", "tls_cert"),
             ("tls_key", "tls_key"),
             ("model", "backend.model_path"),
+            ("loop", "event_loop"),
         )  # fmt: skip
         if (value := getattr(args, option, None)) is not None
     ]
@@ -150,7 +156,10 @@ def _config(args: argparse.Namespace) -> CloudConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
-    return asyncio.run(_serve_async(config))
+    from cloud_agent.service import event_loop_factory
+
+    with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
+        return runner.run(_serve_async(config))
 
 
 async def _serve_async(config: CloudConfig) -> int:
@@ -181,6 +190,7 @@ async def _serve_async(config: CloudConfig) -> int:
         f"(token in {config.data_dir / 'admin.token'} unless set in the configuration)",
         flush=True,
     )
+    print(f"event loop: {type(loop).__module__.split('.')[0]}", flush=True)
     await stop.wait()
     print("shutting down (draining in-flight requests) ...", file=sys.stderr, flush=True)
     await service.stop()

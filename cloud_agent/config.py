@@ -117,6 +117,9 @@ class CloudConfig(_Section):
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
     rollout: RolloutConfig = RolloutConfig()
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop `edgeloop cloud serve` runs on: `auto` takes uvloop when it is installed
+    (it is with the cloud extra, except on Windows), `asyncio` the standard library's."""
     shutdown_grace_s: float = Field(10.0, ge=0)
     """On shutdown, how long in-flight requests may take to finish."""
     retention_days: float | None = Field(None, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,12 @@ async def cloud(
 ) -> AsyncIterator[Cloud]:
     marker = request.node.get_closest_marker("cloud")
     options = dict(marker.kwargs) if marker else {}
-    backend = options.pop("backend", None) or ScriptedBackend("Layer up: base, mid, shell.")
+    # A marker's backend is built once, when the module is imported: each run of the test (one
+    # per event loop, `every_event_loop`) takes a copy, so calls and closing do not carry over.
+    template = options.pop("backend", None)
+    backend = (
+        copy.deepcopy(template) if template else ScriptedBackend("Layer up: base, mid, shell.")
+    )
     service = await CloudService.create(make_config(tmp_path, kb_path, **options), backend=backend)
     await service.start()
     try:

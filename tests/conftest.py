@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +17,23 @@ from shared.log import QUIETED_LOGGERS
 
 # The real cloud service fixture (`cloud`) serves the cloud, edge and end-to-end tests alike.
 pytest_plugins = ["tests.cloud_fixtures"]
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on asyncio's own loop; those marked `every_event_loop` run once more on
+    uvloop's, the loop `edgeloop cloud serve` takes when it is installed."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if item.get_closest_marker("every_event_loop") is not None:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PG_HOST = os.environ.get("EDGELOOP_TEST_PG_HOST", "127.0.0.1")

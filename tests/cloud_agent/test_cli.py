@@ -12,12 +12,14 @@ import sys
 import threading
 import weakref
 from datetime import timedelta
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 
 from cloud_agent.config import CloudConfig
-from cloud_agent.service import settle_heap
+from cloud_agent.conformance import run_conformance
+from cloud_agent.service import event_loop_factory, settle_heap
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from shared import ConfigError, load_config
@@ -115,44 +117,94 @@ def test_rollouts_rollback_and_distill_from_the_shell(
     assert out["published"] is False and "fewer than" in out["reason"]
 
 
+class Served:
+    """`edgeloop cloud serve` in a child process, its output read as it comes."""
+
+    def __init__(self, data_dir: Path, *options: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "cloud", "serve", "--data-dir", str(data_dir),
+             "--port", "0", "--admin-port", "0", *options],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._errors: queue.Queue[str] = queue.Queue()
+        assert self.process.stdout is not None and self.process.stderr is not None
+        stderr = self.process.stderr
+        self._reader = threading.Thread(target=lambda: [self._errors.put(x) for x in stderr])
+        self._reader.start()
+        # What it prints once it serves: the URL, the admin API, the event loop.
+        self.started = [self.process.stdout.readline() for _ in range(3)]
+        assert "edgeloop cloud agent: ws://" in self.started[0], self.started
+        self.url = self.started[0].split()[-1]
+
+    def stderr_line(self, containing: str) -> str:
+        while True:
+            line = self._errors.get(timeout=60)
+            if containing in line:
+                return line
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(timeout=10)
+        for stream in (self.process.stdout, self.process.stderr):
+            assert stream is not None
+            stream.close()
+
+
 @pytest.mark.slow
 def test_serve_reads_the_knowledge_file_again_on_sighup(tmp_path: Path, kb_path: Path) -> None:
     kb = tmp_path / "kb.md"
     kb.write_text(kb_path.read_text(encoding="utf-8"), encoding="utf-8")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "cloud", "serve", "--data-dir", str(tmp_path / "c"),
-         "--port", "0", "--admin-port", "0", "--knowledge", str(kb)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert server.stdout is not None and server.stderr is not None
-    errors: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [errors.put(line) for line in server.stderr])  # type: ignore[union-attr]
-    reader.start()
-
-    def stderr_line(containing: str) -> str:
-        while True:
-            line = errors.get(timeout=60)
-            if containing in line:
-                return line
-
+    server = Served(tmp_path / "c", "--knowledge", str(kb))
     try:
-        assert "edgeloop cloud agent: ws://" in server.stdout.readline()
         kb.write_text(kb.read_text() + "- [gift-wrap] Gift wrapping costs $4 per item.\n")
-        server.send_signal(signal.SIGHUP)
-        reloaded = json.loads(stderr_line("knowledge reloaded: ").split(": ", 1)[1])
+        server.process.send_signal(signal.SIGHUP)
+        reloaded = json.loads(server.stderr_line("knowledge reloaded: ").split(": ", 1)[1])
         assert reloaded["added"] == ["gift-wrap"] and reloaded["facts"] == 21
         kb.write_text("no facts here\n")
-        server.send_signal(signal.SIGHUP)
-        assert "holds no facts" in stderr_line("knowledge not reloaded")
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=60) == 0
+        server.process.send_signal(signal.SIGHUP)
+        assert "holds no facts" in server.stderr_line("knowledge not reloaded")
+        assert server.stop() == 0
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        reader.join(timeout=10)
-        server.stdout.close()
-        server.stderr.close()
+        server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("uvloop") is None, reason="uvloop is not installed (Windows)")
+def test_serve_runs_on_uvloop_and_passes_the_conformance_kit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = Served(tmp_path / "c")
+    try:
+        assert server.started[2].strip() == "event loop: uvloop"
+        assert main(["cloud", "enroll-token", "--data-dir", str(tmp_path / "c")]) == 0
+        token = capsys.readouterr().out.strip()
+        report = asyncio.run(run_conformance(server.url, token, timeout=10))
+        assert report.passed, report.table()
+        assert server.stop() == 0
+    finally:
+        server.close()
+
+
+def test_serve_runs_on_the_event_loop_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert event_loop_factory("asyncio") is None
+    if find_spec("uvloop") is not None:
+        import uvloop
+
+        assert event_loop_factory("auto") is uvloop.new_event_loop
+        assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    # Where uvloop cannot be imported, "auto" falls back and "uvloop" is a configuration error.
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert event_loop_factory("auto") is None
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
+    with pytest.raises(ConfigError, match="event_loop"):
+        load_config(CloudConfig, None, env={}, overrides=[("event_loop", "tokio", "--loop")])
 
 
 def test_settle_heap_collects_garbage_cycles_then_freezes_what_is_alive() -> None:

@@ -37,7 +37,7 @@ from protocol import (
 from shared import SigningKey
 from tests.cloud_fixtures import Cloud, make_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
 
 
 def ask(text: str, request_id: str, *, stream: bool = True) -> Escalate:

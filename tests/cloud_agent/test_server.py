@@ -40,7 +40,7 @@ from protocol import (
 from shared import SigningKey, configure_logging
 from tests.cloud_fixtures import Cloud, make_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
 
 
 def ask(
