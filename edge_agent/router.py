@@ -1,7 +1,8 @@
 """The router: where a request is answered, decided from cheap signals, with its reasons.
 
-Signals, in order: an app override; privacy (personal data keeps the request on the device,
-`local_only` kinds always); the app's intents (nearest example utterance); coverage shipped with
+Signals, in order: personal data whose policy is `local_only` (the request stays on the device,
+whatever else says, an app override included); an app override; privacy (other personal data
+keeps the request on the device unless it clearly needs the cloud); the app's intents (nearest example utterance); coverage shipped with
 the latest update bundle (request kinds the active adapter answers well); difficulty cues (length,
 multi-step asks, comparisons, writing tasks); the link and cloud back-pressure; device load.
 
@@ -187,12 +188,14 @@ class Router:
     def _decide(
         self, text: str, override: Target | None, link_up: bool, backpressure: bool, busy: bool
     ) -> RouteDecision:
-        if override is not None:
-            return RouteDecision(override, ("app.override",))
         redaction = self.redactor.redact(text, PlaceholderMap())
         if redaction.local_only:
+            # No placeholder stands in for such a value: sent, it would leave as it is.
             kinds = tuple(f"privacy.local_only.{k.value}" for k in redaction.local_only)
-            return RouteDecision(Target.LOCAL_ONLY, kinds)
+            refused = ("app.override.refused",) if override is not None else ()
+            return RouteDecision(Target.LOCAL_ONLY, (*kinds, *refused))
+        if override is not None:
+            return RouteDecision(override, ("app.override",))
         intent, intent_score = self.intents.match(text)
         if intent in self.intents.local_only and intent_score >= self.threshold:
             return RouteDecision(

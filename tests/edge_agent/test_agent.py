@@ -126,6 +126,10 @@ async def test_no_raw_personal_value_from_the_workload_leaves_the_device(
     for row in rows:
         if row["class"] in ("private", "cloud_complex", "learnable_fact"):
             await agent.ask(row["text"])
+        if row["class"] == "private":
+            # An app may send a request to the cloud itself: what can be redacted goes
+            # redacted, and what no placeholder stands for (national ids) stays.
+            await agent.ask(row["text"], override=Target.CLOUD)
     for row in rows:
         if row["class"] == "private":
             await agent.feedback(

@@ -46,6 +46,15 @@ def test_personal_data_keeps_a_request_on_the_device(router: Router) -> None:
     assert hard.target is Target.CLOUD and "privacy.redacted" in hard.reasons
 
 
+def test_an_app_override_cannot_send_data_that_must_stay_on_the_device(router: Router) -> None:
+    kept = router.decide("My ID number is 11010519491231002X, please verify", override=Target.CLOUD)
+    assert kept.target is Target.LOCAL_ONLY
+    assert kept.reasons == ("privacy.local_only.cn_id", "app.override.refused")
+    # Data that leaves as a placeholder may go where the app says.
+    card = router.decide("Check card 4111 1111 1111 1111", override=Target.CLOUD)
+    assert card.target is Target.CLOUD and card.reasons == ("app.override",)
+
+
 def test_the_link_and_back_pressure_turn_cloud_requests_into_local_fallbacks(
     router: Router,
 ) -> None:
