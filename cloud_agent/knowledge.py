@@ -336,18 +336,32 @@ class KnowledgeBase:
         workload: 39 -> 37 of 41 unseen questions ranked right; by meaning only, 39 -> 39)."""
         if fact_id not in self.facts:
             raise KnowledgeError(f"no fact {fact_id!r}")
-        key = _normalise(question)
-        index = self._examples.get(key)
-        if not key or (index is not None and self._example_owner[index] == self._row[fact_id]):
+        key, row = _normalise(question), self._row[fact_id]
+        if not key:
             return False
-        vector = self._vector_of(question)[None, :]
+        # Feedback is learned on worker threads: the index is read and changed under the lock
+        # only, and a question two threads learn at once gets one vector, not two.
         with self._lock:
-            if index is not None:
-                self._example_owner[index] = self._row[fact_id]
-            else:
-                self._examples[key] = len(self._examples)
-                self._example_vectors = np.vstack([self._example_vectors, vector])
-                self._example_owner = np.append(self._example_owner, self._row[fact_id])
+            if (moved := self._move(key, row)) is not None:
+                return moved
+        vector = self._vector_of(question)[None, :]  # the encoder is slow: outside the lock
+        with self._lock:
+            if (moved := self._move(key, row)) is not None:
+                return moved
+            self._example_vectors = np.vstack([self._example_vectors, vector])
+            self._example_owner = np.append(self._example_owner, row)
+            self._examples[key] = len(self._examples)
+        return True
+
+    def _move(self, key: str, row: int) -> bool | None:
+        """Attach the learned question `key` to fact `row`: whether that changed anything, or
+        None when `key` is not learned yet. Called under the lock."""
+        index = self._examples.get(key)
+        if index is None:
+            return None
+        if self._example_owner[index] == row:
+            return False
+        self._example_owner[index] = row
         return True
 
     def search(self, query: str, limit: int = 3) -> Retrieval:

@@ -2,9 +2,10 @@
 
 Signals, in order: personal data whose policy is `local_only` (the request stays on the device,
 whatever else says, an app override included); an app override; privacy (other personal data
-keeps the request on the device unless it clearly needs the cloud); the app's intents (nearest example utterance); coverage shipped with
-the latest update bundle (request kinds the active adapter answers well); difficulty cues (length,
-multi-step asks, comparisons, writing tasks); the link and cloud back-pressure; device load.
+keeps the request on the device unless it clearly needs the cloud); the app's intents (nearest
+example utterance); coverage shipped with the latest update bundle (request kinds the active
+adapter answers well); difficulty cues (length, multi-step asks, comparisons, writing tasks); the
+link and cloud back-pressure; device load.
 
 `threshold` is the one knob: a request is kept local when its match score (intent or coverage,
 minus difficulty) reaches it. Lower keeps more on the device (cheaper), higher sends more to the

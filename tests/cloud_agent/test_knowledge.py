@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -150,6 +151,34 @@ class CountingEmbedder:
                 if "a" <= letter <= "z":
                     rows[i, ord(letter) - ord("a")] += 1
         return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-9)
+
+
+def test_a_question_learned_from_two_threads_at_once_is_learned_once() -> None:
+    question = "Parking spaces nearby?"
+    letters = CountingEmbedder()
+    together = threading.Barrier(2, timeout=10)
+
+    class MeetingEmbedder:
+        """Both learners embed the question at the same time, each having found it unknown."""
+
+        def embed(self, texts: list[str]) -> np.ndarray:  # type: ignore[type-arg]
+            if texts == [question]:
+                together.wait()
+            return letters.embed(texts)
+
+    kb = KnowledgeBase(
+        [Fact("dogs", "Dogs are welcome."), Fact("wifi", "Wifi is free.")], MeetingEmbedder()
+    )
+    with ThreadPoolExecutor(2) as feedback:
+        list(feedback.map(lambda fact: kb.learn(question, fact), ["dogs", "wifi"]))
+    assert kb.learned == 1
+    # One vector for the question, moved from fact to fact: no second copy still speaks for
+    # the fact it was first learned for (whichever learner came first).
+    for fact in ("wifi", "dogs"):
+        kb.learn(question, fact)
+        found = kb.search(question)
+        assert found.best is not None and found.best.id == fact
+        assert found.confidence > 0.2, found
 
 
 def test_a_question_asked_again_is_not_embedded_again() -> None:
