@@ -7,7 +7,9 @@ misses the expected facts) and a store associate corrects the thumbs-down answer
 knowledge base (`--no-corrections` leaves them uncorrected). The cloud distils what it
 answered into a LoRA adapter, gates it on held-out questions, signs it and rolls it out; the
 kiosk verifies, hot-swaps and reports it. Then the workload is played again, and a
-before/after table is printed.
+before/after table is printed. `--compare-cloud-only` plays it a third time with every request
+sent to the cloud, as a kiosk without a model of its own would: what the cloud costs without
+the device answering anything.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from cloud_agent.distill.train import LoraSettings
 from cloud_agent.evaluation import contains_expected
 from cloud_agent.knowledge import load_facts
 from cloud_agent.service import CloudService
-from edge_agent import EdgeAgent
+from edge_agent import EdgeAgent, Target
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, choose_settings
 from edge_agent.outbox import Outbox
@@ -83,8 +85,13 @@ class Pass:
             "fact_accuracy_device": [dev_ok, dev_n],
             "raw_pii_at_cloud": self.raw_pii_at_cloud,
             "associate_corrections": self.corrections,
-            "latency_ms_device_p50_p95": [round(v, 1) for v in self.latency(cloud=False)],
-            "latency_ms_cloud_p50_p95": [round(v, 1) for v in self.latency(cloud=True)],
+            # None where the pass has no such answers (NaN is not JSON).
+            "latency_ms_device_p50_p95": [
+                None if v != v else round(v, 1) for v in self.latency(cloud=False)
+            ],
+            "latency_ms_cloud_p50_p95": [
+                None if v != v else round(v, 1) for v in self.latency(cloud=True)
+            ],
         }
 
 
@@ -106,11 +113,16 @@ async def play(
     service: CloudService,
     workload: list[dict[str, Any]],
     corrections: dict[str, str] | None = None,
+    *,
+    override: Target | None = None,
+    rate: bool = True,
 ) -> Pass:
+    """Play `workload` through `agent`; `override` routes every request there, and `rate`
+    False leaves the answers unrated (so the cloud learns nothing from the pass)."""
     result = Pass(name)
     started = time.perf_counter()
     for i, row in enumerate(workload, 1):
-        reply = await agent.ask(row["text"])
+        reply = await agent.ask(row["text"], override=override)
         expect = row.get("expect") or []
         correct = contains_expected(reply.text, expect) if expect else None
         result.rows.append(
@@ -123,7 +135,7 @@ async def play(
                 "correct": bool(correct),
             }
         )
-        if correct is not None:  # the simulated customer knows the answer it needed
+        if correct is not None and rate:  # the simulated customer knows the answer it needed
             # A thumbs-down on a store fact reaches a store associate, who types the right
             # answer from the knowledge base (rows name their fact); the cloud trains on it.
             fix = None if correct or corrections is None else corrections.get(row.get("fact", ""))
@@ -155,7 +167,7 @@ async def play(
     return result
 
 
-def table(before: Pass, after: Pass, extra: dict[str, Any]) -> str:
+def table(before: Pass, after: Pass, extra: dict[str, Any], cloud_only: Pass | None = None) -> str:
     def frac(ok_n: tuple[int, int]) -> str:
         ok, n = ok_n
         return f"{ok}/{n} ({ok / n:.0%})" if n else "-"
@@ -198,6 +210,18 @@ def table(before: Pass, after: Pass, extra: dict[str, Any]) -> str:
             f"{extra['adapter_share_of_base']:.1%} of the base model file; "
             f"training {extra['train_seconds']:.0f} s"
         )
+    if cloud_only is not None:
+        sent = sum(r["cloud"] for r in cloud_only.rows)
+        fewer = 1 - sum(r["cloud"] for r in after.rows) / sent if sent else 0.0
+        cheaper = (
+            1 - after.cloud_tokens / cloud_only.cloud_tokens if cloud_only.cloud_tokens else 0.0
+        )
+        out.append(
+            f"  every request sent to the cloud instead (same cloud, after the cycle): {sent} "
+            f"requests, {cloud_only.cloud_tokens:,} cloud tokens, fact accuracy "
+            f"{frac(cloud_only.fact_accuracy(cloud=True))}; after one cycle the kiosk sends "
+            f"{fewer:.0%} fewer requests and uses {cheaper:.0%} fewer cloud tokens"
+        )
     out.append(
         f"  {before.corrections} answers corrected by a store associate; "
         f"whole demo {extra['wall_seconds']:.0f} s (--json writes every figure)"
@@ -212,6 +236,7 @@ async def run_demo(
     steps: int = 80,
     paraphrases: bool = True,
     corrections: bool = True,
+    compare_cloud_only: bool = False,
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -289,6 +314,13 @@ async def run_demo(
 
         say("pass 2: playing the workload again")
         after = await play("pass 2", agent, service, workload)
+        cloud_only = None
+        if compare_cloud_only:
+            # Last, so that nothing it sends trains the adapter or the cloud's index.
+            say("pass 3: the workload again, every request sent to the cloud (unrated)")
+            cloud_only = await play(
+                "pass 3", agent, service, workload, override=Target.CLOUD, rate=False
+            )
     finally:
         if agent is not None:
             await agent.stop()
@@ -300,8 +332,10 @@ async def run_demo(
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     figures = {"before": before.figures(), "after": after.figures(), "distill": extra}
+    if cloud_only is not None:
+        figures["cloud_only"] = cloud_only.figures()
     print()
-    print(table(before, after, extra))
+    print(table(before, after, extra, cloud_only))
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2))
     return figures
@@ -318,6 +352,7 @@ def _run(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 paraphrases=not args.no_paraphrases,
                 corrections=not args.no_corrections,
+                compare_cloud_only=args.compare_cloud_only,
                 json_path=args.json,
             )
         )
@@ -347,6 +382,12 @@ def register(subparsers: Any) -> None:
         "--no-corrections",
         action="store_true",
         help="thumbs-down answers are not corrected by a store associate",
+    )
+    parser.add_argument(
+        "--compare-cloud-only",
+        action="store_true",
+        help="play the workload a third time with every request sent to the cloud, and "
+        "compare (a few minutes more)",
     )
     parser.add_argument(
         "--dir", type=Path, help="keep the cloud's and kiosk's state here (default: a temp dir)"

@@ -10,7 +10,9 @@ import pytest
 
 pytest.importorskip("peft")
 
+from edge_agent.privacy import DEFAULT_POLICY, Policy  # noqa: E402
 from examples.kiosk.demo import DEFAULT_WORKLOAD, run_demo  # noqa: E402
+from shared.pii import PiiKind  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +29,24 @@ async def test_the_demo_plays_learns_and_reports(
     workload.write_text("\n".join(json.dumps(r) for r in picked))
     figures = await run_demo(
         workload, work_dir=tmp_path / "demo", steps=4, paraphrases=False,
-        json_path=tmp_path / "figures.json",
+        compare_cloud_only=True, json_path=tmp_path / "figures.json",
     )  # fmt: skip
     assert json.loads((tmp_path / "figures.json").read_text()) == figures
-    for name in ("before", "after"):
+    for name in ("before", "after", "cloud_only"):
         assert figures[name]["requests"] == len(picked)
         assert figures[name]["raw_pii_at_cloud"] == 0
+    # The third pass sends everything, the greetings and the private requests too (redacted),
+    # except what must stay on the device (national ids), and costs the cloud more than the
+    # kiosk that answers them itself.
+    kept = [r for r in picked if any(DEFAULT_POLICY[PiiKind(p["kind"])] is Policy.LOCAL_ONLY
+                                     for p in r.get("pii", []))]  # fmt: skip
+    assert kept, "the slice has a request that must stay on the device"
+    assert figures["cloud_only"]["share_on_device"] == round(len(kept) / len(picked), 4)
+    assert figures["cloud_only"]["cloud_tokens"] > figures["after"]["cloud_tokens"]
     assert figures["distill"]["train_examples"] >= 8
     assert "heldout_accuracy_after" in figures["distill"]
     out = capsys.readouterr().out
     assert "answered on the device" in out and "raw PII values seen by the cloud" in out
     assert f"adapter: {figures['distill']['adapter']}" in out
     assert f"{figures['distill']['heldout_examples']:.0f} held-out questions" in out
+    assert "every request sent to the cloud instead" in out
