@@ -47,6 +47,7 @@ from bench.cloud_roundtrip import (
     serve_ours,
     serve_plain,
 )
+from cloud_agent.config import EVENT_LOOPS, EventLoopChoice
 from cloud_agent.service import event_loop_factory, settle_heap
 from protocol import encode
 
@@ -89,7 +90,7 @@ async def child(kind: str, round_trips: int) -> None:
         await drive(target, frame, round_trips)
 
 
-def count(kind: str, round_trips: int, loop: str) -> int:
+def count(kind: str, round_trips: int, loop: EventLoopChoice) -> int:
     """Instructions of a child serving `kind` for `round_trips`, as valgrind reports them."""
     command = [
         "valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--loop",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=EVENT_LOOPS,
         default="auto",
         help="event loop of the servers (default: as `edgeloop cloud serve`)",
     )

@@ -52,7 +52,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.typing import Subprotocol
 
 from cloud_agent.backends import ScriptedBackend
-from cloud_agent.config import CloudConfig
+from cloud_agent.config import EVENT_LOOPS, CloudConfig
 from cloud_agent.recorder import InteractionRecorder, Record
 from cloud_agent.service import CloudService, event_loop_factory, settle_heap
 from examples.handshake import Device
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=10, help="turns of every server")
     parser.add_argument(
         "--loop",
-        choices=["auto", "uvloop", "asyncio"],
+        choices=EVENT_LOOPS,
         default="auto",
         help="event loop of every server and the clients (default: as `edgeloop cloud serve`)",
     )

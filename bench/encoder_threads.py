@@ -48,7 +48,7 @@ _GENERATE = """
 import os
 from shared.llama import default_model_path, open_llama
 llm = open_llama(default_model_path(), n_threads=os.cpu_count() or 1, verbose=False)
-print("ready", flush=True)
+print("ready", flush=True)  # the model is loaded
 while True:
     llm.create_completion("Write a long story about a tent.", max_tokens=256)
 """
@@ -61,15 +61,14 @@ def idle() -> Iterator[None]:
 
 @contextlib.contextmanager
 def spinning(cores: int) -> Iterator[None]:
-    with _children([[sys.executable, "-c", "while True: pass"]] * cores):
+    spin = 'print("ready", flush=True)\nwhile True: pass'
+    with _children([[sys.executable, "-c", spin]] * cores):
         yield
 
 
 @contextlib.contextmanager
 def generating() -> Iterator[None]:
-    with _children([[sys.executable, "-c", _GENERATE]]) as (child,):
-        assert child.stdout is not None
-        child.stdout.readline()  # "ready": the model is loaded
+    with _children([[sys.executable, "-c", _GENERATE]]):
         yield
 
 
@@ -93,11 +92,15 @@ def training() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _children(commands: list[list[str]]) -> Iterator[list[subprocess.Popen[str]]]:
+def _children(commands: list[list[str]]) -> Iterator[None]:
+    """Child processes running `commands`, each of which prints "ready" once it is busy."""
     children = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
     try:
-        time.sleep(0.5)
-        yield children
+        for child in children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"{child.args[-1]!r} ended before it was ready")
+        yield
     finally:
         for child in children:
             child.kill()

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cloud_agent.config import CloudConfig
+from cloud_agent.config import EVENT_LOOPS, CloudConfig
 from shared.config import load_config
 
 __all__ = ["register"]
@@ -44,9 +44,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (serves wss://)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     serve.add_argument(
-        "--loop",
-        choices=["auto", "uvloop", "asyncio"],
-        help="event loop (default auto: uvloop when installed)",
+        "--loop", choices=EVENT_LOOPS, help="event loop (default auto: uvloop when installed)"
     )
     serve.set_defaults(func=_serve)
 

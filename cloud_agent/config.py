@@ -7,11 +7,22 @@ directory, the packaged SmolLM2 model as the LLM, no knowledge file unless one i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BackendConfig", "CloudConfig", "LimitsConfig", "RolloutConfig"]
+__all__ = [
+    "EVENT_LOOPS",
+    "BackendConfig",
+    "CloudConfig",
+    "EventLoopChoice",
+    "LimitsConfig",
+    "RolloutConfig",
+]
+
+EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
+EVENT_LOOPS: tuple[EventLoopChoice, ...] = get_args(EventLoopChoice)
+"""The choices of `CloudConfig.event_loop`, for command lines."""
 
 
 class _Section(BaseModel):
@@ -117,7 +128,7 @@ class CloudConfig(_Section):
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
     rollout: RolloutConfig = RolloutConfig()
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoopChoice = "auto"
     """The event loop `edgeloop cloud serve` runs on: `auto` takes uvloop when it is installed
     (it is with the cloud extra, except on Windows), `asyncio` the standard library's."""
     shutdown_grace_s: float = Field(10.0, ge=0)

@@ -25,7 +25,7 @@ from cloud_agent.admin import build_admin_app
 from cloud_agent.agent import CloudAgent
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
-from cloud_agent.config import CloudConfig
+from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobRunner
 from cloud_agent.knowledge import KnowledgeBase
@@ -59,7 +59,9 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def event_loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+def event_loop_factory(
+    choice: EventLoopChoice = "auto",
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop `edgeloop cloud serve` runs on (`CloudConfig.event_loop`), for
     `asyncio.Runner(loop_factory=...)`: uvloop's (libuv, written in C) when `choice` is
     "uvloop", or "auto" and uvloop is installed; None, asyncio's own, for "asyncio".

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_agent.service import event_loop_factory
 from shared.log import QUIETED_LOGGERS
 
 # The real cloud service fixture (`cloud`) serves the cloud, edge and end-to-end tests alike.
@@ -28,10 +28,8 @@ def pytest_asyncio_loop_factories(
         "asyncio": asyncio.new_event_loop
     }
     if item.get_closest_marker("every_event_loop") is not None:
-        with contextlib.suppress(ImportError):
-            import uvloop
-
-            factories["uvloop"] = uvloop.new_event_loop
+        if (uvloop := event_loop_factory("auto")) is not None:
+            factories["uvloop"] = uvloop
     return factories
 
 

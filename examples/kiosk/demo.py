@@ -60,6 +60,9 @@ class Pass:
     raw_pii_at_cloud: int = 0
     corrections: int = 0
 
+    def cloud_requests(self) -> int:
+        return sum(1 for r in self.rows if r["cloud"])
+
     def share_on_device(self) -> float:
         return sum(1 for r in self.rows if not r["cloud"]) / max(1, len(self.rows))
 
@@ -77,6 +80,10 @@ class Pass:
     def figures(self) -> dict[str, Any]:
         cloud_ok, cloud_n = self.fact_accuracy(cloud=True)
         dev_ok, dev_n = self.fact_accuracy(cloud=False)
+
+        def ms(cloud: bool) -> list[float | None]:  # None for no such answers: NaN is not JSON
+            return [None if v != v else round(v, 1) for v in self.latency(cloud=cloud)]
+
         return {
             "requests": len(self.rows),
             "share_on_device": round(self.share_on_device(), 4),
@@ -85,13 +92,8 @@ class Pass:
             "fact_accuracy_device": [dev_ok, dev_n],
             "raw_pii_at_cloud": self.raw_pii_at_cloud,
             "associate_corrections": self.corrections,
-            # None where the pass has no such answers (NaN is not JSON).
-            "latency_ms_device_p50_p95": [
-                None if v != v else round(v, 1) for v in self.latency(cloud=False)
-            ],
-            "latency_ms_cloud_p50_p95": [
-                None if v != v else round(v, 1) for v in self.latency(cloud=True)
-            ],
+            "latency_ms_device_p50_p95": ms(cloud=False),
+            "latency_ms_cloud_p50_p95": ms(cloud=True),
         }
 
 
@@ -189,8 +191,8 @@ def table(before: Pass, after: Pass, extra: dict[str, Any], cloud_only: Pass | N
          frac(after.fact_accuracy(cloud=False))),
         ("raw PII values seen by the cloud", str(before.raw_pii_at_cloud),
          str(after.raw_pii_at_cloud)),
-        ("requests sent to the cloud", str(sum(r["cloud"] for r in before.rows)),
-         str(sum(r["cloud"] for r in after.rows))),
+        ("requests sent to the cloud", str(before.cloud_requests()),
+         str(after.cloud_requests())),
         ("latency p50 / p95, device", lat(before, False), lat(after, False)),
         ("latency p50 / p95, cloud", lat(before, True), lat(after, True)),
     ]  # fmt: skip
@@ -211,8 +213,8 @@ def table(before: Pass, after: Pass, extra: dict[str, Any], cloud_only: Pass | N
             f"training {extra['train_seconds']:.0f} s"
         )
     if cloud_only is not None:
-        sent = sum(r["cloud"] for r in cloud_only.rows)
-        fewer = 1 - sum(r["cloud"] for r in after.rows) / sent if sent else 0.0
+        sent = cloud_only.cloud_requests()
+        fewer = 1 - after.cloud_requests() / sent if sent else 0.0
         cheaper = (
             1 - after.cloud_tokens / cloud_only.cloud_tokens if cloud_only.cloud_tokens else 0.0
         )
