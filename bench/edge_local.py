@@ -52,7 +52,13 @@ def direct(llm: Any, tokens: int) -> tuple[float, float, int]:
 
 async def main_async(args: argparse.Namespace) -> None:
     settings = RuntimeSettings(threads=args.threads, n_ctx=1024, max_tokens=args.tokens)
-    model = LocalModel(profile=DeviceProfile(cores=args.threads, memory_mb=4096), settings=settings)
+    # The same number of tokens on both paths: this measures decoding, so the answer is not
+    # cut where it starts repeating itself (`bench.repetition` measures that).
+    model = LocalModel(
+        profile=DeviceProfile(cores=args.threads, memory_mb=4096),
+        settings=settings,
+        stop_repetition=False,
+    )
     llm = open_llama(default_model_path(), n_ctx=1024, n_threads=args.threads)
     best_ours = (float("inf"), 0.0, 0)
     best_direct = (float("inf"), 0.0, 0)

@@ -101,7 +101,14 @@ def build_backend(config: CloudConfig) -> LLMBackend:
         else:
             from cloud_agent.backends.llama_cpp import LlamaCppBackend
 
-            members.append(LlamaCppBackend(cfg.model_path, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
+            members.append(
+                LlamaCppBackend(
+                    cfg.model_path,
+                    n_ctx=cfg.n_ctx,
+                    n_threads=cfg.threads,
+                    stop_repetition=cfg.stop_repetition,
+                )
+            )
     return BackendPool(members)
 
 

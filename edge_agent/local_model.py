@@ -7,6 +7,9 @@
   settings from the same code.
 - Loaded with `shared.llama.open_llama`, which keeps llama.cpp's fast path except on CPUs that
   advertise AMX but fault on it.
+- Decoding is greedy and stops early when the answer starts going round in circles (a sentence
+  completed for the third time, `shared.llama.RepetitionGuard`; `stop_repetition=False` lets it
+  run to the token limit), as small models decoded greedily often do.
 - Every generation reports a confidence: the geometric mean of the probabilities the model gave
   the tokens it chose (1.0 = certain), read from the logits of each step.
 - LoRA adapters load, switch and unload at run time without reloading the base model
@@ -16,7 +19,6 @@
 
 from __future__ import annotations
 
-import codecs
 import math
 import os
 import threading
@@ -31,7 +33,9 @@ import numpy as np
 from edge_agent.errors import EdgeAgentError
 from shared.llama import (
     ChatTemplate,
+    Decoding,
     LlamaLoadError,
+    RepetitionGuard,
     default_model_path,
     file_sha256,
     free_lora,
@@ -136,8 +140,10 @@ class LocalModel:
         *,
         profile: DeviceProfile | None = None,
         settings: RuntimeSettings | None = None,
+        stop_repetition: bool = True,
     ) -> None:
         self.path = Path(model_path) if model_path is not None else default_model_path()
+        self.stop_repetition = stop_repetition
         self.profile = profile or DeviceProfile.detect()
         self.settings = settings or choose_settings(self.profile)
         try:
@@ -177,42 +183,32 @@ class LocalModel:
                 if len(prompt) >= self.settings.n_ctx:
                     raise LocalModelError("the conversation does not fit the context window")
             n_vocab = self._llm.n_vocab()
-            eos = self._llm.token_eos()
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            text, logprob_sum, count, finish = "", 0.0, 0, "length"
-            for token in self._llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            decoding = Decoding(
+                self._llm,
+                prompt,
+                stops=stops,
+                max_tokens=max_tokens,
+                repetition=RepetitionGuard() if self.stop_repetition else None,
+            )
+            logprob_sum = 0.0
+            for token, piece in decoding:
                 if stop.is_set():
                     break
-                logits = np.ctypeslib.as_array(
-                    llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1), shape=(n_vocab,)
-                )
-                top = float(logits.max())
-                log_z = top + math.log(float(np.exp(logits - top).sum()))
-                if token == eos:
-                    finish = "stop"
-                    break
-                logprob_sum += float(logits[token]) - log_z
-                count += 1
-                piece = decoder.decode(self._llm.detokenize([token], special=False))
-                text += piece
-                cut = next((text.index(s) for s in stops if s in text), None)
-                if cut is not None:
-                    piece = piece[: len(piece) - (len(text) - cut)]
-                    text = text[:cut]
-                    finish = "stop"
-                    if piece:
-                        yield piece
-                    break
+                if token is not None:
+                    # The logits the token was chosen from: read before the next step.
+                    logits = np.ctypeslib.as_array(
+                        llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1), shape=(n_vocab,)
+                    )
+                    top = float(logits.max())
+                    log_z = top + math.log(float(np.exp(logits - top).sum()))
+                    logprob_sum += float(logits[token]) - log_z
                 if piece:
                     yield piece
-                if count >= max_tokens:
-                    break
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                text += tail
-                yield tail
+            count = decoding.count
             confidence = math.exp(logprob_sum / count) if count else 0.0
-            yield Generation(text, len(prompt), count, round(confidence, 4), finish)  # type: ignore[arg-type]
+            yield Generation(
+                decoding.text, len(prompt), count, round(confidence, 4), decoding.finish
+            )
 
     async def stream(
         self, messages: Sequence[dict[str, str]], max_tokens: int | None = None

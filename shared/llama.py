@@ -19,15 +19,18 @@ is imported.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from shared.errors import EdgeloopError
 
@@ -38,7 +41,9 @@ __all__ = [
     "DEFAULT_MODEL_FILE",
     "DEVICE_SYSTEM_PROMPT",
     "ChatTemplate",
+    "Decoding",
     "LlamaLoadError",
+    "RepetitionGuard",
     "cpu_advertises_amx",
     "default_model_path",
     "extra_bufts_safe",
@@ -250,3 +255,117 @@ class ChatTemplate:
         tokens = self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
         return tokens, [s for s in stops if s]
+
+
+_SENTENCE_END = re.compile(r"[.!?]+|\n")
+
+
+class RepetitionGuard:
+    """Notices output caught in a loop: a sentence (or line) of at least `min_chars` characters
+    completed for the `times`-th time.
+
+    Small models decoded greedily often fall into repeating one or two sentences until the
+    token limit ("Check the bike before you leave." over and over); every token after the
+    second repetition is time and cost for nothing. Sentences are compared with case and
+    runs of whitespace ignored; short ones ("Yes.", "1.") never count.
+    """
+
+    def __init__(self, *, times: int = 3, min_chars: int = 12) -> None:
+        if times < 2:
+            raise ValueError("times must be at least 2")
+        self.times = times
+        self.min_chars = min_chars
+        self._seen: dict[str, int] = {}
+        self._partial = ""
+        """The output since the last sentence end."""
+
+    def feed(self, piece: str) -> int | None:
+        """Take the next piece of output. None while it is fresh; once a sentence completes for
+        the `times`-th time, how many characters of `piece` to keep (through that sentence)."""
+        text = self._partial + piece
+        start = 0
+        for end in _SENTENCE_END.finditer(text):
+            sentence = " ".join(text[start : end.end()].split()).lower()
+            start = end.end()
+            if len(sentence) < self.min_chars:
+                continue
+            seen = self._seen[sentence] = self._seen.get(sentence, 0) + 1
+            if seen >= self.times:
+                self._partial = ""
+                # `_partial` holds no sentence end, so every match ends inside `piece`.
+                return start - (len(text) - len(piece))
+        self._partial = text[start:]
+        return None
+
+
+class Decoding:
+    """The answer to a formatted chat prompt, decoded token by token.
+
+    Iterating yields ``(token, piece)``: each generated token with the text it adds (the
+    incremental UTF-8 decoder may hold bytes back, so a piece can be empty, and the held bytes
+    come last with token None). Decoding ends at the end-of-turn token, at a stop string (the
+    text is cut before it), when `repetition` sees the answer looping (cut after the sentence
+    that closed the loop), or after `max_tokens`. Afterwards `text`, `count` (tokens
+    generated, the end of turn not counted) and `finish` say what came out. Greedy at
+    temperature 0, as the device answers; the caller holds the model meanwhile.
+    """
+
+    def __init__(
+        self,
+        llm: Llama,
+        prompt: Sequence[int],
+        *,
+        stops: Sequence[str],
+        max_tokens: int,
+        temperature: float = 0.0,
+        repetition: RepetitionGuard | None = None,
+    ) -> None:
+        self._llm = llm
+        self.prompt = list(prompt)
+        self.stops = [s for s in stops if s]
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.repetition = repetition
+        self.text = ""
+        self.count = 0
+        self.finish: Literal["stop", "length"] = "length"
+
+    def __iter__(self) -> Iterator[tuple[int | None, str]]:
+        sampling: dict[str, Any] = (
+            {"temp": 0.0, "top_k": 1} if self.temperature <= 0 else {"temp": self.temperature}
+        )
+        eos = self._llm.token_eos()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in self._llm.generate(self.prompt, reset=True, **sampling):
+            if token == eos:
+                self.finish = "stop"
+                break
+            self.count += 1
+            piece = decoder.decode(self._llm.detokenize([token], special=False))
+            text = self.text + piece
+            cut = self._end(text, piece)
+            if cut is not None:
+                # A stop string may have begun in an earlier piece: the text loses it too.
+                piece, self.text = text[len(self.text) : cut], text[:cut]
+                self.finish = "stop"
+                yield token, piece
+                return
+            self.text = text
+            yield token, piece
+            if self.count >= self.max_tokens:
+                break
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            self.text += tail
+            yield None, tail
+
+    def _end(self, text: str, piece: str) -> int | None:
+        """Where the answer ends in `text` (the answer so far, `piece` last), if it does."""
+        ends = [text.index(s) for s in self.stops if s in text]
+        if ends:
+            return min(ends)
+        if self.repetition is not None:
+            keep = self.repetition.feed(piece)
+            if keep is not None:
+                return len(text) - len(piece) + keep
+        return None

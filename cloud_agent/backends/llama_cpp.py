@@ -1,5 +1,10 @@
 """`LlamaCppBackend`: an embedded GGUF model, so the cloud runs with nothing else installed.
 
+Prompts are formatted with the model's own chat template and decoded as the device decodes
+(`shared.llama.Decoding`): greedy at temperature 0, and stopped once the answer goes round in
+circles (a sentence completed for the third time; `stop_repetition=False` lets it run to
+`max_tokens`), which the small default model often does. Token counts are exact.
+
 llama.cpp blocks while it decodes, so each call runs in a worker thread, one at a time per
 model (a `Llama` object is not thread-safe). Streaming hands tokens to the event loop as they
 are produced; when the consumer stops (a cancel, a deadline), the worker stops decoding at the
@@ -8,15 +13,20 @@ next token. llama.cpp failures are mapped to `BackendError`.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 from cloud_agent.backends.base import ChatRequest, Completion, StreamItem
 from cloud_agent.errors import BackendError, BackendResponseError
-from shared.llama import LlamaLoadError, default_model_path, open_llama
+from shared.llama import (
+    ChatTemplate,
+    Decoding,
+    LlamaLoadError,
+    RepetitionGuard,
+    default_model_path,
+    open_llama,
+)
 from shared.threads import iterate_in_thread
 
 __all__ = ["LlamaCppBackend"]
@@ -32,81 +42,61 @@ class LlamaCppBackend:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         seed: int = 0,
+        stop_repetition: bool = True,
     ) -> None:
         path = Path(model_path) if model_path is not None else default_model_path()
         try:
             self._llm = open_llama(path, n_ctx=n_ctx, n_threads=n_threads, seed=seed)
+            self._template = ChatTemplate(self._llm)
         except LlamaLoadError as exc:
             raise BackendError(str(exc)) from exc
         self.model = path.stem
         self.name = f"llama.cpp:{self.model}"
+        self.n_ctx = n_ctx
+        self.stop_repetition = stop_repetition
         self._lock = threading.Lock()
 
-    def _messages(self, request: ChatRequest) -> list[Any]:
-        return [{"role": m.role, "content": m.content} for m in request.messages]
-
-    def _run(self, request: ChatRequest) -> dict[str, Any]:
+    def _decode(self, request: ChatRequest, stop: threading.Event) -> Iterator[StreamItem]:
+        """Text pieces, then the `Completion`; holds the model meanwhile."""
         with self._lock:
-            return self._llm.create_chat_completion(  # type: ignore[return-value]
-                self._messages(request),
-                max_tokens=request.max_tokens,
+            prompt, stops = self._template.tokens(
+                [{"role": m.role, "content": m.content} for m in request.messages]
+            )
+            room = self.n_ctx - len(prompt)
+            if room < 1:
+                raise BackendError(
+                    f"the prompt's {len(prompt)} tokens do not fit the context of {self.n_ctx}"
+                )
+            decoding = Decoding(
+                self._llm,
+                prompt,
+                stops=[*stops, *request.stop],
+                max_tokens=min(request.max_tokens, room),
                 temperature=request.temperature,
-                stop=list(request.stop) or None,
+                repetition=RepetitionGuard() if self.stop_repetition else None,
+            )
+            for _, piece in decoding:
+                if stop.is_set():
+                    return
+                if piece:
+                    yield piece
+            yield Completion(
+                decoding.text, decoding.finish, len(prompt), decoding.count, self.model
             )
 
     async def complete(self, request: ChatRequest) -> Completion:
-        try:
-            out = await asyncio.to_thread(self._run, request)
-            choice = out["choices"][0]
-            usage = out.get("usage") or {}
-            return Completion(
-                text=choice["message"]["content"] or "",
-                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-                model=self.model,
-            )
-        except (KeyError, IndexError, TypeError) as exc:
-            raise BackendResponseError("llama.cpp returned an unexpected shape") from exc
-        except (RuntimeError, ValueError) as exc:
-            raise BackendError(f"llama.cpp failed: {exc}") from exc
+        async for item in self.stream(request):
+            if isinstance(item, Completion):
+                return item
+        raise BackendResponseError("llama.cpp ended without a completion")  # pragma: no cover
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        def produce(stop: threading.Event) -> Iterator[dict[str, Any]]:
-            with self._lock:
-                chunks: Iterator[dict[str, Any]] = self._llm.create_chat_completion(  # type: ignore[assignment]
-                    self._messages(request),
-                    max_tokens=request.max_tokens,
-                    temperature=request.temperature,
-                    stop=list(request.stop) or None,
-                    stream=True,
-                )
-                for chunk in chunks:
-                    if stop.is_set():
-                        break
-                    yield chunk
-
-        parts: list[str] = []
-        finish = "stop"
         try:
-            async for chunk in iterate_in_thread(produce):
-                choice = chunk["choices"][0]
-                piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    parts.append(piece)
-                    yield piece
-                if choice.get("finish_reason") == "length":
-                    finish = "length"
-        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+            async for item in iterate_in_thread(lambda stop: self._decode(request, stop)):
+                yield item
+        except (RuntimeError, ValueError) as exc:
             raise BackendError(f"llama.cpp failed: {exc}") from exc
-        text = "".join(parts)
-        prompt_tokens = len(self._llm.tokenize(_flat(request).encode(), special=True))
-        yield Completion(text, finish, prompt_tokens, len(parts), self.model)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
         with self._lock:
             self._llm.close()
-
-
-def _flat(request: ChatRequest) -> str:
-    return "\n".join(m.content for m in request.messages)

@@ -24,6 +24,8 @@ from cloud_agent.evaluation import contains_expected
 from shared.llama import (
     DEVICE_SYSTEM_PROMPT,
     ChatTemplate,
+    Decoding,
+    RepetitionGuard,
     free_lora,
     load_lora,
     open_llama,
@@ -108,16 +110,26 @@ class GreedyModel:
         self, question: str, *, max_tokens: int = 48, system_prompt: str = DEVICE_SYSTEM_PROMPT
     ) -> list[int]:
         """The greedy answer's token ids (end of turn excluded)."""
-        prompt, _ = self._template.tokens(
+        decoding = self._decode(question, max_tokens, system_prompt)
+        return [token for token, _ in decoding if token is not None]
+
+    def answer(
+        self, question: str, *, max_tokens: int = 48, system_prompt: str = DEVICE_SYSTEM_PROMPT
+    ) -> str:
+        decoding = self._decode(question, max_tokens, system_prompt)
+        for _ in decoding:
+            pass
+        return decoding.text.strip()
+
+    def _decode(self, question: str, max_tokens: int, system_prompt: str) -> Decoding:
+        """Decoded as the device decodes (`LocalModel`): greedy, ended by the template's stop
+        strings or once the answer loops."""
+        prompt, stops = self._template.tokens(
             [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
         )
-        out: list[int] = []
-        eos = self._llm.token_eos()
-        for token in self._llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            if token == eos or len(out) >= max_tokens:
-                break
-            out.append(token)
-        return out
+        return Decoding(
+            self._llm, prompt, stops=stops, max_tokens=max_tokens, repetition=RepetitionGuard()
+        )
 
     def next_logits(self, question: str, system_prompt: str = DEVICE_SYSTEM_PROMPT) -> Any:
         """Logits of the answer's first token (a copy, as a numpy array)."""
@@ -132,10 +144,6 @@ class GreedyModel:
         llm.eval(prompt)
         row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
-
-    def answer(self, question: str, **kwargs: Any) -> str:
-        text = self._llm.detokenize(self.tokens(question, **kwargs), special=False)
-        return text.decode("utf-8", errors="replace").split("<|im_end|>")[0].strip()
 
     def close(self) -> None:
         self.set_adapter(None)

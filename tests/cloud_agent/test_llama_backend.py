@@ -8,8 +8,11 @@ import pytest
 
 from cloud_agent.backends import ChatRequest, ChatTurn, Completion
 from cloud_agent.backends.llama_cpp import LlamaCppBackend
+from cloud_agent.config import CloudConfig
 from cloud_agent.errors import BackendError
+from cloud_agent.service import build_backend
 from shared.llama import cpu_advertises_amx, default_model_path, extra_bufts_safe
+from tests.loops import LOOPING, most_repeated
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +53,47 @@ async def test_cancelling_a_stream_stops_decoding_and_frees_the_model(
         await task
     # The model is usable again at once: the worker stopped at the next token.
     assert (await asyncio.wait_for(backend.complete(REQUEST), 30)).text
+
+
+async def test_an_answer_going_round_in_circles_is_stopped(backend: LlamaCppBackend) -> None:
+    request = ChatRequest(
+        messages=tuple(ChatTurn(m["role"], m["content"]) for m in LOOPING),  # type: ignore[arg-type]
+        max_tokens=96,
+    )
+    backend.stop_repetition = False
+    try:
+        full = await backend.complete(request)
+    finally:
+        backend.stop_repetition = True
+    assert full.finish_reason == "length" and most_repeated(full.text) > 3, "no loop to stop"
+    cut = await backend.complete(request)
+    assert cut.finish_reason == "stop" and cut.completion_tokens < full.completion_tokens
+    assert full.text.startswith(cut.text) and most_repeated(cut.text) == 3
+    streamed = [item async for item in backend.stream(request)]
+    assert streamed[-1] == cut
+
+
+async def test_a_prompt_longer_than_the_context_is_a_backend_error(
+    backend: LlamaCppBackend,
+) -> None:
+    huge = ChatRequest(messages=(ChatTurn("user", "tent " * 600),), max_tokens=8)
+    with pytest.raises(BackendError, match="do not fit"):
+        await backend.complete(huge)
+    assert (await backend.complete(REQUEST)).text
+
+
+async def test_the_configuration_chooses_whether_loops_are_stopped() -> None:
+    for setting in (True, False):
+        config = CloudConfig.model_validate(
+            {"backend": {"n_ctx": 512, "threads": 1, "stop_repetition": setting}}
+        )
+        pool = build_backend(config)
+        try:
+            (member,) = pool.members
+            assert isinstance(member.backend, LlamaCppBackend)
+            assert member.backend.stop_repetition is setting
+        finally:
+            await pool.aclose()
 
 
 def test_a_missing_model_file_is_a_backend_error(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from edge_agent.local_model import (
     choose_settings,
 )
 from tests.edge_agent.lora import write_random_lora
+from tests.loops import LOOPING, most_repeated
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +51,18 @@ async def test_streamed_pieces_add_up_to_the_greedy_answer(model: LocalModel) ->
     final = items[-1]
     assert isinstance(final, Generation)
     assert "".join(i for i in items[:-1] if isinstance(i, str)) == final.text == whole.text
+
+
+async def test_an_answer_going_round_in_circles_is_stopped(model: LocalModel) -> None:
+    model.stop_repetition = False
+    try:
+        full = await model.generate(LOOPING, max_tokens=96)
+    finally:
+        model.stop_repetition = True
+    assert full.finish_reason == "length" and most_repeated(full.text) > 3, "no loop to stop"
+    cut = await model.generate(LOOPING, max_tokens=96)
+    assert cut.finish_reason == "stop" and cut.completion_tokens < full.completion_tokens
+    assert full.text.startswith(cut.text) and most_repeated(cut.text) == 3
 
 
 async def test_adapters_switch_without_reloading_and_removal_restores_the_base(
