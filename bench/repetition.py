@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cloud_agent.backends import ChatRequest, ChatTurn
 from cloud_agent.backends.llama_cpp import LlamaCppBackend
@@ -69,12 +70,21 @@ async def play(questions: list[str], answer: Answer) -> tuple[Tally, Tally, int,
     return off, on, cut, changed
 
 
+def fresh(llm: Any) -> None:
+    """Forget the last prompt, so the next is evaluated whole. Otherwise llama.cpp reuses the
+    cache of the prefix it shares with the last one, and logits computed in a different batch
+    split can differ in the last bits: the second of two identical questions could be answered
+    differently for that reason alone."""
+    llm.reset()
+
+
 def cloud_side() -> tuple[Answer, Callable[[], Awaitable[None]]]:
     backend = LlamaCppBackend(n_threads=2)
     system = ChatTurn("system", SYSTEM.format(store="Northwind Outfitters"))
 
     async def answer(question: str, guard: bool) -> tuple[str, int, str]:
         backend.stop_repetition = guard
+        fresh(backend._llm)
         request = ChatRequest((system, ChatTurn("user", question)), max_tokens=MAX_TOKENS)
         done = await backend.complete(request)
         return done.text, done.completion_tokens, done.finish_reason
@@ -87,6 +97,7 @@ def device_side() -> tuple[Answer, Callable[[], Awaitable[None]]]:
 
     async def answer(question: str, guard: bool) -> tuple[str, int, str]:
         model.stop_repetition = guard
+        fresh(model._llm)
         messages = [
             {"role": "system", "content": DEVICE_SYSTEM_PROMPT},
             {"role": "user", "content": question},
