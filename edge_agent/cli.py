@@ -8,10 +8,13 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent.config import EdgeConfig
 from shared.config import load_config
+
+if TYPE_CHECKING:
+    from edge_agent.agent import EdgeAgent
 
 __all__ = ["register"]
 
@@ -33,7 +36,12 @@ def register(subparsers: Any) -> None:
     enroll.add_argument("--token", required=True, help="token from `edgeloop cloud enroll-token`")
     enroll.set_defaults(func=_enroll)
 
-    chat = sub.add_parser("chat", help="chat in the terminal, showing the route of each answer")
+    chat = sub.add_parser(
+        "chat",
+        help="chat in the terminal, showing the route of each answer; /good and /bad rate it",
+        description=CHAT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common(chat)
     chat.set_defaults(func=_chat)
 
@@ -158,6 +166,13 @@ def _enroll(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+CHAT_HELP = """commands (on the last answer):
+  /good                  rate it positive
+  /bad [correction]      rate it negative, optionally with the right answer
+  /help                  this list
+Ctrl-D quits; feedback not yet acknowledged stays in the outbox and is sent next time."""
+
+
 def _chat(args: argparse.Namespace) -> int:
     config = _config(args)
 
@@ -166,26 +181,54 @@ def _chat(args: argparse.Namespace) -> int:
         await agent.start()
         if agent.link is not None:
             await agent.link.wait_up(5)
+        last: str | None = None
+        """Request id of the last answer: what /good and /bad rate."""
         try:
             while True:
                 line = await asyncio.to_thread(sys.stdin.readline)
                 if not line:
                     break
-                if not line.strip():
+                text = line.strip()
+                if not text:
                     continue
-                stream = agent.stream(line.strip())
+                if text.startswith("/"):
+                    await _chat_command(agent, text, last)
+                    continue
+                stream = agent.stream(text)
                 async for piece in stream:
                     print(piece, end="", flush=True)
                 reply = stream.reply
+                last = reply.request_id
                 where = "cloud" if reply.from_cloud else "device"
                 why = f", fallback: {reply.fallback_reason}" if reply.fallback_reason else ""
                 print(f"\n  [{where}; {reply.decision.explain()}{why}; {reply.latency_ms:.0f} ms]")
+            if agent.link is not None and agent.link.outbox is not None:
+                if not await agent.link.wait_outbox_empty(5):
+                    kept = len(agent.link.outbox)
+                    print(f"  [{kept} message(s) kept in the outbox for next time]")
         finally:
             await agent.stop()
 
-    print("edgeloop edge chat: type a message, Ctrl-D to quit", file=sys.stderr)
+    print("edgeloop edge chat: type a message, /help for commands, Ctrl-D to quit", file=sys.stderr)
     asyncio.run(run())
     return 0
+
+
+async def _chat_command(agent: EdgeAgent, text: str, last: str | None) -> None:
+    command, _, rest = text.partition(" ")
+    if command not in ("/good", "/bad"):
+        known = command == "/help"
+        print(CHAT_HELP if known else f"  [unknown command {command}; /help lists them]")
+        return
+    if last is None:
+        print("  [nothing to rate yet: ask something first]")
+    elif agent.link is None:
+        print("  [no cloud configured: feedback goes nowhere]")
+    else:
+        rating: Literal["positive", "negative"] = "positive" if command == "/good" else "negative"
+        correction = rest.strip() if command == "/bad" and rest.strip() else None
+        await agent.feedback(last, rating, correction)
+        print(f"  [{rating} feedback{' with a correction' if correction else ''} queued]")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -82,21 +82,41 @@ async def test_a_bad_request_gets_an_openai_style_error(endpoint: str) -> None:
     )
 
 
+def edge_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`edgeloop edge ARGS` in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "edge", *args],
+        input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+
+
 async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) -> None:
     token = await cloud.service.store.create_enrollment_token()
-    base = [sys.executable, "-m", "shared.cli", "edge"]
     state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
-
-    def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            base + args, input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO
-        )
-
-    enrolled = await asyncio.to_thread(run, ["enroll", *state, "--token", token])
+    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
     assert enrolled.returncode == 0, enrolled.stderr
     assert "enrolled as dev_" in enrolled.stdout
     chat = await asyncio.to_thread(
-        run, ["chat", *state], "Explain how to layer for ski touring versus resort skiing.\n"
+        edge_cli, ["chat", *state], "Explain how to layer for ski touring versus resort skiing.\n"
     )
     assert chat.returncode == 0, chat.stderr
     assert "[cloud; cloud: intent.unknown" in chat.stdout
+
+
+async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
+    assert enrolled.returncode == 0, enrolled.stderr
+    lines = ["/good", "Which tent for a windy ridge?", "/good", "/bad Ask for the Ridge 2."]
+    script = "\n".join([*lines, "/shout", "/help", ""])
+    chat = await asyncio.to_thread(edge_cli, ["chat", *state], script)
+    assert chat.returncode == 0, chat.stderr
+    out = chat.stdout
+    assert "nothing to rate yet" in out  # /good before any answer
+    assert "positive feedback queued" in out
+    assert "negative feedback with a correction queued" in out
+    assert "unknown command /shout" in out and "/bad [correction]" in out
+    assert "kept in the outbox" not in out  # acknowledged before the chat ended
+    summary = await cloud.service.store.feedback_summary()
+    assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
