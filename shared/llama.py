@@ -301,13 +301,16 @@ class RepetitionGuard:
 class Decoding:
     """The answer to a formatted chat prompt, decoded token by token.
 
-    Iterating yields ``(token, piece)``: each generated token with the text it adds (the
-    incremental UTF-8 decoder may hold bytes back, so a piece can be empty, and the held bytes
-    come last with token None). Decoding ends at the end-of-turn token, at a stop string (the
-    text is cut before it), when `repetition` sees the answer looping (cut after the sentence
-    that closed the loop), or after `max_tokens`. Afterwards `text`, `count` (tokens
-    generated, the end of turn not counted) and `finish` say what came out. Greedy at
-    temperature 0, as the device answers; the caller holds the model meanwhile.
+    Iterating yields ``(token, piece)``: each generated token with the text it adds; the pieces
+    add up to `text`. A piece can be empty: the incremental UTF-8 decoder holds back the first
+    bytes of a character, and text that may be the start of a stop string waits for the next
+    token; what is held when decoding ends comes last, with token None.
+
+    Decoding ends at the end-of-turn token, at a stop string (the text is cut before it), when
+    `repetition` sees the answer looping (cut after the sentence that closed the loop), or
+    after `max_tokens`. Afterwards `text`, `count` (tokens generated, the end of turn not
+    counted) and `finish` say what came out. Greedy at temperature 0, as the device answers;
+    the caller holds the model meanwhile.
     """
 
     def __init__(
@@ -336,6 +339,9 @@ class Decoding:
         )
         eos = self._llm.token_eos()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sent = 0
+        """Characters of `text` yielded so far: text that may be the start of a stop string
+        waits until the next token says whether it is, so the pieces add up to `text`."""
         for token in self._llm.generate(self.prompt, reset=True, **sampling):
             if token == eos:
                 self.finish = "stop"
@@ -345,19 +351,26 @@ class Decoding:
             text = self.text + piece
             cut = self._end(text, piece)
             if cut is not None:
-                # A stop string may have begun in an earlier piece: the text loses it too.
-                piece, self.text = text[len(self.text) : cut], text[:cut]
+                self.text = text[: max(cut, sent)]
                 self.finish = "stop"
-                yield token, piece
+                yield token, self.text[sent:]
                 return
             self.text = text
-            yield token, piece
+            ready = len(text) - self._held(text)
+            yield token, text[sent:ready]
+            sent = max(sent, ready)
             if self.count >= self.max_tokens:
                 break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            self.text += tail
-            yield None, tail
+        self.text += decoder.decode(b"", final=True)
+        if len(self.text) > sent:
+            yield None, self.text[sent:]
+
+    def _held(self, text: str) -> int:
+        """Length of the longest end of `text` that begins a stop string."""
+        for size in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-size:]) for s in self.stops):
+                return size
+        return 0
 
     def _end(self, text: str, piece: str) -> int | None:
         """Where the answer ends in `text` (the answer so far, `piece` last), if it does."""
