@@ -13,9 +13,12 @@ next token. llama.cpp failures are mapped to `BackendError`.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+import llama_cpp
 
 from cloud_agent.backends.base import ChatRequest, Completion, StreamItem
 from cloud_agent.errors import BackendError, BackendResponseError
@@ -55,6 +58,10 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         self.stop_repetition = stop_repetition
         self._lock = threading.Lock()
+        # Each call samples under a seed drawn from the one before (as llama-cpp-python's own
+        # completion calls do), so sampled retries of one request differ and a run replays.
+        # (`Llama` reads seed 0 as its default seed, and so does this.)
+        self._seed = seed or llama_cpp.LLAMA_DEFAULT_SEED
 
     def _decode(self, request: ChatRequest, stop: threading.Event) -> Iterator[StreamItem]:
         """Text pieces, then the `Completion`; holds the model meanwhile."""
@@ -67,6 +74,8 @@ class LlamaCppBackend:
                 raise BackendError(
                     f"the prompt's {len(prompt)} tokens do not fit the context of {self.n_ctx}"
                 )
+            self._seed = random.Random(self._seed).randint(0, 2**32)
+            self._llm.set_seed(self._seed)
             decoding = Decoding(
                 self._llm,
                 prompt,

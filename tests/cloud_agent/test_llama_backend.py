@@ -55,6 +55,23 @@ async def test_cancelling_a_stream_stops_decoding_and_frees_the_model(
     assert (await asyncio.wait_for(backend.complete(REQUEST), 30)).text
 
 
+async def test_sampled_calls_differ_and_a_run_replays() -> None:
+    request = ChatRequest(
+        messages=(ChatTurn("user", "Name a colour and an animal."),), max_tokens=16, temperature=1.5
+    )
+
+    async def five() -> list[str]:
+        backend = LlamaCppBackend(n_ctx=512, n_threads=2, seed=7)
+        try:
+            return [(await backend.complete(request)).text for _ in range(5)]
+        finally:
+            await backend.aclose()
+
+    first = await five()
+    assert len(set(first)) > 1, first  # retries at a temperature are not copies of each other
+    assert await five() == first  # the same seed, the same run
+
+
 async def test_an_answer_going_round_in_circles_is_stopped(backend: LlamaCppBackend) -> None:
     request = ChatRequest(
         messages=tuple(ChatTurn(m["role"], m["content"]) for m in LOOPING),  # type: ignore[arg-type]
