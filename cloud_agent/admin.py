@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
+from cloud_agent.store import INTERACTION_STATUSES
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -108,10 +109,15 @@ def build_admin_app(service: CloudService) -> Starlette:
         except ValueError:
             message = "limit and before must be integers"
             return _json({"error": "bad_request", "message": message}, 400)
+        status = params.get("status")
+        if status is not None and status not in INTERACTION_STATUSES:
+            # An unknown status would match nothing: say so rather than answer [].
+            message = f"status must be one of {', '.join(INTERACTION_STATUSES)}"
+            return _json({"error": "bad_request", "message": message}, 400)
         rows = await service.store.list_interactions(
             limit=limit,
             device_id=params.get("device"),
-            status=params.get("status"),
+            status=status,
             before_id=before,
         )
         out = []

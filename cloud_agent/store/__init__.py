@@ -5,6 +5,7 @@ against SQLite and PostgreSQL.
 """
 
 from cloud_agent.store.records import (
+    INTERACTION_STATUSES,
     DeviceRecord,
     FeedbackSummary,
     InteractionRecord,
@@ -18,6 +19,7 @@ from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
 from cloud_agent.store.store import Store
 
 __all__ = [
+    "INTERACTION_STATUSES",
     "AdapterRecord",
     "DeviceRecord",
     "FeedbackSummary",

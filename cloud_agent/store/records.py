@@ -23,6 +23,10 @@ class DeviceRecord:
         return self.revoked_at is not None
 
 
+INTERACTION_STATUSES = ("ok", "error", "cancelled")
+"""How an escalation can end, as stored."""
+
+
 @dataclass(frozen=True, slots=True)
 class NewInteraction:
     """An escalation and how it ended, redacted as the device sent it."""
@@ -31,7 +35,8 @@ class NewInteraction:
     request_id: str
     messages: list[dict[str, str]]
     placeholders: list[str]
-    status: str  # ok | error | cancelled
+    status: str
+    """One of `INTERACTION_STATUSES`."""
     priority: str = "online"
     session_id: str | None = None
     answer: str | None = None

@@ -577,6 +577,9 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         assert (await client.get("/v1/interactions?before=1", headers=auth)).json() == []
         bad = await client.get("/v1/interactions?before=last", headers=auth)
         assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+        typo = await client.get("/v1/interactions?status=failed", headers=auth)
+        assert typo.status_code == 400 and "ok, error, cancelled" in typo.json()["message"]
+        assert (await client.get("/v1/interactions?status=error", headers=auth)).json() == []
         assert (await client.get("/v1/feedback/summary", headers=auth)).json()["positive"] == 0
         assert (await client.get("/v1/adapters", headers=auth)).json() == []
         assert (await client.get("/v1/rollouts", headers=auth)).json() == []
