@@ -300,13 +300,10 @@ def _rollback(args: argparse.Namespace) -> int:
 
 def _jobs_submit(args: argparse.Namespace) -> int:
     from cloud_agent.jobs import job_items_from_rows
+    from shared.files import read_jsonl
 
     async def submit(store: Any) -> str:
-        rows: list[dict[str, Any]] = []
-        if args.file is not None:
-            for line in args.file.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    rows.append(json.loads(line))
+        rows = read_jsonl(args.file) if args.file is not None else []
         if args.only_class:
             rows = [r for r in rows if r.get("class") == args.only_class]
         if args.kind == "relabel" and args.negative_feedback:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent.config import EdgeConfig
 from shared.config import load_config
+from shared.errors import InputFileError
+from shared.files import read_json, read_jsonl
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
@@ -97,7 +99,12 @@ def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
 
     intents = IntentIndex()
     if intents_file is not None:
-        for name, examples in json.loads(intents_file.read_text()).items():
+        table = read_json(intents_file)
+        if not isinstance(table, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in table.values()
+        ):
+            raise InputFileError(f"{intents_file}: expected an object of intent -> example list")
+        for name, examples in table.items():
             intents.add(name, examples)
     router = Router(intents)
     saved = config.state_dir / "router.json"
@@ -128,11 +135,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from edge_agent.router import calibrate
 
     config = _config(args)
-    texts = [
-        json.loads(line)["text"]
-        for line in args.workload.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+    texts = [row["text"] for row in read_jsonl(args.workload, required=("text",))]
     router = _router(config, args.intents)
     threshold = calibrate(router, texts, args.target_local_share)
     local = sum(router.decide(t).local for t in texts) / len(texts)

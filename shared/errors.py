@@ -2,6 +2,7 @@
 
     EdgeloopError                 root of every exception edgeloop raises on purpose
      ├── ConfigError              a configuration value is missing or invalid (names the key)
+     ├── InputFileError           an input file (workload, items, intents) is missing or malformed
      ├── KeyFileError             a key file is missing, unreadable or not an Ed25519 key
      └── SignatureError           a signature does not verify against the given key
 
@@ -11,7 +12,7 @@ application can catch everything of ours in one clause.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "EdgeloopError", "KeyFileError", "SignatureError"]
+__all__ = ["ConfigError", "EdgeloopError", "InputFileError", "KeyFileError", "SignatureError"]
 
 
 class EdgeloopError(Exception):
@@ -31,6 +32,11 @@ class ConfigError(EdgeloopError):
         self.source = source
         where = f" (from {source})" if source else ""
         super().__init__(f"configuration key {key!r}{where}: {problem}")
+
+
+class InputFileError(EdgeloopError):
+    """An input file (a workload, job items, intents) is missing, unreadable or malformed; the
+    message names the file and, for JSON Lines, the line."""
 
 
 class KeyFileError(EdgeloopError):

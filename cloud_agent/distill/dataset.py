@@ -22,6 +22,7 @@ from typing import Literal
 
 from cloud_agent.errors import CloudAgentError
 from cloud_agent.store import InteractionRecord, Store
+from shared.files import read_jsonl
 from shared.pii import detect
 
 __all__ = [
@@ -129,13 +130,11 @@ def check_private(examples: Sequence[Example]) -> None:
 
 def expectations_from_workload(path: Path) -> dict[str, tuple[tuple[str, ...], ...]]:
     """normalised question -> `expect` groups, from a labelled workload file (JSON lines)."""
-    table = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get("expect"):
-                table[normalise(row["text"])] = tuple(tuple(g) for g in row["expect"])
-    return table
+    return {
+        normalise(row["text"]): tuple(tuple(g) for g in row["expect"])
+        for row in read_jsonl(path, required=("text",))
+        if row.get("expect")
+    }
 
 
 def split(

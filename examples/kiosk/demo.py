@@ -42,6 +42,7 @@ from edge_agent.local_model import DeviceProfile, LocalModel, choose_settings
 from edge_agent.outbox import Outbox
 from examples.kiosk.intents import KIOSK_INTENTS, KIOSK_REPLIES
 from protocol import BaseModelRef
+from shared.files import read_jsonl
 
 __all__ = ["Pass", "run_demo"]
 
@@ -98,11 +99,7 @@ class Pass:
 
 
 def load_workload(path: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    for i, row in enumerate(rows):
-        if "text" not in row or "class" not in row:
-            raise ValueError(f"{path}:{i + 1}: each row needs 'text' and 'class'")
-    return rows
+    return read_jsonl(path, required=("text", "class"))
 
 
 def say(message: str) -> None:
