@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import jsonschema
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol import SUBPROTOCOL, SUPPORTED_VERSIONS, sign_proof
+from protocol import SUBPROTOCOL, SUPPORTED_VERSIONS, check_endpoint, sign_proof
 from protocol.schema import json_schema
 from shared.ids import new_idempotency_key, new_request_id
 from shared.keys import SigningKey
@@ -396,6 +397,11 @@ def register(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        check_endpoint(args.url)
+    except ValueError as exc:
+        print(f"edgeloop conformance: error: {args.url!r}: {exc}", file=sys.stderr)
+        return 2
     report = asyncio.run(run_conformance(args.url, args.token, timeout=args.timeout))
     print(report.table())
     return 0 if report.passed else 1

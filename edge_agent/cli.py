@@ -161,7 +161,15 @@ def _enroll(args: argparse.Namespace) -> int:
         up = await link.wait_up(15)
         await link.stop()
         if not up or not link.enrolled:
-            print("edgeloop: error: enrollment failed (token used or expired?)", file=sys.stderr)
+            if link.refused == "invalid_enrollment_token":
+                why = "the cloud refused the token (unknown, already used or expired)"
+            elif link.refused is not None:
+                why = f"the cloud refused this device ({link.refused})"
+            elif link.last_failure is not None:
+                why = f"cannot reach the cloud at {link.url} ({link.last_failure})"
+            else:
+                why = f"no answer from the cloud at {link.url} within 15 s"
+            print(f"edgeloop: error: enrollment failed: {why}", file=sys.stderr)
             return 1
         print(f"enrolled as {link.identity.device_id}; identity in {config.state_dir}")
         return 0

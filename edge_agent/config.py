@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from protocol import check_endpoint
 
 __all__ = ["EdgeConfig"]
 
@@ -24,3 +26,8 @@ class EdgeConfig(BaseModel):
     """Port of the local OpenAI-compatible endpoint."""
     deadline_ms: int = Field(8000, ge=100, le=600_000)
     """How long the device waits for the cloud before answering itself."""
+
+    @field_validator("cloud_url")
+    @classmethod
+    def _a_websocket_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_endpoint(url)

@@ -57,6 +57,7 @@ from protocol import (
     UpdateOffered,
     UpdateStatus,
     Welcomed,
+    check_endpoint,
 )
 from shared.ids import new_request_id
 from shared.keys import SigningKey
@@ -107,10 +108,17 @@ class CloudLink:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
     ) -> None:
-        self.url = url
+        try:
+            self.url = check_endpoint(url)
+        except ValueError as exc:
+            raise EdgeAgentError(f"cloud URL {url!r}: {exc}") from None
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.key = SigningKey.load_or_create(self.state_dir / "device.key")
+        if enrollment_token is not None:
+            # A token the `enroll` message cannot carry is refused now (InvalidMessage), not
+            # in the middle of a handshake.
+            EnrollmentCredentials(enrollment_token, self.key, device_name)
         self.enrollment_token = enrollment_token
         self.device_name = device_name
         self.base_model = base_model
@@ -129,6 +137,8 @@ class CloudLink:
         self._outbox_kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._refused: str | None = None
+        self.last_failure: str | None = None
+        """Why the last connection attempt failed or ended (None once a session opens)."""
         self.adapter_version: int | None = None
         """Announced in `hello`; the updater sets it when a bundle is applied."""
         self.on_offer: Callable[[UpdateOffer], Coroutine[Any, Any, object]] | None = None
@@ -182,6 +192,12 @@ class CloudLink:
         except TimeoutError:
             return False
 
+    @property
+    def refused(self) -> str | None:
+        """The error the cloud refused this device with for good (``unknown_device``,
+        ``device_revoked``, ``invalid_enrollment_token``); the link stops reconnecting."""
+        return self._refused
+
     async def _run(self) -> None:
         attempt = 0
         while True:
@@ -189,7 +205,12 @@ class CloudLink:
                 await self._connect_once()
                 attempt = 0
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                self.last_failure = _describe(exc)
                 log.info("cloud link down: %s", type(exc).__name__)
+            except Exception as exc:
+                # A bug must not end the link in silence: say so, and keep trying.
+                self.last_failure = _describe(exc)
+                log.exception("cloud link failed")
             finally:
                 self._set_down()
             if self._refused is not None:
@@ -253,6 +274,7 @@ class CloudLink:
                     self._save_identity()
                 case Welcomed(welcome=welcome):
                     self.state, self.limits = LinkState.UP, welcome.limits
+                    self.last_failure = None
                     self._up.set()
                     self._outbox_kick.set()
                 case DeltaReceived(delta=delta):
@@ -275,6 +297,7 @@ class CloudLink:
                         "unknown_device", "device_revoked", "invalid_enrollment_token",
                     ):  # fmt: skip
                         self._refused = error.name
+                        self.last_failure = f"refused: {error.name}"
                 case SessionClosed():
                     self._set_down()
 
@@ -426,3 +449,7 @@ def _reason(error_name: str) -> str:
         "connection_lost": "link.down",
         "shutting_down": "cloud.shutting_down",
     }.get(error_name, f"cloud.{error_name}")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

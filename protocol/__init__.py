@@ -9,6 +9,7 @@ The human spec is `protocol/SPEC.md`; the JSON Schema and AsyncAPI documents are
 from protocol.auth import (
     SUBPROTOCOL,
     SUPPORTED_VERSIONS,
+    check_endpoint,
     negotiate_version,
     proof_payload,
     sign_proof,
@@ -174,6 +175,7 @@ __all__ = [
     "Usage",
     "Welcome",
     "Welcomed",
+    "check_endpoint",
     "decode",
     "encode",
     "error_info",

@@ -16,6 +16,7 @@ by ``\\n``, no trailing newline:
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import urlsplit
 
 from shared.errors import SignatureError
 from shared.keys import SigningKey, VerifyKey, b64url_decode, b64url_encode
@@ -23,6 +24,7 @@ from shared.keys import SigningKey, VerifyKey, b64url_decode, b64url_encode
 __all__ = [
     "SUBPROTOCOL",
     "SUPPORTED_VERSIONS",
+    "check_endpoint",
     "negotiate_version",
     "proof_payload",
     "sign_proof",
@@ -37,6 +39,22 @@ SUBPROTOCOL = "edgeloop.v1"
 """WebSocket subprotocol name; it carries the major version."""
 
 ProofPurpose = Literal["auth", "enroll"]
+
+
+def check_endpoint(url: str) -> str:
+    """`url` if it can name a protocol endpoint (``ws://`` or ``wss://`` with a host), else
+    ValueError saying what is wrong: an ``http://`` URL or a bare host fails here, at once,
+    not as a connection that never comes up."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError("not a WebSocket URL: expected ws:// or wss://")
+    if not parts.hostname or port == 0:
+        raise ValueError("no host and port to connect to")
+    return url
 
 
 def subprotocol_for(version: str) -> str:

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from protocol.auth import SUPPORTED_VERSIONS, sign_proof
-from protocol.errors import CloseCode, ErrorCode, SessionStateError
+from protocol.errors import CloseCode, ErrorCode, InvalidMessage, SessionStateError
 from protocol.events import (
     AckReceived,
     ChunkReceived,
@@ -42,6 +44,7 @@ from protocol.messages import (
     DeviceResources,
     Enroll,
     Enrolled,
+    EnrollmentToken,
     Error,
     Escalate,
     Fetch,
@@ -50,6 +53,7 @@ from protocol.messages import (
     Limits,
     Message,
     Result,
+    ShortText,
     UpdateOffer,
     Welcome,
     make_error,
@@ -70,11 +74,27 @@ class DeviceCredentials:
 
 @dataclass(frozen=True, slots=True)
 class EnrollmentCredentials:
-    """A device that enrolls on this connection with a one-time token."""
+    """A device that enrolls on this connection with a one-time token. A token or name the
+    `enroll` message could not carry is refused here (`InvalidMessage`), not mid-handshake."""
 
     token: str
     key: SigningKey
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        for field, adapter, value in (
+            ("token", _TOKEN, self.token),
+            ("name", _NAME, self.name),
+        ):
+            try:
+                adapter.validate_python(value)
+            except ValidationError as exc:
+                problem = exc.errors(include_url=False)[0]["msg"]
+                raise InvalidMessage(f"enrollment {field}: {problem}") from None
+
+
+_TOKEN: TypeAdapter[str] = TypeAdapter(EnrollmentToken)
+_NAME: TypeAdapter[str | None] = TypeAdapter(ShortText | None)
 
 
 class ClientState(StrEnum):

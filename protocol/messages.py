@@ -89,6 +89,7 @@ PLACEHOLDER = re.compile(r"<[A-Z][A-Z_]{0,23}_[0-9]{1,4}>")
 PlaceholderName = Annotated[str, StringConstraints(pattern=f"^{PLACEHOLDER.pattern}$")]
 FileName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+EnrollmentToken = Annotated[str, StringConstraints(min_length=8, max_length=256)]
 Text = Annotated[str, StringConstraints(max_length=65536)]
 UnixSeconds = Annotated[int, Field(ge=0, le=2**40)]
 Count = Annotated[int, Field(ge=0, le=2**53)]
@@ -299,7 +300,7 @@ class Enroll(_Message):
     direction = "client"
     session_phase = True
     type: Literal["enroll"] = "enroll"
-    token: Annotated[str, StringConstraints(min_length=8, max_length=256)]
+    token: EnrollmentToken
     """One-time enrollment token issued by an operator."""
     public_key: PublicKeyB64
     """The device's Ed25519 public key, raw 32 bytes, base64url."""

@@ -103,6 +103,24 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
     assert "[cloud; cloud: intent.unknown" in chat.stdout
 
 
+async def test_enroll_says_why_it_failed(cloud: Cloud, tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path / "dev")]
+    token = ["--token", "elt_" + "0" * 32]  # well formed, never issued
+    cases = [
+        (["--cloud", cloud.url, *token], "the cloud refused the token"),
+        (
+            ["--cloud", "ws://127.0.0.1:9/v1", *token],
+            "cannot reach the cloud at ws://127.0.0.1:9/v1",
+        ),
+        (["--cloud", cloud.url.replace("ws://", "http://"), *token], "expected ws:// or wss://"),
+        (["--cloud", cloud.url, "--token", "short"], "enrollment token"),
+    ]
+    for args, reason in cases:
+        done = await asyncio.to_thread(edge_cli, ["enroll", *state, *args])
+        assert done.returncode == 1 and reason in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
 async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
     token = await cloud.service.store.create_enrollment_token()
     state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]

@@ -7,12 +7,15 @@ import socket
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.service import CloudService
+from edge_agent.config import EdgeConfig
+from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.outbox import Outbox
-from protocol import ChatMessage, Escalate, Feedback, Result
+from protocol import ChatMessage, Escalate, Feedback, InvalidMessage, Result
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
@@ -55,12 +58,27 @@ async def test_escalations_stream_pieces_then_the_result(cloud: Cloud, tmp_path:
     await link.stop()
 
 
+def test_a_link_with_a_url_or_token_it_could_never_use_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(EdgeAgentError, match="expected ws:// or wss://"):
+        CloudLink("http://127.0.0.1:8765/v1", tmp_path / "dev", enrollment_token="elt_" + "x" * 20)
+    with pytest.raises(InvalidMessage, match="enrollment token"):
+        CloudLink("ws://127.0.0.1:8765/v1", tmp_path / "dev", enrollment_token="elt_bad")
+    with pytest.raises(ValidationError, match="expected ws:// or wss://"):
+        EdgeConfig(cloud_url="https://cloud.example.com/v1")
+
+
 async def test_a_link_that_is_down_says_so_at_once(tmp_path: Path) -> None:
     link = CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev", enrollment_token="elt_x" * 3)
     with pytest.raises(CloudUnavailable) as info:
         async for _ in link.escalate(ask("hello?", "r1")):
             pass
     assert info.value.reason == "link.down" and link.state is LinkState.DOWN
+    link.start()
+    assert not await link.wait_up(0.5)
+    await link.stop()
+    assert link.last_failure is not None and "ConnectionRefusedError" in link.last_failure
 
 
 @pytest.mark.cloud(backend=ScriptedBackend(hang=True))

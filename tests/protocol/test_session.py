@@ -23,6 +23,7 @@ from protocol import (
     DeltaReceived,
     DeviceCredentials,
     EnrollmentCompleted,
+    EnrollmentCredentials,
     ErrorCode,
     Escalate,
     EscalationReceived,
@@ -31,6 +32,7 @@ from protocol import (
     Fetch,
     FetchReceived,
     Goodbye,
+    InvalidMessage,
     PeerError,
     ProtocolViolation,
     RequestCancelled,
@@ -45,6 +47,7 @@ from protocol import (
     UpdateStatusReceived,
     Usage,
     Welcomed,
+    check_endpoint,
     encode,
     make_error,
     sign_proof,
@@ -530,3 +533,31 @@ def test_a_closed_session_ignores_input_and_refuses_output() -> None:
     assert [type(e) for e in pair.server.events_received()] == [SessionClosed]
     with pytest.raises(SessionStateError):
         pair.server.send(Ack(idempotency_key="k"))
+
+
+def test_credentials_the_enroll_message_could_not_carry_are_refused_at_once() -> None:
+    key = SigningKey.generate()
+    assert EnrollmentCredentials("elt_" + "x" * 20, key, name="kiosk").token.startswith("elt_")
+    with pytest.raises(InvalidMessage, match="enrollment token"):
+        EnrollmentCredentials("elt_bad", key)
+    with pytest.raises(InvalidMessage, match="enrollment name"):
+        EnrollmentCredentials("elt_" + "x" * 20, key, name="n" * 300)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:8765/v1", "expected ws:// or wss://"),
+        ("127.0.0.1:8765", "expected ws:// or wss://"),
+        ("ws:///v1", "no host"),
+        ("ws://127.0.0.1:99999/v1", "not a valid URL"),
+    ],
+)
+def test_an_endpoint_must_be_a_websocket_url_with_a_host(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        check_endpoint(url)
+
+
+def test_websocket_urls_pass_as_they_are() -> None:
+    for url in ("ws://127.0.0.1:8765/v1", "wss://cloud.example.com/v1", "ws://[::1]:80/v1"):
+        assert check_endpoint(url) == url
