@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 __all__ = [
     "EVENT_LOOPS",
@@ -23,6 +25,15 @@ __all__ = [
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 EVENT_LOOPS: tuple[EventLoopChoice, ...] = get_args(EventLoopChoice)
 """The choices of `CloudConfig.event_loop`, for command lines."""
+
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+"""Database URL schemes the store takes, and the async driver each means."""
 
 
 class _Section(BaseModel):
@@ -107,7 +118,8 @@ class CloudConfig(_Section):
     data_dir: Path = Path(".edgeloop/cloud")
     """Where the SQLite database, the signing key and the admin token live."""
     database_url: str | None = None
-    """SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://..."""
+    """SQLAlchemy URL; default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://... (a
+    plain postgresql:// or sqlite:// URL is taken to mean the async driver the store uses)."""
     store_lock_timeout_s: float = Field(15.0, gt=0, le=600)
     """How long a SQLite write waits for a lock before the store reports itself unavailable."""
     knowledge: Path | None = None
@@ -140,6 +152,23 @@ class CloudConfig(_Section):
     """Delete interactions, feedback, device reports, privacy events, ended sessions and
     expired enrollment tokens older than this many days: at start, then every hour. None (the
     default) keeps everything; `edgeloop cloud purge` does it once, e.g. from cron."""
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_supported_database(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError("not a database URL, e.g. postgresql+asyncpg://user@host/db") from None
+        driver = _ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
+        if driver not in _ASYNC_DRIVERS.values():
+            raise ValueError(
+                f"database {parsed.drivername!r} is not supported: use PostgreSQL "
+                "(postgresql+asyncpg://user@host/db) or SQLite (sqlite+aiosqlite:///path.db)"
+            )
+        return parsed.set(drivername=driver).render_as_string(hide_password=False)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> CloudConfig:

@@ -9,6 +9,7 @@ where its value came from, so a wrong setting is fixed without reading a traceba
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +22,18 @@ from shared.errors import ConfigError
 __all__ = ["load_config"]
 
 M = TypeVar("M", bound=BaseModel)
+
+
+_SECRET_NAMES = ("key", "token", "password", "secret")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@/\s]*@")
+
+
+def _shown(name: str, value: Any) -> str:
+    """A rejected value as an error message may show it: never a secret, and a URL without
+    its password."""
+    if any(part in name.lower() for part in _SECRET_NAMES):
+        return "a value not shown"
+    return _URL_PASSWORD.sub(r"\1***@", repr(value))
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -98,5 +111,5 @@ def load_config(
         source = origins.get(loc) or (str(path) if path is not None else None)
         problem = first["msg"]
         if "input" in first and first["type"] != "missing":
-            problem += f" (got {first['input']!r})"
+            problem += f" (got {_shown(loc[-1] if loc else '', first['input'])})"
         raise ConfigError(key, problem, source) from exc

@@ -16,6 +16,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
@@ -93,6 +94,27 @@ def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:
     path.write_text('[backend]\nkind = "openai"\n')
     with pytest.raises(ConfigError, match="base_url and model"):
         load_config(CloudConfig, path, env={})
+
+
+def test_database_urls_name_a_store_the_cloud_can_use() -> None:
+    def url(value: str) -> str | None:
+        return CloudConfig(database_url=value).database_url
+
+    assert (
+        url("postgresql://u:p%40ss@db:5432/edgeloop")
+        == "postgresql+asyncpg://u:p%40ss@db:5432/edgeloop"
+    )
+    assert url("postgres://db/edgeloop") == "postgresql+asyncpg://db/edgeloop"
+    assert (
+        url("sqlite:////var/lib/edgeloop/cloud.db")
+        == "sqlite+aiosqlite:////var/lib/edgeloop/cloud.db"
+    )
+    assert url("postgresql+asyncpg://db/x?ssl=require") == "postgresql+asyncpg://db/x?ssl=require"
+    for bad, problem in (("mysql://db/x", "'mysql' is not supported"),
+                         ("postgresql+psycopg2://db/x", "is not supported"),
+                         ("cloud.db", "not a database URL")):  # fmt: skip
+        with pytest.raises(ValidationError, match=problem):
+            url(bad)
 
 
 def test_defaults_run_alone_on_sqlite_under_the_data_dir(tmp_path: Path) -> None:

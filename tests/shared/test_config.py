@@ -71,3 +71,18 @@ def test_a_file_that_is_not_toml_or_missing_is_a_config_error(tmp_path: Path) ->
         load_config(Settings, bad, env={})
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Settings, tmp_path / "absent.toml", env={})
+
+
+class Secrets(BaseModel):
+    api_key: int = 0
+    database_url: int = 0
+
+
+def test_a_rejected_secret_or_url_password_is_not_repeated_in_the_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(Secrets, env={"EDGELOOP_API_KEY": "sk-live-hunter2"})
+    assert info.value.key == "api_key" and "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(Secrets, env={"EDGELOOP_DATABASE_URL": "postgresql://bob:hunter2@db/x"})
+    message = str(info.value)
+    assert "hunter2" not in message and "postgresql://bob:***@db/x" in message
