@@ -158,6 +158,7 @@ class MiniLMEmbedder:
         try:
             import torch
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
         except ImportError as exc:  # pragma: no cover - dependencies of edgeloop[cloud]
             raise KnowledgeError(
                 "knowledge retrieval needs 'torch' and 'transformers': pip install "
@@ -184,8 +185,15 @@ class MiniLMEmbedder:
                 f"{weights} is not the all-MiniLM-L6-v2 release (SHA-256 {digest[:16]}...)"
             )
         self._torch = torch
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self._model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        # A service's log is no place for a progress bar of a load that takes a second.
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self._model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
         # Encoding runs on one thread of its own, with one torch thread. A short query is too
         # small to share between cores, and torch's second thread fights the event loop and any
         # model generating on the same machine (`bench.encoder_threads`, two cores: 10 ms a
