@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
     common(calibrate)
     calibrate.add_argument("--workload", type=Path, required=True, help="JSONL with a `text` field")
     calibrate.add_argument(
-        "--target-local-share", type=float, required=True, help="share to keep local, 0 to 1"
+        "--target-local-share", type=_share, required=True, help="share to keep local, 0 to 1"
     )
     calibrate.set_defaults(func=_calibrate)
 
@@ -131,11 +131,23 @@ def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
     return agent
 
 
+def _share(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"{share:g} is not a share from 0 to 1")
+    return share
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from edge_agent.router import calibrate
 
     config = _config(args)
     texts = [row["text"] for row in read_jsonl(args.workload, required=("text",))]
+    if not texts:
+        raise InputFileError(f"{args.workload}: no requests to calibrate on")
     router = _router(config, args.intents)
     threshold = calibrate(router, texts, args.target_local_share)
     local = sum(router.decide(t).local for t in texts) / len(texts)

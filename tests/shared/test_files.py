@@ -53,6 +53,8 @@ def test_commands_report_a_bad_input_file_in_one_line(
 ) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "class": "local_simple"}\nnot json\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "hello", "class": "local_simple"}\n')
     absent = str(tmp_path / "absent.json")
@@ -65,10 +67,26 @@ def test_commands_report_a_bad_input_file_in_one_line(
         ["edge", "calibrate", *state, "--workload", str(good), "--target-local-share", "0.5",
          "--intents", absent],
         ["distill", *data, "--labels", absent],
+        ["edge", "calibrate", *state, "--workload", str(empty), "--target-local-share", "0.5"],
         ["demo", "--workload", str(bad), "--dir", str(tmp_path / "demo")],
     ]  # fmt: skip
     for argv in commands:
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("edgeloop: error: ") and "Traceback" not in err, err
-        assert ("bad.jsonl:2: not valid JSON" in err) or ("absent.json: no such file" in err)
+        assert any(
+            problem in err
+            for problem in ("bad.jsonl:2: not valid JSON", "absent.json: no such file",
+                            "empty.jsonl: no requests")
+        ), err  # fmt: skip
+
+
+def test_a_share_outside_zero_to_one_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workload = tmp_path / "w.jsonl"
+    workload.write_text('{"text": "hello"}\n')
+    with pytest.raises(SystemExit) as info:
+        main(["edge", "calibrate", "--state-dir", str(tmp_path / "dev"), "--workload",
+              str(workload), "--target-local-share", "1.5"])  # fmt: skip
+    assert info.value.code == 2 and "1.5 is not a share from 0 to 1" in capsys.readouterr().err
