@@ -78,7 +78,9 @@ def _run(args: argparse.Namespace) -> int:
         heldout_share=args.heldout_share,
         min_gain=args.min_gain,
         expectations=expectations_from_workload(args.labels) if args.labels else {},
-        canary_share=args.canary_share or config.rollout.canary_share,
+        canary_share=(
+            config.rollout.canary_share if args.canary_share is None else args.canary_share
+        ),
     )
     result = asyncio.run(_cycle(config, dconfig, publish=not args.dry_run))
     print(

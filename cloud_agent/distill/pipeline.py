@@ -30,7 +30,7 @@ from cloud_agent.distill.evaluate import (
     simple_regressions,
 )
 from cloud_agent.distill.export import export_gguf_lora
-from cloud_agent.distill.train import LoraSettings, load_base, train_lora
+from cloud_agent.distill.train import DistillSettingsError, LoraSettings, load_base, train_lora
 from cloud_agent.store import Store
 from shared.keys import SigningKey
 from shared.llama import default_model_path, file_sha256
@@ -65,6 +65,19 @@ class DistillConfig:
     """Labelled ``expect`` groups by normalised question (see `expectations_from_workload`)."""
     canary_share: float = 0.1
     bundle_ttl: timedelta = timedelta(days=30)
+
+    def __post_init__(self) -> None:
+        for bad, problem in (
+            (not 0.0 <= self.heldout_share < 1.0, f"heldout_share {self.heldout_share}: 0 to 1"),
+            (not -1.0 <= self.min_gain <= 1.0, f"min_gain {self.min_gain}: -1 to 1"),
+            (
+                not 0.0 < self.canary_share <= 1.0,
+                f"canary_share {self.canary_share}: above 0, at most 1",
+            ),
+            (self.min_examples < 1, f"min_examples {self.min_examples}: at least 1"),
+        ):
+            if bad:
+                raise DistillSettingsError(problem)
 
     @property
     def base_path(self) -> Path:

@@ -38,6 +38,14 @@ class DistillUnavailable(CloudAgentError):
     """The ``distill`` extra (torch, transformers, peft) is not installed."""
 
 
+class DistillSettingsError(CloudAgentError):
+    """A distillation setting is out of range; nothing was loaded or trained."""
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The projections of a llama-architecture layer a LoRA can adapt (and the GGUF export maps)."""
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     # Rank 8 on the MLPs (where a model keeps facts) and on q, v, o: measured on the kiosk
@@ -53,6 +61,21 @@ class LoraSettings:
     seed: int = 0
     system_prompt: str = DEVICE_SYSTEM_PROMPT
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.target_modules) - set(PROJECTIONS))
+        problems = [
+            (self.rank < 1, f"rank {self.rank}: at least 1"),
+            (not self.alpha > 0, f"alpha {self.alpha}: above 0"),
+            (self.steps < 1, f"steps {self.steps}: at least 1"),
+            (not self.learning_rate > 0, f"learning rate {self.learning_rate}: above 0"),
+            (self.batch_size < 1, f"batch size {self.batch_size}: at least 1"),
+            (not self.target_modules, "target modules: at least one"),
+            (bool(unknown), f"target modules {unknown}: expected some of {list(PROJECTIONS)}"),
+        ]
+        for bad, problem in problems:
+            if bad:
+                raise DistillSettingsError(f"LoRA {problem}")
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,8 @@ from cloud_agent.distill.dataset import (
     expectations_from_workload,
     split,
 )
+from cloud_agent.distill.pipeline import DistillConfig
+from cloud_agent.distill.train import DistillSettingsError, LoraSettings
 from cloud_agent.store import NewInteraction, Store
 from cloud_agent.store.store import sqlite_url
 
@@ -101,3 +105,37 @@ def test_expectations_come_from_a_labelled_workload(workload_path: Path) -> None
     table = expectations_from_workload(workload_path)
     assert table["what are the phone support hours"] == (("7:30", "7.30", "7:30am", "7:30 am"),)
     assert len(table) >= 80
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"rank": 0}, "rank 0"),
+        ({"steps": 0}, "steps 0"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"learning_rate": -1e-3}, "learning rate"),
+        ({"batch_size": 0}, "batch size"),
+        ({"target_modules": ()}, "at least one"),
+        ({"target_modules": ("q_proj", "attn")}, "['attn']"),
+    ],
+)
+def test_lora_settings_out_of_range_are_refused_before_anything_loads(
+    settings: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(DistillSettingsError, match=re.escape(problem)):
+        LoraSettings(**settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ({"heldout_share": 1.0}, "heldout_share"),
+        ({"min_gain": 2.0}, "min_gain"),
+        ({"canary_share": 0.0}, "canary_share"),
+        ({"min_examples": 0}, "min_examples"),
+    ],
+)
+def test_distill_settings_out_of_range_are_refused(settings: dict[str, Any], problem: str) -> None:
+    with pytest.raises(DistillSettingsError, match=problem):
+        DistillConfig(**settings)
+    assert DistillConfig().lora == LoraSettings()
