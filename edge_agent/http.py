@@ -18,16 +18,26 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from edge_agent.agent import EdgeAgent, Reply
+from edge_agent.errors import EdgeAgentError
+from edge_agent.local_model import ContextTooLong
 from edge_agent.router import RouteDecision
 
 __all__ = ["build_openai_app"]
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def _error(
+    status: int, message: str, *, kind: str = "invalid_request_error", code: str | None = None
+) -> JSONResponse:
     return JSONResponse(
-        {"error": {"message": message, "type": "invalid_request_error", "code": None}},
-        status_code=status,
+        {"error": {"message": message, "type": kind, "code": code}}, status_code=status
     )
+
+
+def _failure(exc: EdgeAgentError) -> JSONResponse:
+    """An answer the device could not give, as the OpenAI API reports it."""
+    if isinstance(exc, ContextTooLong):
+        return _error(400, str(exc), code="context_length_exceeded")
+    return _error(500, f"the device could not answer: {exc}", kind="server_error")
 
 
 def _route_info(decision: RouteDecision, reply: Reply | None) -> dict[str, Any]:
@@ -62,8 +72,17 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         stream = agent.stream(question)
         decision = await stream.start()
         headers = {"X-Edgeloop-Route": decision.target.value}
+        # The first piece before any response: a request the device cannot answer (too long
+        # for its context) is an error status, not a 200 whose stream breaks off.
+        try:
+            first = await anext(stream, None)
+        except EdgeAgentError as exc:
+            return _failure(exc)
         if not body.get("stream"):
-            text = "".join([piece async for piece in stream])
+            try:
+                text = "".join([first or "", *[piece async for piece in stream]])
+            except EdgeAgentError as exc:
+                return _failure(exc)
             reply = stream.reply
             return JSONResponse(
                 {
@@ -98,8 +117,17 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 return f"data: {json.dumps(payload)}\n\n"
 
             yield chunk({"role": "assistant"}, None)
-            async for piece in stream:
-                yield chunk({"content": piece}, None)
+            if first is not None:
+                yield chunk({"content": first}, None)
+            try:
+                async for piece in stream:
+                    yield chunk({"content": piece}, None)
+            except EdgeAgentError as exc:
+                # Mid-stream the status is sent: say so in the stream, as OpenAI servers do.
+                error = {"message": f"the device could not answer: {exc}", "type": "server_error"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply))
             yield "data: [DONE]\n\n"
 

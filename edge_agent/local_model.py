@@ -48,6 +48,7 @@ from shared.threads import iterate_in_thread
 __all__ = [
     "Adapter",
     "AdapterError",
+    "ContextTooLong",
     "DeviceProfile",
     "Generation",
     "LocalModel",
@@ -61,6 +62,10 @@ Thermal = Literal["nominal", "fair", "serious", "critical"]
 
 class LocalModelError(EdgeAgentError):
     """The local model cannot be loaded or failed while generating."""
+
+
+class ContextTooLong(LocalModelError):
+    """The conversation does not fit the model's context window."""
 
 
 class AdapterError(LocalModelError):
@@ -181,7 +186,10 @@ class LocalModel:
             if len(prompt) + max_tokens > self.settings.n_ctx:
                 max_tokens = max(1, self.settings.n_ctx - len(prompt))
                 if len(prompt) >= self.settings.n_ctx:
-                    raise LocalModelError("the conversation does not fit the context window")
+                    raise ContextTooLong(
+                        f"the conversation's {len(prompt)} tokens do not fit the context window "
+                        f"of {self.settings.n_ctx}"
+                    )
             n_vocab = self._llm.n_vocab()
             decoding = Decoding(
                 self._llm,

@@ -82,6 +82,26 @@ async def test_a_bad_request_gets_an_openai_style_error(endpoint: str) -> None:
     )
 
 
+async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint: str) -> None:
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
+    long = [{"role": "user", "content": "Which tent? " + "tent " * 1500}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="edgeloop-edge",
+                messages=long,
+                stream=stream,  # type: ignore[arg-type]
+            )
+        assert info.value.code == "context_length_exceeded"
+        assert "do not fit the context window of 1024" in info.value.message
+    # The device still answers what fits.
+    fine = await client.chat.completions.create(
+        model="edgeloop-edge", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert fine.choices[0].message.content
+    await client.close()
+
+
 def edge_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     """`edgeloop edge ARGS` in a child process."""
     return subprocess.run(
