@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -204,6 +206,15 @@ class CloudService:
         )
 
     async def start(self) -> None:
+        """Start serving; if any part cannot start (a port in use), what did start is stopped
+        and the store closed before the error is raised (`ConfigError` for a port)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         if (days := self.config.retention_days) is not None:
             await self._purge(days)
             self._retention = asyncio.create_task(self._purge_hourly(days))
@@ -211,7 +222,11 @@ class CloudService:
         if self.agent.skill is not None:
             self._learner = asyncio.create_task(self._learn_from_replicas())
         self.server.recorder.start()
-        self.port = await self.server.start(self.config.host, self.config.port)
+        host, port = self.config.host, self.config.port
+        try:
+            self.port = await self.server.start(host, port)
+        except OSError as exc:
+            raise ConfigError("port", f"cannot listen on {host}:{port} ({_reason(exc)})") from exc
         await self.feed.start()
         self.jobs.start()
         app = build_admin_app(self)
@@ -223,7 +238,17 @@ class CloudService:
             lifespan="off",
         )
         self._uvicorn = _AdminServer(uv_config)
-        self._admin_task = asyncio.create_task(self._uvicorn.serve())
+        # Bound here rather than by uvicorn, which exits the process when it cannot bind.
+        host, port = self.config.admin_host, self.config.admin_port
+        try:
+            admin_socket = socket.create_server(
+                (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "admin_port", f"cannot listen on {host}:{port} ({_reason(exc)})"
+            ) from exc
+        self._admin_task = asyncio.create_task(self._uvicorn.serve(sockets=[admin_socket]))
         async with asyncio.timeout(10):
             while not self._uvicorn.started:
                 if self._admin_task.done():
@@ -458,6 +483,10 @@ class CloudService:
                 for m in self.backend.members
             ]
         return [{"name": self.backend.name}]
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 class _AdminServer(uvicorn.Server):

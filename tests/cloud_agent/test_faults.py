@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import sqlite3
 import ssl
 from pathlib import Path
@@ -34,7 +35,7 @@ from protocol import (
     ResultReceived,
     Welcomed,
 )
-from shared import SigningKey
+from shared import ConfigError, SigningKey
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
@@ -271,3 +272,24 @@ async def test_the_service_speaks_wss_with_a_certificate(tmp_path: Path, kb_path
         await device.close()
     finally:
         await service.stop()
+
+
+@pytest.mark.parametrize("key", ["port", "admin_port"])
+async def test_a_port_in_use_is_a_config_error_and_nothing_is_left_running(
+    tmp_path: Path, key: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = make_config(tmp_path, None, **{key: port})
+        service = await CloudService.create(config, backend=ScriptedBackend("hi"))
+        before = asyncio.all_tasks()
+        with pytest.raises(ConfigError, match="address already in use") as info:
+            await service.start()
+        assert info.value.key == key
+    assert asyncio.all_tasks() <= before, "a part that started is still running"
+    # The store was closed: the same data directory serves once the port is free.
+    again = await CloudService.create(config, backend=ScriptedBackend("hi"))
+    await again.start()
+    await again.stop()
