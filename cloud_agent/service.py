@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import secrets
-import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +38,7 @@ from cloud_agent.store import Store
 from protocol import Limits
 from shared.errors import ConfigError
 from shared.keys import SigningKey
+from shared.net import cannot_listen, listen
 
 __all__ = ["CloudService", "build_backend", "event_loop_factory", "settle_heap"]
 
@@ -226,7 +225,7 @@ class CloudService:
         try:
             self.port = await self.server.start(host, port)
         except OSError as exc:
-            raise ConfigError("port", f"cannot listen on {host}:{port} ({_reason(exc)})") from exc
+            raise cannot_listen("port", host, port, exc) from exc
         await self.feed.start()
         self.jobs.start()
         app = build_admin_app(self)
@@ -239,15 +238,7 @@ class CloudService:
         )
         self._uvicorn = _AdminServer(uv_config)
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
-        host, port = self.config.admin_host, self.config.admin_port
-        try:
-            admin_socket = socket.create_server(
-                (host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET
-            )
-        except OSError as exc:
-            raise ConfigError(
-                "admin_port", f"cannot listen on {host}:{port} ({_reason(exc)})"
-            ) from exc
+        admin_socket = listen(self.config.admin_host, self.config.admin_port, key="admin_port")
         self._admin_task = asyncio.create_task(self._uvicorn.serve(sockets=[admin_socket]))
         async with asyncio.timeout(10):
             while not self._uvicorn.started:
@@ -483,10 +474,6 @@ class CloudService:
                 for m in self.backend.members
             ]
         return [{"name": self.backend.name}]
-
-
-def _reason(exc: OSError) -> str:
-    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 class _AdminServer(uvicorn.Server):

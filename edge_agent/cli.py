@@ -14,6 +14,7 @@ from edge_agent.config import EdgeConfig
 from shared.config import load_config
 from shared.errors import InputFileError
 from shared.files import read_json, read_jsonl
+from shared.net import listen
 
 if TYPE_CHECKING:
     from edge_agent.agent import EdgeAgent
@@ -260,18 +261,17 @@ def _serve(args: argparse.Namespace) -> int:
     from edge_agent.http import build_openai_app
 
     config = _config(args)
+    # Bound before the model loads: a port in use is a one-line error naming the setting.
+    listener = listen(config.host, config.port, key="port")
+    port = listener.getsockname()[1]
 
     async def run() -> None:
         agent = _agent(config, args.intents)
         await agent.start()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                build_openai_app(agent), host=config.host, port=config.port, log_level="warning"
-            )
-        )
-        print(f"edgeloop edge endpoint: http://{config.host}:{config.port}/v1", flush=True)
+        server = uvicorn.Server(uvicorn.Config(build_openai_app(agent), log_level="warning"))
+        print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
         try:
-            await server.serve()
+            await server.serve(sockets=[listener])
         finally:
             await agent.stop()
 
