@@ -148,12 +148,23 @@ class CloudLink:
     # --- identity ---------------------------------------------------------------------------
 
     def _load_identity(self) -> _Identity:
+        """The identity the cloud gave at enrollment; none before it. A file that is there but
+        unreadable is an error, not a reason to act as a new device (it is written whole, by
+        rename, so only something outside edgeloop damages it)."""
         path = self.state_dir / "identity.json"
+        if not path.exists():
+            return _Identity(None, None)
         try:
             data = json.loads(path.read_text())
-            return _Identity(data.get("device_id"), data.get("server_key"))
-        except (OSError, ValueError):
-            return _Identity(None, None)
+            identity = _Identity(data["device_id"], data["server_key"])
+            if not all(isinstance(v, str) for v in (identity.device_id, identity.server_key)):
+                raise ValueError("device_id and server_key must be strings")
+            return identity
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdgeAgentError(
+                f"{path} is damaged ({type(exc).__name__}: {exc}); restore it from a backup, or "
+                "delete it and enroll this device again"
+            ) from None
 
     def _save_identity(self) -> None:
         path = self.state_dir / "identity.json"
@@ -169,6 +180,14 @@ class CloudLink:
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Connect (and reconnect) in the background. Raises `EdgeAgentError` at once when
+        the device is neither enrolled nor given a token: no connection could succeed."""
+        if not self.enrolled and self.enrollment_token is None:
+            raise EdgeAgentError(
+                f"this device is not enrolled (no identity in {self.state_dir}): enroll it with "
+                "a token from `edgeloop cloud enroll-token` (`edgeloop edge enroll`, or "
+                "CloudLink(enrollment_token=...))"
+            )
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="cloud-link")
 
@@ -207,6 +226,11 @@ class CloudLink:
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
                 self.last_failure = _describe(exc)
                 log.info("cloud link down: %s", type(exc).__name__)
+            except EdgeAgentError as exc:
+                # Our own refusal to go on (nothing a retry changes): stop, and say why.
+                self.last_failure = _describe(exc)
+                log.error("cloud link stopped: %s", exc)
+                return
             except Exception as exc:
                 # A bug must not end the link in silence: say so, and keep trying.
                 self.last_failure = _describe(exc)

@@ -69,6 +69,15 @@ def test_a_link_with_a_url_or_token_it_could_never_use_is_refused_at_once(
         EdgeConfig(cloud_url="https://cloud.example.com/v1")
 
 
+async def test_a_link_that_can_never_connect_says_why_at_start(tmp_path: Path) -> None:
+    link = CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev")
+    with pytest.raises(EdgeAgentError, match="not enrolled"):
+        link.start()  # neither enrolled nor given a token
+    (tmp_path / "dev" / "identity.json").write_text('{"device_id": "dev_1"')
+    with pytest.raises(EdgeAgentError, match="identity.json is damaged"):
+        CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev", enrollment_token="elt_" + "x" * 20)
+
+
 async def test_a_link_that_is_down_says_so_at_once(tmp_path: Path) -> None:
     link = CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev", enrollment_token="elt_x" * 3)
     with pytest.raises(CloudUnavailable) as info:
