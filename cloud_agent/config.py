@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.engine import make_url
@@ -62,6 +63,16 @@ class BackendConfig(_Section):
     """Per-call timeout for `openai`."""
     replicas: int = Field(1, ge=1, le=64)
     """How many instances of this backend the pool holds."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _an_http_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return url
 
     @model_validator(mode="after")
     def _openai_needs_url_and_model(self) -> BackendConfig:

@@ -94,6 +94,9 @@ def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:
     path.write_text('[backend]\nkind = "openai"\n')
     with pytest.raises(ConfigError, match="base_url and model"):
         load_config(CloudConfig, path, env={})
+    path.write_text('[backend]\nkind = "openai"\nbase_url = "127.0.0.1:8000"\nmodel = "m"\n')
+    with pytest.raises(ConfigError, match="backend.base_url.*http:// or https://"):
+        load_config(CloudConfig, path, env={})
 
 
 def test_database_urls_name_a_store_the_cloud_can_use() -> None:
