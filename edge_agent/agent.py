@@ -45,6 +45,8 @@ Handler = Callable[[str], str | Awaitable[str]]
 Rating = Literal["positive", "negative"]
 SYSTEM = DEVICE_SYSTEM_PROMPT
 BACKPRESSURE_S = 5.0
+MAX_TOKENS = 32768
+"""The most tokens one answer may ask for (the protocol's limit for an escalation)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +193,27 @@ class EdgeAgent:
         if self.link is not None:
             await self.link.stop()
 
-    async def ask(self, text: str, *, override: Target | None = None) -> Reply:
-        stream = self.stream(text, override=override)
+    async def ask(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> Reply:
+        """Answer `text`, on the device or in the cloud. `max_tokens` caps this answer (by
+        default: `local_max_tokens` on the device, `cloud_max_tokens` in the cloud). Raises
+        ValueError for a blank question or a `max_tokens` outside 1 to `MAX_TOKENS`."""
+        stream = self.stream(text, override=override, max_tokens=max_tokens)
         async for _ in stream:
             pass
         assert stream.reply is not None
         return stream.reply
 
-    def stream(self, text: str, *, override: Target | None = None) -> ReplyStream:
-        return ReplyStream(self._answer(text, override))
+    def stream(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> ReplyStream:
+        """`ask`, piece by piece (see `ReplyStream`)."""
+        if not text.strip():
+            raise ValueError("the question is blank")
+        if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
+        return ReplyStream(self._answer(text, override, max_tokens))
 
     async def feedback(
         self, request_id: str, rating: Rating, correction: str | None = None
@@ -223,7 +237,7 @@ class EdgeAgent:
     # --- one request ------------------------------------------------------------------------
 
     async def _answer(
-        self, text: str, override: Target | None
+        self, text: str, override: Target | None, max_tokens: int | None = None
     ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
         request_id = new_request_id()
@@ -266,7 +280,7 @@ class EdgeAgent:
                 intent=decision.intent,
                 reasons=[r for r in decision.reasons if len(r) <= 64][:16],
                 deadline_ms=self.deadline_ms,
-                max_tokens=self.cloud_max_tokens,
+                max_tokens=max_tokens or self.cloud_max_tokens,
                 stream=True,
             )
             restorer = StreamRestorer(mapping)
@@ -300,7 +314,7 @@ class EdgeAgent:
             self._local_answers[request_id] = self.updates.current_version
             while len(self._local_answers) > 1024:
                 self._local_answers.popitem(last=False)
-        async for local in self._local(text):
+        async for local in self._local(text, max_tokens):
             if isinstance(local, Generation):
                 yield reply(
                     local.text,
@@ -312,12 +326,14 @@ class EdgeAgent:
             else:
                 yield local
 
-    async def _local(self, text: str) -> AsyncIterator[str | Generation]:
+    async def _local(
+        self, text: str, max_tokens: int | None = None
+    ) -> AsyncIterator[str | Generation]:
         messages = [
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": text},
         ]
-        async for item in self.model.stream(messages, self.local_max_tokens):
+        async for item in self.model.stream(messages, max_tokens or self.local_max_tokens):
             yield item
 
 
@@ -334,8 +350,10 @@ class BlockingEdgeAgent:
     def _call(self, coro: Awaitable[object]) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    def ask(self, text: str, *, override: Target | None = None) -> Reply:
-        result = self._call(self.agent.ask(text, override=override))
+    def ask(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> Reply:
+        result = self._call(self.agent.ask(text, override=override, max_tokens=max_tokens))
         assert isinstance(result, Reply)
         return result
 

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_agent.agent import EdgeAgent, Reply
+from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply
 from edge_agent.errors import EdgeAgentError
 from edge_agent.local_model import ContextTooLong
 from edge_agent.router import RouteDecision
@@ -68,8 +68,13 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 raise ValueError
         except (ValueError, KeyError, TypeError, StopIteration):
             return _error(400, "expected {messages: [..., {role: 'user', content: '...'}]}")
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_TOKENS
+        ):
+            return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         created = int(time.time())
-        stream = agent.stream(question)
+        stream = agent.stream(question, max_tokens=limit)
         decision = await stream.start()
         headers = {"X-Edgeloop-Route": decision.target.value}
         # The first piece before any response: a request the device cannot answer (too long

@@ -72,6 +72,23 @@ async def test_each_route_answers_and_says_where_it_came_from(
 
 
 @pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_a_request_can_cap_its_answer_and_a_blank_one_is_refused(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    question = "Compare three-season and four-season tents and explain when each makes sense"
+    await agent.ask(question, max_tokens=5)
+    await agent.ask(question)
+    assert [c.max_tokens for c in cloud.backend.calls] == [5, agent.cloud_max_tokens]
+    local = await agent.ask("Update my phone number to (212) 555-0187", max_tokens=3)
+    assert not local.from_cloud and 0 < local.tokens <= 3
+    for bad in ({"text": "  "}, {"text": "hi", "max_tokens": 0}):
+        with pytest.raises(ValueError):
+            await agent.ask(**bad)  # type: ignore[arg-type]
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
 async def test_placeholders_go_out_and_values_come_back_in_the_stream(
     cloud: Cloud, model: LocalModel, tmp_path: Path
 ) -> None:

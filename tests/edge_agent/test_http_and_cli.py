@@ -82,6 +82,24 @@ async def test_a_bad_request_gets_an_openai_style_error(endpoint: str) -> None:
     )
 
 
+async def test_max_tokens_caps_the_answer_and_a_bad_value_is_a_400(endpoint: str) -> None:
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
+    ask = [{"role": "user", "content": "Which socks keep feet dry on a long hike?"}]
+    short = await client.chat.completions.create(
+        model="edgeloop-edge",
+        messages=ask,
+        max_tokens=2,  # type: ignore[arg-type]
+    )
+    assert short.usage is not None and 0 < short.usage.completion_tokens <= 2
+    for bad in (0, -5, "many", 10**9):
+        async with httpx.AsyncClient() as http:
+            response = await http.post(
+                f"{endpoint}/chat/completions", json={"messages": ask, "max_tokens": bad}
+            )
+        assert response.status_code == 400 and "max_tokens" in response.json()["error"]["message"]
+    await client.close()
+
+
 async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint: str) -> None:
     client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
     long = [{"role": "user", "content": "Which tent? " + "tent " * 1500}]
