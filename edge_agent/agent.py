@@ -110,7 +110,14 @@ class EdgeAgent:
     ) -> None:
         self.model = model
         self.link = link
-        self.redactor = redactor or Redactor()
+        # One redactor decides (in the router) and redacts (here): two could disagree on what
+        # is personal data (a region, a policy), and a value the router saw would go out raw.
+        if router is not None and redactor is not None and redactor is not router.redactor:
+            raise ValueError(
+                "the router and the agent need one redactor: give it to the router "
+                "(Router(intents, redactor=...)) and the agent uses the router's"
+            )
+        self.redactor = router.redactor if router is not None else redactor or Redactor()
         self.router = router or Router(IntentIndex(), redactor=self.redactor)
         self.system_prompt = system_prompt
         self.deadline_ms = deadline_ms

@@ -96,6 +96,7 @@ def _link(config: EdgeConfig, token: str | None = None) -> Any:
 
 
 def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
+    from edge_agent.privacy import Redactor
     from edge_agent.router import IntentIndex, Router
 
     intents = IntentIndex()
@@ -107,7 +108,7 @@ def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
             raise InputFileError(f"{intents_file}: expected an object of intent -> example list")
         for name, examples in table.items():
             intents.add(name, examples)
-    router = Router(intents)
+    router = Router(intents, redactor=Redactor(phone_regions=config.phone_regions))
     saved = config.state_dir / "router.json"
     if saved.exists():
         router.threshold = float(json.loads(saved.read_text())["threshold"])

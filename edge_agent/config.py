@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol import check_endpoint
+from shared.pii import check_phone_regions
 
 __all__ = ["EdgeConfig"]
 
@@ -26,6 +27,15 @@ class EdgeConfig(BaseModel):
     """Port of the local OpenAI-compatible endpoint."""
     deadline_ms: int = Field(8000, ge=100, le=600_000)
     """How long the device waits for the cloud before answering itself."""
+
+    phone_regions: tuple[str, ...] = ("US",)
+    """Regions whose national format phone numbers are recognised without a + country code
+    (ISO 3166 codes: a UK kiosk says ["GB"]); numbers with one are found whatever this says."""
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, regions: tuple[str, ...]) -> tuple[str, ...]:
+        return check_phone_regions(regions)
 
     @field_validator("cloud_url")
     @classmethod

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from protocol import PLACEHOLDER
-from shared.pii import Finding, PiiKind, detect
+from shared.pii import Finding, PiiKind, check_phone_regions, detect
 
 __all__ = [
     "DEFAULT_POLICY",
@@ -132,7 +132,8 @@ class Redactor:
         self.policy = dict(DEFAULT_POLICY)
         if policy:
             self.policy.update(policy)
-        self.phone_regions = phone_regions
+        # An unknown region would find no phone number at all: refused here (ValueError).
+        self.phone_regions = check_phone_regions(phone_regions)
 
     def scan(self, text: str) -> list[Finding]:
         return detect(text, self.policy, phone_regions=self.phone_regions)

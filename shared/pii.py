@@ -19,7 +19,15 @@ from enum import StrEnum
 
 import phonenumbers
 
-__all__ = ["Finding", "PiiKind", "detect", "luhn_valid", "iban_valid", "cn_id_valid"]
+__all__ = [
+    "Finding",
+    "PiiKind",
+    "check_phone_regions",
+    "cn_id_valid",
+    "detect",
+    "iban_valid",
+    "luhn_valid",
+]
 
 
 class PiiKind(StrEnum):
@@ -120,6 +128,26 @@ def _ibans(text: str) -> Iterable[Finding]:
             if iban_valid(candidate.replace(" ", "")):
                 yield Finding(PiiKind.IBAN, m.start(), m.start() + len(candidate), candidate)
                 break
+
+
+_REGION_MIXUPS = {"UK": "GB", "EL": "GR"}
+"""Codes people write that are not ISO 3166 region codes, and the code they mean."""
+
+
+def check_phone_regions(regions: Iterable[str]) -> tuple[str, ...]:
+    """`regions` as the upper-case region codes phone numbers are read in, or ValueError
+    naming one that phonenumbers does not know: an unknown region finds no number at all, so
+    a mistyped one would let every national-format number through unseen."""
+    codes = tuple(str(r).strip().upper() for r in regions)
+    if not codes:
+        raise ValueError("at least one phone region is needed, e.g. ('US',)")
+    for code in codes:
+        if code not in phonenumbers.SUPPORTED_REGIONS:
+            hint = (
+                f"; for that country use {_REGION_MIXUPS[code]!r}" if code in _REGION_MIXUPS else ""
+            )
+            raise ValueError(f"{code!r} is not a region code for phone numbers{hint}")
+    return codes
 
 
 def _phones(text: str, regions: tuple[str, ...]) -> Iterable[Finding]:

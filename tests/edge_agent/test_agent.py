@@ -13,7 +13,8 @@ from edge_agent.agent import BlockingEdgeAgent, EdgeAgent
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
-from edge_agent.router import Coverage, Target
+from edge_agent.privacy import Redactor
+from edge_agent.router import Coverage, IntentIndex, Router, Target
 from examples.kiosk.intents import KIOSK_INTENTS
 from tests.cloud_fixtures import Cloud
 
@@ -85,6 +86,30 @@ async def test_a_request_can_cap_its_answer_and_a_blank_one_is_refused(
     for bad in ({"text": "  "}, {"text": "hi", "max_tokens": 0}):
         with pytest.raises(ValueError):
             await agent.ask(**bad)  # type: ignore[arg-type]
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_the_agent_redacts_with_the_routers_redactor(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    # A UK kiosk: its router reads national-format numbers as British. The agent, given only
+    # the router, must redact with the same redactor, or the number leaves the device raw.
+    token = await cloud.service.store.create_enrollment_token()
+    link = CloudLink(cloud.url, tmp_path / "dev", enrollment_token=token)
+    router = Router(IntentIndex(), redactor=Redactor(phone_regions=("GB",)))
+    agent = EdgeAgent(model, link=link, router=router)
+    assert agent.redactor is router.redactor
+    await agent.start()
+    assert await link.wait_up(10)
+    reply = await agent.ask(
+        "Call me on 020 7946 0958 and compare three-season and four-season tents in detail"
+    )
+    assert reply.from_cloud
+    sent = " ".join(t.content for call in cloud.backend.calls for t in call.messages)
+    assert "7946" not in sent and "<PHONE_1>" in sent
+    with pytest.raises(ValueError, match="one redactor"):
+        EdgeAgent(model, router=router, redactor=Redactor())
     await agent.stop()
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from edge_agent.config import EdgeConfig
 from edge_agent.privacy import PlaceholderMap, Policy, Redactor, StreamRestorer
 from shared.pii import PiiKind
 
@@ -85,3 +87,12 @@ def test_a_stream_restores_placeholders_split_anywhere(cuts: list[int]) -> None:
 def test_a_stream_never_loses_text_that_is_not_a_placeholder(text: str) -> None:
     restorer = StreamRestorer(PlaceholderMap())
     assert "".join(restorer.feed(ch) for ch in text) + restorer.flush() == text
+
+
+def test_a_region_phone_numbers_cannot_be_read_in_is_refused() -> None:
+    with pytest.raises(ValueError, match="'XX'"):
+        Redactor(phone_regions=("GB", "XX"))
+    with pytest.raises(ValidationError, match="use 'GB'"):
+        EdgeConfig(phone_regions=("UK",))
+    uk = Redactor(phone_regions=EdgeConfig(phone_regions=("gb",)).phone_regions)
+    assert uk.redact("Call 020 7946 0958", PlaceholderMap()).text == "Call <PHONE_1>"

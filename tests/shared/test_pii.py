@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from shared.pii import PiiKind, cn_id_valid, detect, iban_valid, luhn_valid
+from shared.pii import (
+    PiiKind,
+    check_phone_regions,
+    cn_id_valid,
+    detect,
+    iban_valid,
+    luhn_valid,
+)
 
 
 def rows(workload_path: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -71,3 +78,11 @@ def test_checksums() -> None:
 def test_findings_do_not_show_values_in_their_repr() -> None:
     [finding] = detect("card 4111 1111 1111 1111")
     assert "4111" not in repr(finding) and finding.value == "4111 1111 1111 1111"
+
+
+def test_phone_regions_must_be_codes_phonenumbers_knows() -> None:
+    assert check_phone_regions(["gb", " US "]) == ("GB", "US")
+    with pytest.raises(ValueError, match="'UK' is not a region code.*use 'GB'"):
+        check_phone_regions(["UK"])  # found nothing at all: a silent leak of every number
+    with pytest.raises(ValueError, match="at least one"):
+        check_phone_regions([])
