@@ -69,12 +69,13 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         except (ValueError, KeyError, TypeError, StopIteration):
             return _error(400, "expected {messages: [..., {role: 'user', content: '...'}]}")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_TOKENS
-        ):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         created = int(time.time())
-        stream = agent.stream(question, max_tokens=limit)
+        try:
+            stream = agent.stream(question, max_tokens=limit)  # checks the range
+        except ValueError as exc:
+            return _error(400, str(exc))
         decision = await stream.start()
         headers = {"X-Edgeloop-Route": decision.target.value}
         # The first piece before any response: a request the device cannot answer (too long
