@@ -159,9 +159,11 @@ class KnowledgeSkill:
 
         A correction teaches the fact it states (an associate picking the right fact); a
         positive rating teaches the fact the answer quoted. Anything else teaches nothing:
-        free-text corrections reach the device through distillation instead."""
+        free-text corrections reach the device through distillation instead. A question asked
+        after earlier turns ("And on Sundays?") teaches nothing: its words may not be what the
+        fact answers, only with the turns before them."""
         question = PLACEHOLDER.sub(" ", record.question).strip()
-        if not question:
+        if not question or any(m.get("role") == "assistant" for m in record.messages):
             return False
         fact = None
         if record.correction:

@@ -5,7 +5,7 @@ personal data replaced by placeholders, and answers on the device when the cloud
 parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox`.
 """
 
-from edge_agent.agent import BlockingEdgeAgent, EdgeAgent, Reply, ReplyStream
+from edge_agent.agent import BlockingEdgeAgent, Conversation, EdgeAgent, Reply, ReplyStream, Turn
 from edge_agent.apply import ApplyResult, UpdateManager
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
@@ -51,9 +51,11 @@ __all__ = [
     "Updater",
     "verify_offer",
     "BlockingEdgeAgent",
+    "Conversation",
     "EdgeAgent",
     "Reply",
     "ReplyStream",
+    "Turn",
     "CloudLink",
     "CloudUnavailable",
     "LinkState",

@@ -15,7 +15,7 @@ import inspect
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +39,7 @@ from protocol import (
 from shared.ids import new_idempotency_key, new_request_id
 from shared.llama import DEVICE_SYSTEM_PROMPT
 
-__all__ = ["BlockingEdgeAgent", "EdgeAgent", "Reply", "ReplyStream"]
+__all__ = ["BlockingEdgeAgent", "Conversation", "EdgeAgent", "Reply", "ReplyStream", "Turn"]
 
 Handler = Callable[[str], str | Awaitable[str]]
 Rating = Literal["positive", "negative"]
@@ -47,6 +47,19 @@ SYSTEM = DEVICE_SYSTEM_PROMPT
 BACKPRESSURE_S = 5.0
 MAX_TOKENS = 32768
 """The most tokens one answer may ask for (the protocol's limit for an escalation)."""
+MAX_HISTORY = 63
+"""The most earlier turns a request may carry (an escalation holds at most 64 messages)."""
+MAX_CHARS = 65536
+"""The longest text one turn may have (the protocol's limit for a message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One earlier turn of a conversation, as the user saw it (personal values included: they
+    are replaced by placeholders again whenever the conversation goes to the cloud)."""
+
+    role: Literal["user", "assistant"]
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,26 +214,56 @@ class EdgeAgent:
             await self.link.stop()
 
     async def ask(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        history: Sequence[Turn] = (),
+        override: Target | None = None,
+        max_tokens: int | None = None,
     ) -> Reply:
-        """Answer `text`, on the device or in the cloud. `max_tokens` caps this answer (by
-        default: `local_max_tokens` on the device, `cloud_max_tokens` in the cloud). Raises
-        ValueError for a blank question or a `max_tokens` outside 1 to `MAX_TOKENS`."""
-        stream = self.stream(text, override=override, max_tokens=max_tokens)
+        """Answer `text`, on the device or in the cloud.
+
+        `history` is the conversation so far (oldest first), which the answer takes into
+        account wherever it is given; `Conversation` keeps it for you. Personal data in it is
+        treated as in `text`: redacted when it goes to the cloud, and a value no placeholder
+        stands for (a national id) keeps the request on the device. On the device, turns too
+        old to fit the model's context window are left out. `max_tokens` caps this answer (by
+        default: `local_max_tokens` on the device, `cloud_max_tokens` in the cloud).
+
+        Raises ValueError for a blank question, a turn longer than `MAX_CHARS` characters,
+        more than `MAX_HISTORY` earlier turns, or a `max_tokens` outside 1 to `MAX_TOKENS`."""
+        stream = self.stream(text, history=history, override=override, max_tokens=max_tokens)
         async for _ in stream:
             pass
         assert stream.reply is not None
         return stream.reply
 
     def stream(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        history: Sequence[Turn] = (),
+        override: Target | None = None,
+        max_tokens: int | None = None,
     ) -> ReplyStream:
         """`ask`, piece by piece (see `ReplyStream`)."""
         if not text.strip():
             raise ValueError("the question is blank")
         if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
             raise ValueError(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
-        return ReplyStream(self._answer(text, override, max_tokens))
+        history = tuple(history)
+        if len(history) > MAX_HISTORY:
+            raise ValueError(f"a request carries at most {MAX_HISTORY} earlier turns")
+        for turn in history:
+            if not isinstance(turn, Turn) or turn.role not in ("user", "assistant"):
+                raise ValueError("history holds Turn('user' or 'assistant', text) items")
+        if any(len(t) > MAX_CHARS for t in (text, *(turn.text for turn in history))):
+            raise ValueError(f"a turn holds at most {MAX_CHARS} characters")
+        return ReplyStream(self._answer(text, history, override, max_tokens))
+
+    def conversation(self, *, max_turns: int = 8) -> Conversation:
+        """A conversation with this agent that remembers its turns (see `Conversation`)."""
+        return Conversation(self, max_turns=max_turns)
 
     async def feedback(
         self, request_id: str, rating: Rating, correction: str | None = None
@@ -244,7 +287,11 @@ class EdgeAgent:
     # --- one request ------------------------------------------------------------------------
 
     async def _answer(
-        self, text: str, override: Target | None, max_tokens: int | None = None
+        self,
+        text: str,
+        history: tuple[Turn, ...],
+        override: Target | None,
+        max_tokens: int | None = None,
     ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
         request_id = new_request_id()
@@ -255,6 +302,7 @@ class EdgeAgent:
             link_up=link_up,
             backpressure=time.monotonic() < self._backpressure_until,
             device_busy=self._busy,
+            context=[turn.text for turn in history],
         )
         yield decision
 
@@ -278,12 +326,16 @@ class EdgeAgent:
             yield reply(body, 0, from_cloud=False)
             return
         if decision.target is Target.CLOUD and self.link is not None:
+            # One map for the whole conversation: a value keeps its placeholder in every turn.
             mapping = PlaceholderMap()
-            redaction = self.redactor.redact(text, mapping)
+            messages = [
+                ChatMessage(role=turn.role, content=self.redactor.redact(turn.text, mapping).text)
+                for turn in (*history, Turn("user", text))
+            ]
             escalate = Escalate(
                 request_id=request_id,
-                messages=[ChatMessage(role="user", content=redaction.text)],
-                placeholders=list(redaction.placeholders),
+                messages=messages,
+                placeholders=mapping.names,
                 intent=decision.intent,
                 reasons=[r for r in decision.reasons if len(r) <= 64][:16],
                 deadline_ms=self.deadline_ms,
@@ -321,7 +373,7 @@ class EdgeAgent:
             self._local_answers[request_id] = self.updates.current_version
             while len(self._local_answers) > 1024:
                 self._local_answers.popitem(last=False)
-        async for local in self._local(text, max_tokens):
+        async for local in self._local(text, history, max_tokens):
             if isinstance(local, Generation):
                 yield reply(
                     local.text,
@@ -334,14 +386,70 @@ class EdgeAgent:
                 yield local
 
     async def _local(
-        self, text: str, max_tokens: int | None = None
+        self, text: str, history: tuple[Turn, ...], max_tokens: int | None = None
     ) -> AsyncIterator[str | Generation]:
         messages = [
             {"role": "system", "content": self.system_prompt},
+            *({"role": turn.role, "content": turn.text} for turn in history),
             {"role": "user", "content": text},
         ]
-        async for item in self.model.stream(messages, max_tokens or self.local_max_tokens):
+        async for item in self.model.stream(
+            messages, max_tokens or self.local_max_tokens, trim_history=True
+        ):
             yield item
+
+
+class Conversation:
+    """A conversation with an `EdgeAgent`: each question is asked with the turns before it,
+    and each answer is remembered, so "And on Sundays?" follows "When do you open?".
+
+    Only the last `max_turns` exchanges (a question and its answer) are sent along; a question
+    that fails is not remembered. Feedback goes through the agent with the reply's request id.
+    """
+
+    def __init__(self, agent: EdgeAgent, *, max_turns: int = 8) -> None:
+        if not 0 <= max_turns <= MAX_HISTORY // 2:
+            raise ValueError(f"max_turns must be from 0 to {MAX_HISTORY // 2}")
+        self.agent = agent
+        self.max_turns = max_turns
+        self.turns: list[Turn] = []
+        """Every turn so far, oldest first."""
+
+    @property
+    def history(self) -> tuple[Turn, ...]:
+        """The turns the next question is asked with."""
+        return tuple(self.turns[-2 * self.max_turns :]) if self.max_turns else ()
+
+    async def ask(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> Reply:
+        stream = self.stream(text, override=override, max_tokens=max_tokens)
+        async for _ in stream:
+            pass
+        assert stream.reply is not None
+        return stream.reply
+
+    def stream(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> ReplyStream:
+        inner = self.agent.stream(
+            text, history=self.history, override=override, max_tokens=max_tokens
+        )
+        return ReplyStream(self._remember(text, inner))
+
+    async def _remember(
+        self, text: str, inner: ReplyStream
+    ) -> AsyncIterator[str | Reply | RouteDecision]:
+        yield await inner.start()
+        async for piece in inner:
+            yield piece
+        assert inner.reply is not None
+        self.turns += [Turn("user", text), Turn("assistant", inner.reply.text)]
+        yield inner.reply
+
+    def clear(self) -> None:
+        """Start over: later questions are asked without the turns so far."""
+        self.turns.clear()
 
 
 class BlockingEdgeAgent:
@@ -358,9 +466,16 @@ class BlockingEdgeAgent:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
     def ask(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        history: Sequence[Turn] = (),
+        override: Target | None = None,
+        max_tokens: int | None = None,
     ) -> Reply:
-        result = self._call(self.agent.ask(text, override=override, max_tokens=max_tokens))
+        result = self._call(
+            self.agent.ask(text, history=history, override=override, max_tokens=max_tokens)
+        )
         assert isinstance(result, Reply)
         return result
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent.config import EdgeConfig
+from edge_agent.errors import EdgeAgentError
 from shared.config import load_config
 from shared.errors import InputFileError
 from shared.files import read_json, read_jsonl
@@ -191,9 +192,11 @@ def _enroll(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-CHAT_HELP = """commands (on the last answer):
-  /good                  rate it positive
+CHAT_HELP = """each message is answered with the conversation so far (the last 8 exchanges)
+commands:
+  /good                  rate the last answer positive
   /bad [correction]      rate it negative, optionally with the right answer
+  /new                   start a new conversation
   /help                  this list
 Ctrl-D quits; feedback not yet acknowledged stays in the outbox and is sent next time."""
 
@@ -206,6 +209,7 @@ def _chat(args: argparse.Namespace) -> int:
         await agent.start()
         if agent.link is not None:
             await agent.link.wait_up(5)
+        conversation = agent.conversation()
         last: str | None = None
         """Request id of the last answer: what /good and /bad rate."""
         try:
@@ -216,12 +220,21 @@ def _chat(args: argparse.Namespace) -> int:
                 text = line.strip()
                 if not text:
                     continue
+                if text.split()[0] == "/new":
+                    conversation.clear()
+                    print("  [new conversation]")
+                    continue
                 if text.startswith("/"):
                     await _chat_command(agent, text, last)
                     continue
-                stream = agent.stream(text)
-                async for piece in stream:
-                    print(piece, end="", flush=True)
+                try:
+                    stream = conversation.stream(text)
+                    async for piece in stream:
+                        print(piece, end="", flush=True)
+                except (ValueError, EdgeAgentError) as exc:
+                    # Too long for the device's context, say: the chat goes on.
+                    print(f"\n  [not answered: {exc}]")
+                    continue
                 reply = stream.reply
                 last = reply.request_id
                 where = "cloud" if reply.from_cloud else "device"

@@ -1,8 +1,10 @@
 """A local OpenAI-compatible endpoint for the edge agent, on 127.0.0.1 only.
 
 `/v1/chat/completions` (plain and SSE streaming) and `/v1/models`, so apps in any language on
-the device, and the official OpenAI client, use the edge agent unchanged. The route taken is in
-the ``X-Edgeloop-Route`` header and in an extra ``edgeloop`` field of the completion.
+the device, and the official OpenAI client, use the edge agent unchanged. The conversation's
+earlier user and assistant turns go along with its last user message (`EdgeAgent.ask`'s
+`history`). The route taken is in the ``X-Edgeloop-Route`` header and in an extra ``edgeloop``
+field of the completion.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply
+from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply, Turn
 from edge_agent.errors import EdgeAgentError
 from edge_agent.local_model import ContextTooLong
 from edge_agent.router import RouteDecision
@@ -50,6 +52,29 @@ def _route_info(decision: RouteDecision, reply: Reply | None) -> dict[str, Any]:
     }
 
 
+def _conversation(messages: Any) -> list[Turn]:
+    """The user and assistant turns of OpenAI-style `messages`, text content only. System (and
+    developer) messages are left out: the device answers with its own system prompt, the one
+    its adapters were trained with."""
+    if not isinstance(messages, list):
+        raise TypeError("messages must be a list")
+    turns = []
+    for message in messages:
+        role, content = message["role"], message.get("content")
+        if role in ("system", "developer"):
+            continue
+        if role not in ("user", "assistant"):
+            raise ValueError(f"messages with the role {role!r} are not supported")
+        if isinstance(content, list):
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise ValueError("only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise TypeError(f"a {role} message's content must be text")
+        turns.append(Turn(role, content))
+    return turns
+
+
 def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> Starlette:
     async def models(request: Request) -> Response:
         return JSONResponse(
@@ -62,18 +87,23 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
     async def completions(request: Request) -> Response:
         try:
             body = await request.json()
-            messages = body["messages"]
-            question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-            if not isinstance(question, str) or not question.strip():
+            if not isinstance(body, dict):
                 raise ValueError
-        except (ValueError, KeyError, TypeError, StopIteration):
-            return _error(400, "expected {messages: [..., {role: 'user', content: '...'}]}")
+            turns = _conversation(body["messages"])
+        except (ValueError, KeyError, TypeError) as exc:
+            detail = f": {exc}" if str(exc) else ""
+            return _error(
+                400, f"expected {{messages: [..., {{role: 'user', content: '...'}}]}}{detail}"
+            )
+        if not turns or turns[-1].role != "user" or not turns[-1].text.strip():
+            return _error(400, "the last message must be the user's, and not blank")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         created = int(time.time())
         try:
-            stream = agent.stream(question, max_tokens=limit)  # checks the range
+            # Checks the range of max_tokens and the size of the conversation.
+            stream = agent.stream(turns[-1].text, history=turns[:-1], max_tokens=limit)
         except ValueError as exc:
             return _error(400, str(exc))
         decision = await stream.start()

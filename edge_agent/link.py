@@ -44,6 +44,7 @@ from protocol import (
     Escalate,
     Feedback,
     Fetch,
+    FrameTooLarge,
     Limits,
     Message,
     PeerError,
@@ -367,7 +368,11 @@ class CloudLink:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiters[request.request_id] = queue
         try:
-            await self._send(request)
+            try:
+                await self._send(request)
+            except FrameTooLarge as exc:
+                # Not sent: the server would close the connection over it.
+                raise CloudUnavailable("request.too_large", str(exc)) from None
             async with asyncio.timeout(request.deadline_ms / 1000):
                 while True:
                     item = await queue.get()

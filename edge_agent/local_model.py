@@ -176,13 +176,21 @@ class LocalModel:
     # --- generation -----------------------------------------------------------------------
 
     def _steps(
-        self, messages: Sequence[dict[str, str]], max_tokens: int, stop: threading.Event
+        self,
+        messages: Sequence[dict[str, str]],
+        max_tokens: int,
+        stop: threading.Event,
+        trim_history: bool = False,
     ) -> Iterator[str | Generation]:
         """Decode greedily; yields text pieces, then one `Generation`. Holds the model."""
         import llama_cpp
 
         with self._lock:
-            prompt, stops = self._template.tokens(list(messages))
+            prompt, stops = (
+                self._template.fitted(list(messages), self.settings.n_ctx, max_tokens)
+                if trim_history
+                else self._template.tokens(list(messages))
+            )
             if len(prompt) + max_tokens > self.settings.n_ctx:
                 max_tokens = max(1, self.settings.n_ctx - len(prompt))
                 if len(prompt) >= self.settings.n_ctx:
@@ -219,12 +227,23 @@ class LocalModel:
             )
 
     async def stream(
-        self, messages: Sequence[dict[str, str]], max_tokens: int | None = None
+        self,
+        messages: Sequence[dict[str, str]],
+        max_tokens: int | None = None,
+        *,
+        trim_history: bool = False,
     ) -> AsyncIterator[str | Generation]:
-        """Text pieces as they are decoded, then one `Generation`."""
+        """Text pieces as they are decoded, then one `Generation`.
+
+        A conversation too long for the context window raises `ContextTooLong`; with
+        `trim_history`, its oldest turns are left out until the prompt leaves room for the
+        answer (`ChatTemplate.fitted`), and only a last message that does not fit by itself
+        raises."""
         limit = max_tokens or self.settings.max_tokens
         try:
-            async for item in iterate_in_thread(lambda stop: self._steps(messages, limit, stop)):
+            async for item in iterate_in_thread(
+                lambda stop: self._steps(messages, limit, stop, trim_history)
+            ):
                 yield item
         except (RuntimeError, ValueError) as exc:
             raise LocalModelError(f"llama.cpp failed: {exc}") from exc

@@ -179,22 +179,39 @@ class Router:
         link_up: bool = True,
         backpressure: bool = False,
         device_busy: bool = False,
+        context: Sequence[str] = (),
     ) -> RouteDecision:
-        decision = self._decide(text, override, link_up, backpressure, device_busy)
+        """Where `text` is answered. `context` is the conversation before it (earlier turns,
+        which go to the cloud with it): personal data there whose policy is `local_only` keeps
+        the request on the device, as it would in `text`."""
+        decision = self._decide(text, override, link_up, backpressure, device_busy, context)
         self.counts[decision.target.value] += 1
         for reason in decision.reasons:
             self.counts[reason] += 1
         return decision
 
     def _decide(
-        self, text: str, override: Target | None, link_up: bool, backpressure: bool, busy: bool
+        self,
+        text: str,
+        override: Target | None,
+        link_up: bool,
+        backpressure: bool,
+        busy: bool,
+        context: Sequence[str],
     ) -> RouteDecision:
         redaction = self.redactor.redact(text, PlaceholderMap())
-        if redaction.local_only:
+        earlier = tuple(
+            kind
+            for turn in context
+            for kind in self.redactor.redact(turn, PlaceholderMap()).local_only
+        )
+        if redaction.local_only or earlier:
             # No placeholder stands in for such a value: sent, it would leave as it is.
-            kinds = tuple(f"privacy.local_only.{k.value}" for k in redaction.local_only)
+            found = dict.fromkeys((*redaction.local_only, *earlier))
+            kinds = tuple(f"privacy.local_only.{k.value}" for k in found)
+            history = ("privacy.context",) if earlier else ()
             refused = ("app.override.refused",) if override is not None else ()
-            return RouteDecision(Target.LOCAL_ONLY, (*kinds, *refused))
+            return RouteDecision(Target.LOCAL_ONLY, (*kinds, *history, *refused))
         if override is not None:
             return RouteDecision(override, ("app.override",))
         intent, intent_score = self.intents.match(text)

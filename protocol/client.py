@@ -19,7 +19,13 @@ from typing import ClassVar, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from protocol.auth import SUPPORTED_VERSIONS, sign_proof
-from protocol.errors import CloseCode, ErrorCode, InvalidMessage, SessionStateError
+from protocol.errors import (
+    CloseCode,
+    ErrorCode,
+    FrameTooLarge,
+    InvalidMessage,
+    SessionStateError,
+)
 from protocol.events import (
     AckReceived,
     ChunkReceived,
@@ -29,6 +35,7 @@ from protocol.events import (
     RequestCancelled,
     RequestFailed,
     ResultReceived,
+    TextFrame,
     UpdateOffered,
     Welcomed,
 )
@@ -56,6 +63,7 @@ from protocol.messages import (
     ShortText,
     UpdateOffer,
     Welcome,
+    encode,
     make_error,
 )
 from protocol.session import DEFAULT_MAX_MESSAGE_BYTES, Flight, Session
@@ -167,8 +175,21 @@ class ClientSession(Session):
     # --- what the driver sends ------------------------------------------------------------
 
     def send(self, message: Message) -> None:
-        """Queue a message, checking it against the session's state and the server's limits."""
+        """Queue a message, checking it against the session's state and the server's limits.
+
+        Raises `SessionStateError` for a message the session cannot send now, and
+        `FrameTooLarge` for one larger than the server takes (which would close the
+        connection, and with it every request in flight)."""
         self._check_can_send(message)
+        frame = encode(message)
+        # A character is at most four bytes: only a frame near the limit is measured.
+        if len(frame) * 4 > self.max_message_bytes:
+            size = len(frame.encode("utf-8"))
+            if size > self.max_message_bytes:
+                raise FrameTooLarge(
+                    f"`{message.type}` is {size} bytes encoded; "
+                    f"the server takes at most {self.max_message_bytes}"
+                )
         match message:
             case Hello() | Auth() | Enroll():
                 raise SessionStateError(f"`{message.type}` is sent by the session itself")
@@ -188,10 +209,10 @@ class ClientSession(Session):
                 # The request stays in flight until the server's terminal frame arrives.
                 flight.cancelled = True
             case Goodbye():
-                self._queue(message)
+                self._frames.append(TextFrame(frame))
                 self.close(CloseCode.NORMAL, message.reason)
                 return
-        self._queue(message)
+        self._frames.append(TextFrame(frame))
 
     # --- incoming -------------------------------------------------------------------------
 

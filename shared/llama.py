@@ -256,6 +256,27 @@ class ChatTemplate:
         stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop or ""]
         return tokens, [s for s in stops if s]
 
+    def fitted(
+        self, messages: list[dict[str, str]], n_ctx: int, max_tokens: int
+    ) -> tuple[list[int], list[str]]:
+        """`tokens` for a conversation that leaves room for the answer in a context of `n_ctx`
+        tokens: `max_tokens`, or half the context if that is less. The oldest turns are left
+        out first; system messages and the last message always stay, and what is kept of the
+        conversation starts with a user turn. The prompt may still not fit when the last
+        message alone does not: the caller decides."""
+        limit = n_ctx - min(max_tokens, n_ctx // 2)
+        kept = list(messages)
+        prompt, stops = self.tokens(kept)
+        while len(prompt) > limit:
+            turns = [i for i, m in enumerate(kept[:-1]) if m["role"] != "system"]
+            if not turns:
+                break
+            del kept[turns[0]]
+            if len(turns) > 1 and kept[turns[1] - 1]["role"] == "assistant":
+                del kept[turns[1] - 1]
+            prompt, stops = self.tokens(kept)
+        return prompt, stops
+
 
 _SENTENCE_END = re.compile(r"[.!?]+|\n")
 

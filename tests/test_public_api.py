@@ -23,8 +23,8 @@ PINNED = {
     "edge_agent": {
         "DEFAULT_POLICY", "Adapter", "AdapterError", "ApplyResult", "BundleDownload",
         "UpdateManager", "UpdateRejected", "Updater", "verify_offer", "BlockingEdgeAgent",
-        "EdgeAgent",
-        "Reply", "ReplyStream", "CloudLink", "CloudUnavailable", "LinkState",
+        "Conversation", "EdgeAgent",
+        "Reply", "ReplyStream", "Turn", "CloudLink", "CloudUnavailable", "LinkState",
         "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
         "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",

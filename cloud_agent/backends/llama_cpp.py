@@ -3,7 +3,8 @@
 Prompts are formatted with the model's own chat template and decoded as the device decodes
 (`shared.llama.Decoding`): greedy at temperature 0, and stopped once the answer goes round in
 circles (a sentence completed for the third time; `stop_repetition=False` lets it run to
-`max_tokens`), which the small default model often does. Token counts are exact.
+`max_tokens`), which the small default model often does. Token counts are exact. A conversation
+too long for the context window loses its oldest turns first (`ChatTemplate.fitted`).
 
 llama.cpp blocks while it decodes, so each call runs in a worker thread, one at a time per
 model (a `Llama` object is not thread-safe). Streaming hands tokens to the event loop as they
@@ -66,8 +67,11 @@ class LlamaCppBackend:
     def _decode(self, request: ChatRequest, stop: threading.Event) -> Iterator[StreamItem]:
         """Text pieces, then the `Completion`; holds the model meanwhile."""
         with self._lock:
-            prompt, stops = self._template.tokens(
-                [{"role": m.role, "content": m.content} for m in request.messages]
+            # A conversation too long for the context loses its oldest turns first.
+            prompt, stops = self._template.fitted(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                self.n_ctx,
+                request.max_tokens,
             )
             room = self.n_ctx - len(prompt)
             if room < 1:

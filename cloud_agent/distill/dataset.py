@@ -4,10 +4,12 @@ From the store: escalations that ended with an answer; negative feedback drops a
 correction replaces it; by default only trusted answers are kept (quoted from a knowledge
 fact, rated positive, or corrected: unrated free text from the LLM is not what a device should
 learn); questions are deduplicated (a correction wins over a rated answer, a rated one over an
-unrated one); a held-out share is split off by a hash of the question, so
-the split does not move when more data arrives. The builder refuses to produce a dataset that
-holds any raw personal value (placeholders such as ``<PHONE_1>`` are fine): the store should
-never hold one, and a training set is where a leak would become permanent.
+unrated one); a question asked after earlier turns of a conversation is left out (an example
+is one question alone, and its answer may rest on those turns); a held-out share is split off
+by a hash of the question, so the split does not move when more data arrives. The builder
+refuses to produce a dataset that holds any raw personal value (placeholders such as
+``<PHONE_1>`` are fine): the store should never hold one, and a training set is where a leak
+would become permanent.
 """
 
 from __future__ import annotations
@@ -82,10 +84,15 @@ def examples_from_interactions(
 ) -> tuple[list[Example], dict[str, int]]:
     """One example per distinct question, chosen by the users' feedback."""
     best: dict[str, tuple[int, Example]] = {}
-    dropped = {"no_answer": 0, "negative": 0, "untrusted": 0, "duplicate": 0}
+    dropped = {"no_answer": 0, "follow_up": 0, "negative": 0, "untrusted": 0, "duplicate": 0}
     for record in records:
         if record.status != "ok" or not record.question or not (record.answer or record.correction):
             dropped["no_answer"] += 1
+            continue
+        if any(m.get("role") == "assistant" for m in record.messages):
+            # Asked after earlier turns ("And on Sundays?"): its answer may rest on them, and an
+            # example is one question alone.
+            dropped["follow_up"] += 1
             continue
         if record.correction:
             answer, source, rank = record.correction, "correction", _RANK["correction"]

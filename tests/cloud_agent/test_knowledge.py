@@ -411,3 +411,13 @@ def test_the_skill_learns_from_fact_corrections_and_confirmed_quotes_only(kb_pat
         answer=rental, fact_ids=["rental"], rating="positive",
     )  # fmt: skip
     assert skill.learn(confirmed) and skill.kb.learned == 2
+    follow_up = _record(
+        messages=[
+            {"role": "user", "content": "Do you rent gear?"},
+            {"role": "assistant", "content": "Yes: tents and stoves."},
+            {"role": "user", "content": "How much for the first one?"},
+        ],
+        correction=rental,
+    )
+    assert not skill.learn(follow_up), "its words ask for the fact only after earlier turns"
+    assert skill.kb.learned == 2

@@ -99,6 +99,22 @@ async def test_a_prompt_longer_than_the_context_is_a_backend_error(
     assert (await backend.complete(REQUEST)).text
 
 
+async def test_a_conversation_too_long_for_the_context_loses_its_oldest_turns(
+    backend: LlamaCppBackend,
+) -> None:
+    system = ChatTurn("system", "Store facts: tents rent for $18 a day.")
+    old = (ChatTurn("user", "tent " * 600), ChatTurn("assistant", "Tents are great."))
+    recent = (ChatTurn("user", "Do you rent tents?"), ChatTurn("assistant", "Yes."))
+    question = ChatTurn("user", "How much a day?")
+    done = await backend.complete(
+        ChatRequest(messages=(system, *old, *recent, question), max_tokens=8)
+    )
+    kept, _ = backend._template.tokens(
+        [{"role": t.role, "content": t.content} for t in (system, *recent, question)]
+    )
+    assert done.completion_tokens > 0 and done.prompt_tokens == len(kept)
+
+
 async def test_the_configuration_chooses_whether_loops_are_stopped() -> None:
     for setting in (True, False):
         config = CloudConfig.model_validate(

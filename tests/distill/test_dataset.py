@@ -66,6 +66,25 @@ async def test_feedback_decides_what_is_kept(store: Store) -> None:
     assert dataset.dropped["no_answer"] == 1
 
 
+async def test_a_question_asked_after_earlier_turns_is_left_out(store: Store) -> None:
+    await ask(store, "r1", "When do you open?", "From 9:00.")
+    await store.record_interaction(
+        NewInteraction(
+            device_id="dev_a", request_id="r2", placeholders=[], status="ok",
+            messages=[
+                {"role": "user", "content": "When do you open?"},
+                {"role": "assistant", "content": "From 9:00."},
+                {"role": "user", "content": "And on Sundays?"},
+            ],
+            answer="From 10:00.", fact_ids=["f"], backend="knowledge",
+        )
+    )  # fmt: skip
+    await store.add_feedback("dev_a", "k2", "r2", "positive")
+    dataset = await build_dataset(store, heldout_share=0.0)
+    assert [e.question for e in dataset.train] == ["When do you open?"]
+    assert dataset.dropped["follow_up"] == 1
+
+
 async def test_duplicates_keep_the_best_judged_answer(store: Store) -> None:
     await ask(store, "r1", "Is shipping free?", "Over $75.")
     await ask(store, "r2", "is shipping  free", "Sometimes.")

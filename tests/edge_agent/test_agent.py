@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cloud_agent.backends import ChatRequest, ScriptedBackend
-from edge_agent.agent import BlockingEdgeAgent, EdgeAgent
-from edge_agent.link import CloudLink
+from edge_agent.agent import BlockingEdgeAgent, EdgeAgent, Turn
+from edge_agent.link import CloudLink, LinkState
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import Redactor
@@ -233,3 +233,82 @@ def test_an_intent_can_be_kept_on_the_device_by_its_privacy_class(model: LocalMo
     agent.intent("account", ["show my saved addresses"], privacy="local_only")
     decision = agent.router.decide("show my saved addresses")
     assert decision.target is Target.LOCAL_ONLY
+
+
+def recall(request: ChatRequest) -> str:
+    """Answers with every earlier turn it was given, so a test sees what reached the cloud."""
+    turns = [f"{t.role}={t.content}" for t in request.messages if t.role != "system"][:-1]
+    return " | ".join(turns) or "no history"
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(recall))
+async def test_a_conversation_goes_to_the_cloud_with_its_turns_redacted_alike(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    conversation = agent.conversation(max_turns=2)
+    hard = "Compare three-season and four-season tents and explain when each makes sense"
+    first = await conversation.ask(f"My email is ann@example.com. {hard}")
+    assert first.from_cloud and first.text == "no history"
+    second = await conversation.ask(f"And for winter? {hard}")
+    # The earlier turns went along, the email as the same placeholder in each, and the answer
+    # came back with the value restored.
+    [_, call] = cloud.backend.calls
+    sent = [(t.role, t.content) for t in call.messages if t.role != "system"]
+    assert sent[0] == ("user", f"My email is <EMAIL_1>. {hard}")
+    assert sent[1] == ("assistant", "no history") and sent[2][0] == "user"
+    assert "ann@example.com" not in str(call.messages)
+    assert second.text == f"user=My email is ann@example.com. {hard} | assistant=no history"
+    assert [t.role for t in conversation.turns] == ["user", "assistant"] * 2
+    # Only the last `max_turns` exchanges go along.
+    await conversation.ask(f"One more thing. {hard}")
+    await conversation.ask(f"And the last. {hard}")
+    assert len([t for t in cloud.backend.calls[-1].messages if t.role != "system"]) == 5
+    conversation.clear()
+    assert (await conversation.ask(hard)).text == "no history"
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(recall))
+async def test_a_national_id_earlier_in_the_conversation_keeps_it_on_the_device(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    history = [
+        Turn("user", "My SSN is 123-45-6789, keep it on file"),
+        Turn("assistant", "Done."),
+    ]
+    hard = "Compare three-season and four-season tents and explain when each makes sense"
+    reply = await agent.ask(hard, history=history)
+    assert reply.decision.target is Target.LOCAL_ONLY and not reply.from_cloud
+    assert "privacy.context" in reply.decision.reasons
+    forced = await agent.ask(hard, history=history, override=Target.CLOUD)
+    assert "app.override.refused" in forced.decision.reasons and not forced.from_cloud
+    assert cloud.backend.calls == []
+    for bad in (
+        {"history": [Turn("user", "hi")] * 64},
+        {"history": [("user", "hi")]},
+        {"history": [Turn("system", "be terse")]},  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError):
+            await agent.ask(hard, **bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="65536"):
+        await agent.ask("x" * 65537)
+    await agent.stop()
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(recall), limits={"max_message_bytes": 4096})
+async def test_a_request_too_large_for_the_cloud_is_answered_on_the_device(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    assert agent.link is not None
+    hard = "Compare three-season and four-season tents and explain when each makes sense"
+    history = [Turn("user", "Tents. " * 700), Turn("assistant", "Noted.")]
+    reply = await agent.ask(hard, history=history)
+    # Not sent (the server would have closed the connection over it): answered here, and
+    # the link stays up for the next request.
+    assert reply.fallback_reason == "request.too_large" and reply.text.strip()
+    assert agent.link.state is LinkState.UP
+    assert (await agent.ask(hard)).from_cloud
+    await agent.stop()

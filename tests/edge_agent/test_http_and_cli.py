@@ -13,8 +13,10 @@ import openai
 import pytest
 import uvicorn
 
+from cloud_agent.backends import ChatRequest, ScriptedBackend
 from edge_agent.agent import EdgeAgent
 from edge_agent.http import build_openai_app
+from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from tests.cloud_fixtures import Cloud
 
@@ -120,6 +122,56 @@ async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint:
     await client.close()
 
 
+def recall(request: ChatRequest) -> str:
+    """Answers with the earlier turns it was given."""
+    turns = [f"{t.role}={t.content}" for t in request.messages if t.role != "system"][:-1]
+    return " | ".join(turns) or "no history"
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(recall))
+async def test_the_endpoint_answers_with_the_conversation_so_far(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    link = CloudLink(cloud.url, tmp_path / "dev", enrollment_token=token)
+    settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8)
+    model = LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
+    agent = EdgeAgent(model, link=link)
+    await agent.start()
+    assert await link.wait_up(10)
+    hard = "Compare three-season and four-season tents and explain when each makes sense"
+    call = "Call me at (212) 555-0187"
+    app = httpx.ASGITransport(app=build_openai_app(agent))
+    async with httpx.AsyncClient(transport=app, base_url="http://device/v1") as http:
+
+        async def post(messages: list[dict[str, object]]) -> httpx.Response:
+            return await http.post("/chat/completions", json={"messages": messages})
+
+        response = await post(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": call}]},
+                {"role": "assistant", "content": "Noted."},
+                {"role": "user", "content": hard},
+            ]
+        )
+        assert response.status_code == 200 and response.headers["x-edgeloop-route"] == "cloud"
+        answer = response.json()["choices"][0]["message"]["content"]
+        assert answer == f"user={call} | assistant=Noted."
+        [call] = cloud.backend.calls
+        assert "555" not in str(call.messages) and "Be brief." not in str(call.messages)
+        for messages, problem in (
+            ([{"role": "tool", "content": "42"}, {"role": "user", "content": hard}], "'tool'"),
+            ([{"role": "user", "content": hard}, {"role": "assistant", "content": "A"}], "last"),
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "text"),
+            ([{"role": "user", "content": "hi"}] * 65, "63 earlier turns"),
+        ):
+            refused = await post(messages)
+            assert refused.status_code == 400 and problem in refused.json()["error"]["message"]
+    await agent.stop()
+    model.close()
+
+
 def edge_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     """`edgeloop edge ARGS` in a child process."""
     return subprocess.run(
@@ -176,3 +228,19 @@ async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
     assert "kept in the outbox" not in out  # acknowledged before the chat ended
     summary = await cloud.service.store.feedback_summary()
     assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
+
+
+async def test_chat_answers_with_the_conversation_until_a_new_one_starts(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
+    assert enrolled.returncode == 0, enrolled.stderr
+    hard = "compare three-season and four-season tents and explain when each makes sense"
+    lines = [f"First, {hard}", f"Then, {hard}", "/new", f"Again, {hard}", ""]
+    chat = await asyncio.to_thread(edge_cli, ["chat", *state], "\n".join(lines))
+    assert chat.returncode == 0, chat.stderr
+    assert "[new conversation]" in chat.stdout and chat.stdout.count("[cloud;") == 3
+    rows = sorted(await cloud.service.store.list_interactions(), key=lambda r: r.id)
+    assert [len([m for m in r.messages if m["role"] != "system"]) for r in rows] == [1, 3, 1]

@@ -8,10 +8,12 @@ import pytest
 
 from edge_agent.local_model import (
     AdapterError,
+    ContextTooLong,
     DeviceProfile,
     Generation,
     LocalModel,
     LocalModelError,
+    RuntimeSettings,
     choose_settings,
 )
 from tests.edge_agent.lora import write_random_lora
@@ -104,3 +106,34 @@ async def test_a_corrupt_or_mismatched_adapter_leaves_the_previous_one_active(
 def test_a_missing_model_file_is_a_local_model_error(tmp_path: Path) -> None:
     with pytest.raises(LocalModelError, match="does not exist"):
         LocalModel(tmp_path / "absent.gguf", profile=DeviceProfile(cores=1, memory_mb=512))
+
+
+async def test_a_conversation_too_long_for_the_context_loses_its_oldest_turns_first() -> None:
+    small = LocalModel(
+        profile=DeviceProfile(cores=2, memory_mb=4096),
+        settings=RuntimeSettings(threads=2, n_ctx=256, max_tokens=8),
+    )
+    try:
+        old = [
+            {"role": "user", "content": "Tell me about tents. " * 30},
+            {"role": "assistant", "content": "Tents keep you dry."},
+        ]
+        recent = [
+            {"role": "user", "content": "And sleeping bags? " * 20},
+            {"role": "assistant", "content": "They keep you warm."},
+        ]
+        system = [{"role": "system", "content": "You are a shop assistant."}]
+        question = [{"role": "user", "content": "Which one first?"}]
+        whole = [*system, *old, *recent, *question]
+        with pytest.raises(ContextTooLong):
+            await small.generate(whole, max_tokens=8)
+        items = [item async for item in small.stream(whole, 8, trim_history=True)]
+        result = items[-1]
+        assert isinstance(result, Generation) and result.completion_tokens > 0
+        kept, _ = small._template.tokens([*system, *recent, *question])
+        assert result.prompt_tokens == len(kept), "the oldest exchange went, the rest stayed"
+        with pytest.raises(ContextTooLong):
+            alone = [*system, {"role": "user", "content": "Tents? " * 200}]
+            await anext(aiter(small.stream(alone, 8, trim_history=True)))
+    finally:
+        small.close()

@@ -55,6 +55,20 @@ def test_an_app_override_cannot_send_data_that_must_stay_on_the_device(router: R
     assert card.target is Target.CLOUD and card.reasons == ("app.override",)
 
 
+def test_a_national_id_earlier_in_the_conversation_keeps_the_request_on_the_device(
+    router: Router,
+) -> None:
+    hard = "Compare down and synthetic jackets and explain which is better in rain"
+    context = ["My SSN is 123-45-6789", "Thanks, noted."]
+    decision = router.decide(hard, context=context)
+    assert decision.target is Target.LOCAL_ONLY
+    assert decision.reasons == ("privacy.local_only.ssn", "privacy.context")
+    forced = router.decide(hard, context=context, override=Target.CLOUD)
+    assert forced.target is Target.LOCAL_ONLY and "app.override.refused" in forced.reasons
+    # Data that placeholders stand for does not: it goes redacted with the conversation.
+    assert router.decide(hard, context=["Mail me at ann@example.com"]).target is Target.CLOUD
+
+
 def test_the_link_and_back_pressure_turn_cloud_requests_into_local_fallbacks(
     router: Router,
 ) -> None:

@@ -31,6 +31,7 @@ from protocol import (
     FeedbackReceived,
     Fetch,
     FetchReceived,
+    FrameTooLarge,
     Goodbye,
     InvalidMessage,
     PeerError,
@@ -426,6 +427,20 @@ def test_an_oversized_frame_closes_with_1009() -> None:
     frames = pair.server.data_to_send()
     assert errors_sent_by(frames)[0]["name"] == "frame_too_large"
     assert close_of(frames).code == CloseCode.MESSAGE_TOO_BIG  # type: ignore[union-attr]
+
+
+def test_the_device_refuses_to_send_a_frame_larger_than_the_server_takes() -> None:
+    pair = open_pair()  # the server takes 4096 bytes
+    text = "é" * 1500  # 1500 characters, 3000 bytes: only bytes count
+    big = escalate().model_copy(update={"messages": [ChatMessage(role="user", content=text * 2)]})
+    with pytest.raises(FrameTooLarge, match="the server takes at most 4096"):
+        pair.client.send(big)
+    # Nothing went out and nothing is in flight: the same request id may be used again.
+    assert pair.client.data_to_send() == [] and pair.client.can_start_request()
+    small = escalate().model_copy(update={"messages": [ChatMessage(role="user", content=text)]})
+    pair.client.send(small)
+    pair.pump()
+    assert pair.server.in_flight("req_1") and pair.client.is_open
 
 
 def test_an_oversized_binary_frame_closes_with_1009() -> None:
