@@ -54,7 +54,11 @@ async def ask(device: Device, rows: list[dict[str, Any]], prefix: str) -> Answer
         await device.send(
             Escalate(
                 request_id=f"{prefix}_{i}",
-                messages=[ChatMessage(role="user", content=row["text"])],
+                # Earlier turns of the conversation, if the row has any, then the question.
+                messages=[
+                    *(ChatMessage(role=role, content=text) for role, text in row.get("turns", ())),
+                    ChatMessage(role="user", content=row["text"]),
+                ],
                 deadline_ms=120_000,
                 max_tokens=64,
             )
@@ -71,13 +75,15 @@ async def play(
     teach: list[bool] | None = None,
     *,
     quote_facts: bool = True,
+    context_turns: int = 1,
 ) -> tuple[Answers, Answers]:
     """Answers to `rows`; with `teach`, feedback on the rows marked True, then the answers to
     all rows asked again."""
     with tempfile.TemporaryDirectory() as tmp:
         config = CloudConfig.model_validate(
             {"data_dir": Path(tmp), "port": 0, "admin_port": 0, "knowledge": kb,
-             "store_name": "Northwind Outfitters", "quote_facts": quote_facts}
+             "store_name": "Northwind Outfitters", "quote_facts": quote_facts,
+             "knowledge_context_turns": context_turns}
         )  # fmt: skip
         service = await CloudService.create(config)
         await service.start()

@@ -149,6 +149,9 @@ class CloudConfig(_Section):
     answer, with the best facts in its prompt (for a strong backend that restates them well)."""
     knowledge_top_k: int = Field(3, ge=1, le=20)
     """Most facts put into the LLM's prompt (those related enough to the request)."""
+    knowledge_context_turns: int = Field(1, ge=0, le=8)
+    """Earlier user turns a follow-up is looked up with when the question alone ties to no
+    fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone."""
     capacity: int = Field(1, ge=1, le=1024)
     """Backend calls served at once (scheduler slots)."""
     backend: BackendConfig = BackendConfig()

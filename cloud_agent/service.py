@@ -261,6 +261,7 @@ class CloudService:
             store_name=self.config.store_name,
             quote_facts=self.config.quote_facts,
             top_k=self.config.knowledge_top_k,
+            context_turns=self.config.knowledge_context_turns,
         )
 
     async def reload_knowledge(self) -> dict[str, Any]:

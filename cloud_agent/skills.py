@@ -75,6 +75,7 @@ class KnowledgeSkill:
         question_margin: float = 0.1,
         question_similarity: float = 0.25,
         task_margin: float = 0.1,
+        context_turns: int = 1,
     ) -> None:
         self.kb = kb
         self.store_name = store_name
@@ -102,18 +103,33 @@ class KnowledgeSkill:
         ahead: an open task on a topic the facts touch ("Tell me everything about tents, at
         great length") comes close in meaning to a fact on that topic without singling one
         out. No fact question of the dev workload is grounded as a task."""
+        self.context_turns = context_turns
+        """For a follow-up the question alone does not tie to a fact ("What about to
+        Alaska?"), retrieval runs again over this many earlier user turns with it ("Is
+        shipping free? What about to Alaska?"); 0 looks at the question alone."""
 
     def plan(self, conversation: list[ChatTurn], *, personal: bool = False) -> Plan:
         """How to answer `conversation`. `personal` says the request carried personal data
         (the caller's detector found some): like a request with placeholders, it is about the
         customer's own case and is never answered with a bare fact."""
-        question = next((t.content for t in reversed(conversation) if t.role == "user"), "")
+        asked = [t.content for t in conversation if t.role == "user"] or [""]
         # A placeholder's label is not the customer's word ("<CARD_1>" is not about gift cards),
         # and a request carrying personal data is about the customer's own case, which no
         # store fact answers by itself: such requests are never grounded.
-        question, placeholders = PLACEHOLDER.subn(" ", question)
+        question, placeholders = PLACEHOLDER.subn(" ", asked[-1])
         personal = personal or placeholders > 0
         retrieval = self.kb.search(question, limit=self.top_k)
+        grounded = self._grounded(question, retrieval, personal)
+        earlier = [PLACEHOLDER.sub(" ", t) for t in asked[-1 - self.context_turns : -1]]
+        if earlier:
+            # A follow-up may name its topic only in the turns before it ("How much does that
+            # cost?" after a question about zippers): looked up again with them. When the two
+            # lookups quote different facts, neither is sure enough to be the answer.
+            joined = self.kb.search("\n".join([*earlier, question]), limit=self.top_k)
+            quoted = self._grounded(question, joined, personal)
+            if grounded is None or (quoted is not None and quoted != grounded):
+                retrieval = joined
+                grounded = quoted if grounded is None else None
         system = SYSTEM.format(store=self.store_name)
         related = [
             f for f, score in zip(retrieval.facts, retrieval.scores, strict=True)
@@ -122,7 +138,16 @@ class KnowledgeSkill:
         if related:
             system += "\n\nStore facts:\n" + "\n".join(f"- {f.text}" for f in related)
         history = tuple(t for t in conversation if t.role != "system")
-        messages = (ChatTurn("system", system), *history)
+        return Plan(
+            messages=(ChatTurn("system", system), *history),
+            grounded_answer=grounded,
+            fact_ids=tuple(f.id for f in retrieval.facts[:1] if grounded)
+            or tuple(f.id for f in related),
+            retrieval=retrieval,
+        )
+
+    def _grounded(self, question: str, retrieval: Retrieval, personal: bool) -> str | None:
+        """The best fact's text, when it answers `question` by itself (see `plan`)."""
         # Open questions share a word or two with facts without asking for one ("three stoves"
         # is not about the three loyalty tiers): ground only short requests whose best fact is
         # ahead of the rest and close in meaning, or, for a question, close in words (a
@@ -140,19 +165,12 @@ class KnowledgeSkill:
             and retrieval.confidence >= self.question_margin
             and retrieval.similarity >= self.question_similarity
         )
-        grounded = (
+        return (
             retrieval.best.text
             if self.quote_facts and retrieval.best is not None and short and not personal
             and (close or asked) and (asks or retrieval.confidence >= self.task_margin)
             else None
         )  # fmt: skip
-        return Plan(
-            messages=messages,
-            grounded_answer=grounded,
-            fact_ids=tuple(f.id for f in retrieval.facts[:1] if grounded)
-            or tuple(f.id for f in related),
-            retrieval=retrieval,
-        )
 
     def learn(self, record: InteractionRecord) -> bool:
         """Learn from the feedback on one answered interaction; True if the index changed.

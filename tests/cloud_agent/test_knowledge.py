@@ -281,6 +281,41 @@ def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> N
     assert plan.retrieval.confidence < skill.question_margin and plan.grounded_answer is None
 
 
+def follow_up(first: str, question: str) -> list[ChatTurn]:
+    return [
+        ChatTurn("user", first),
+        ChatTurn("assistant", "Yes, we do."),
+        ChatTurn("user", question),
+    ]
+
+
+def test_a_follow_up_is_looked_up_with_the_turn_before_it(kb_path: Path) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    skill = KnowledgeSkill(kb)
+    # Alone, "Until when?" ties to no fact; with the turn before, to one.
+    plan = skill.plan(follow_up("Can I exchange boots for another size?", "Until when?"))
+    assert plan.grounded_answer is not None and "60 days" in plan.grounded_answer
+    assert (
+        KnowledgeSkill(kb, context_turns=0)
+        .plan(follow_up("Can I exchange boots for another size?", "Until when?"))
+        .grounded_answer
+        is None
+    )
+    # A follow-up that names its own topic is answered from it.
+    plan = skill.plan(follow_up("Do you rent out tents?", "What are the support hotline hours?"))
+    assert plan.fact_ids == ("hotline",) and plan.grounded_answer is not None
+    # Alone, "What does it cost?" quotes the shipping fact; with the turn before, it ties to
+    # express delivery. Two lookups quoting different facts: neither is quoted, and the LLM
+    # answers with the facts of the conversation's lookup in its prompt.
+    conversation = follow_up("Do you offer express delivery?", "What does it cost?")
+    alone = KnowledgeSkill(kb, context_turns=0).plan(conversation)
+    assert alone.grounded_answer is not None and "$75" in alone.grounded_answer
+    plan = skill.plan(conversation)
+    assert plan.grounded_answer is None and plan.fact_ids[0] == "express"
+    assert "$12.50" in plan.messages[0].content
+    assert [t.role for t in plan.messages] == ["system", "user", "assistant", "user"]
+
+
 def test_a_task_is_grounded_only_on_a_fact_clearly_ahead(kb_path: Path) -> None:
     skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
     # Close in meaning to the tent facts, without asking for either of them.
