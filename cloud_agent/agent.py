@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud_agent.backends.base import ChatRequest, ChatTurn, Completion, LLMBackend
+from cloud_agent.config import PHONE_REGIONS
 from cloud_agent.scheduler import Lane, Scheduler
 from cloud_agent.skills import KnowledgeSkill
 from cloud_agent.store.records import InteractionRecord
@@ -23,7 +24,6 @@ from shared.pii import PiiKind, detect
 __all__ = ["Answer", "CloudAgent"]
 
 CLOUD_PII_KINDS = (PiiKind.CARD, PiiKind.PHONE, PiiKind.EMAIL, PiiKind.IBAN)
-PHONE_REGIONS = ("US", "GB", "DE", "FR")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +49,21 @@ class CloudAgent:
         backend: LLMBackend,
         scheduler: Scheduler,
         skill: KnowledgeSkill | None = None,
+        *,
+        phone_regions: tuple[str, ...] = PHONE_REGIONS,
     ) -> None:
         self.backend = backend
         self.scheduler = scheduler
         self.skill = skill
+        self.phone_regions = phone_regions
+        """Where the detector reads phone numbers without a country code."""
 
     async def learn(self, record: InteractionRecord) -> bool:
         """Learn from the feedback on an answer (see `KnowledgeSkill.learn`), on a worker
         thread (the question is embedded)."""
         return self.skill is not None and await asyncio.to_thread(self.skill.learn, record)
 
-    @staticmethod
-    def scrub(request: Escalate) -> tuple[Escalate, tuple[str, ...]]:
+    def scrub(self, request: Escalate) -> tuple[Escalate, tuple[str, ...]]:
         """The request with any raw personal data replaced by ``[redacted KIND]``, and the
         kinds found. Placeholders such as ``<CARD_1>`` are not personal data. What the cloud
         answers from and stores is the scrubbed copy, so a device that leaks a value does not
@@ -68,7 +71,7 @@ class CloudAgent:
         kinds: set[str] = set()
         messages = []
         for message in request.messages:
-            findings = detect(message.content, CLOUD_PII_KINDS, phone_regions=PHONE_REGIONS)
+            findings = detect(message.content, CLOUD_PII_KINDS, phone_regions=self.phone_regions)
             if not findings:
                 messages.append(message)
                 continue

@@ -14,8 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from shared.pii import check_phone_regions
+
 __all__ = [
     "EVENT_LOOPS",
+    "PHONE_REGIONS",
     "BackendConfig",
     "CloudConfig",
     "EventLoopChoice",
@@ -26,6 +29,8 @@ __all__ = [
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 EVENT_LOOPS: tuple[EventLoopChoice, ...] = get_args(EventLoopChoice)
 """The choices of `CloudConfig.event_loop`, for command lines."""
+PHONE_REGIONS = ("US", "GB", "DE", "FR")
+"""Where the cloud's detector reads phone numbers written without a country code, by default."""
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -152,6 +157,11 @@ class CloudConfig(_Section):
     knowledge_context_turns: int = Field(1, ge=0, le=8)
     """Earlier user turns a follow-up is looked up with when the question alone ties to no
     fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone."""
+    phone_regions: tuple[str, ...] = PHONE_REGIONS
+    """Regions whose national-format phone numbers (no + country code) the cloud's detector
+    finds, in every escalation (defence in depth: the device should have replaced them) and in
+    every training set (ISO 3166 codes; numbers with a country code are found whatever this
+    says). Add the regions of your devices' customers."""
     capacity: int = Field(1, ge=1, le=1024)
     """Backend calls served at once (scheduler slots)."""
     backend: BackendConfig = BackendConfig()
@@ -166,6 +176,11 @@ class CloudConfig(_Section):
     """Delete interactions, feedback, device reports, privacy events, ended sessions and
     expired enrollment tokens older than this many days: at start, then every hour. None (the
     default) keeps everything; `edgeloop cloud purge` does it once, e.g. from cron."""
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, regions: tuple[str, ...]) -> tuple[str, ...]:
+        return check_phone_regions(regions)
 
     @field_validator("database_url")
     @classmethod

@@ -138,7 +138,9 @@ class CloudService:
         if config.knowledge is not None:
             skill = self._skill(KnowledgeBase.from_file(config.knowledge))
             self.metrics.knowledge_facts.set(len(skill.kb))
-        self.agent = CloudAgent(backend, self.scheduler, skill)
+        self.agent = CloudAgent(
+            backend, self.scheduler, skill, phone_regions=self.config.phone_regions
+        )
         self.knowledge_loaded_at = datetime.now(UTC)
         self._reloading = asyncio.Lock()
         self.jobs = JobRunner(
@@ -424,6 +426,7 @@ class CloudService:
             min_gain=float(params.get("min_gain", 0.1)),
             expectations=expectations_from_workload(Path(labels)) if labels else {},
             canary_share=self.config.rollout.canary_share,
+            phone_regions=self.config.phone_regions,
         )
         result = await distill(
             self.store,

@@ -81,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         canary_share=(
             config.rollout.canary_share if args.canary_share is None else args.canary_share
         ),
+        phone_regions=config.phone_regions,
     )
     result = asyncio.run(_cycle(config, dconfig, publish=not args.dry_run))
     print(

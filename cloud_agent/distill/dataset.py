@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cloud_agent.config import PHONE_REGIONS
 from cloud_agent.errors import CloudAgentError
 from cloud_agent.store import InteractionRecord, Store
 from shared.files import read_jsonl
@@ -121,11 +122,14 @@ def examples_from_interactions(
     return [example for _, example in best.values()], dropped
 
 
-def check_private(examples: Sequence[Example]) -> None:
+def check_private(
+    examples: Sequence[Example], *, phone_regions: tuple[str, ...] = PHONE_REGIONS
+) -> None:
     """`PrivateDataError` naming the requests and kinds (never the values) of any raw PII."""
     found = []
     for example in examples:
-        kinds = {f.kind.value for f in detect(f"{example.question}\n{example.answer}")}
+        text = f"{example.question}\n{example.answer}"
+        kinds = {f.kind.value for f in detect(text, phone_regions=phone_regions)}
         if kinds:
             found.append(f"{example.request_id or example.question[:20]!r}: {sorted(kinds)}")
     if found:
@@ -160,11 +164,12 @@ async def build_dataset(
     trusted_only: bool = True,
     expectations: dict[str, tuple[tuple[str, ...], ...]] | None = None,
     limit: int = 100_000,
+    phone_regions: tuple[str, ...] = PHONE_REGIONS,
 ) -> Dataset:
     """The dataset from the store's interactions and feedback (see the module's docstring)."""
     records = await store.list_interactions(limit=limit)
     examples, dropped = examples_from_interactions(records, trusted_only=trusted_only)
-    check_private(examples)
+    check_private(examples, phone_regions=phone_regions)
     if expectations:
         examples = [
             Example(**{**asdict(e), "expect": expectations.get(normalise(e.question), ())})

@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from cloud_agent.bundles import build_bundle
+from cloud_agent.config import PHONE_REGIONS
 from cloud_agent.distill.dataset import Dataset, Example, build_dataset
 from cloud_agent.distill.evaluate import (
     REPLAY_PROMPTS,
@@ -34,6 +35,7 @@ from cloud_agent.distill.train import DistillSettingsError, LoraSettings, load_b
 from cloud_agent.store import Store
 from shared.keys import SigningKey
 from shared.llama import default_model_path, file_sha256
+from shared.pii import check_phone_regions
 
 __all__ = ["DistillConfig", "DistillResult", "distill", "train_and_measure"]
 
@@ -65,6 +67,9 @@ class DistillConfig:
     """Labelled ``expect`` groups by normalised question (see `expectations_from_workload`)."""
     canary_share: float = 0.1
     bundle_ttl: timedelta = timedelta(days=30)
+    phone_regions: tuple[str, ...] = PHONE_REGIONS
+    """Where the check for raw personal data reads phone numbers without a country code (the
+    cloud's `phone_regions`)."""
 
     def __post_init__(self) -> None:
         for bad, problem in (
@@ -78,6 +83,10 @@ class DistillConfig:
         ):
             if bad:
                 raise DistillSettingsError(problem)
+        try:
+            object.__setattr__(self, "phone_regions", check_phone_regions(self.phone_regions))
+        except ValueError as exc:
+            raise DistillSettingsError(str(exc)) from None
 
     @property
     def base_path(self) -> Path:
@@ -213,6 +222,7 @@ async def distill(
         seed=config.lora.seed,
         trusted_only=config.trusted_only,
         expectations=config.expectations,
+        phone_regions=config.phone_regions,
     )
     if paraphraser is not None and dataset.train:
         progress(f"paraphrasing {len(dataset.train)} training questions in the offline lane")

@@ -294,6 +294,7 @@ async def run_demo(
             expectations=expectations_from_workload(workload_path),
             canary_share=config.rollout.canary_share,
             eval_max_tokens=32,
+            phone_regions=config.phone_regions,
         )
 
         async def more_wordings(train: list[Example]) -> list[Example]:

@@ -12,11 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 from sqlalchemy import update
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from cloud_agent.backends import ChatTurn, ScriptedBackend
+from cloud_agent.config import PHONE_REGIONS, CloudConfig
+from cloud_agent.distill.pipeline import DistillConfig
+from cloud_agent.distill.train import DistillSettingsError
 from cloud_agent.errors import BackendUnavailable, StoreUnavailable
 from cloud_agent.service import CloudService
 from cloud_agent.store import NewInteraction, tables
@@ -38,6 +42,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey, configure_logging
+from shared.pii import detect
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
@@ -505,6 +510,28 @@ async def test_raw_personal_data_is_counted_never_stored_in_logs_or_metrics(
     await device.close()
     assert caplog.records, "the cloud logged nothing at debug level: the check below is void"
     assert "4111 1111" not in caplog.text and "jo@example.com" not in caplog.text
+
+
+DELHI = "011 2345 6789"
+"""A Delhi landline in India's national format: none of the default regions reads it."""
+
+
+@pytest.mark.cloud(phone_regions=["US", "in"])
+async def test_the_detector_reads_phone_numbers_in_the_configured_regions(cloud: Cloud) -> None:
+    assert cloud.service.config.phone_regions == ("US", "IN")
+    assert not detect(f"Call {DELHI}", phone_regions=PHONE_REGIONS), "the default misses it"
+    device, creds = await cloud.enroll()
+    await device.send(ask(f"Call me on {DELHI} about my order"))
+    assert isinstance(await final(device), ResultReceived)
+    record = await cloud.service.store.get_device(creds.device_id)
+    assert record is not None and record.privacy_violations == 1
+    [row] = await interactions(cloud)
+    assert "2345" not in json.dumps(row.messages) and "[redacted phone]" in json.dumps(row.messages)
+    await device.close()
+    with pytest.raises(ValidationError, match="for that country use 'GB'"):
+        CloudConfig(phone_regions=("UK",))
+    with pytest.raises(DistillSettingsError, match="'XX' is not a region code"):
+        DistillConfig(phone_regions=("XX",))
 
 
 async def test_a_request_that_leaked_personal_data_is_not_answered_with_a_fact(
