@@ -69,10 +69,13 @@ class Reply:
     decision: RouteDecision
     latency_ms: float
     tokens: int
+    """Tokens generated for the answer (0 for an app intent's handler or a quoted fact)."""
     from_cloud: bool
     fallback_reason: str | None = None
     """Set when the cloud was meant to answer but the device did (the reason code)."""
     confidence: float | None = None
+    prompt_tokens: int = 0
+    """Tokens the model read for the answer, on the device or in the cloud."""
 
 
 class ReplyStream:
@@ -351,7 +354,12 @@ class EdgeAgent:
                         if tail:
                             yield tail
                         tokens = item.usage.completion_tokens
-                        yield reply(Redactor.restore(item.text, mapping), tokens, from_cloud=True)
+                        yield reply(
+                            Redactor.restore(item.text, mapping),
+                            tokens,
+                            from_cloud=True,
+                            prompt_tokens=item.usage.prompt_tokens,
+                        )
                         return
                     piece = restorer.feed(item)
                     if piece:
@@ -381,6 +389,7 @@ class EdgeAgent:
                     from_cloud=False,
                     fallback_reason=fallback,
                     confidence=local.confidence,
+                    prompt_tokens=local.prompt_tokens,
                 )
             else:
                 yield local

@@ -42,6 +42,15 @@ def _failure(exc: EdgeAgentError) -> JSONResponse:
     return _error(500, f"the device could not answer: {exc}", kind="server_error")
 
 
+def _usage(reply: Reply | None) -> dict[str, int]:
+    prompt, completion = (reply.prompt_tokens, reply.tokens) if reply else (0, 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
 def _route_info(decision: RouteDecision, reply: Reply | None) -> dict[str, Any]:
     return {
         "route": decision.target.value,
@@ -98,6 +107,8 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         if not turns or turns[-1].role != "user" or not turns[-1].text.strip():
             return _error(400, "the last message must be the user's, and not blank")
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         created = int(time.time())
@@ -133,11 +144,7 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                             "message": {"role": "assistant", "content": text},
                         }
                     ],
-                    "usage": {
-                        "prompt_tokens": 0,
-                        "completion_tokens": reply.tokens if reply else 0,
-                        "total_tokens": reply.tokens if reply else 0,
-                    },
+                    "usage": _usage(reply),
                     "edgeloop": _route_info(decision, reply),
                 },  # fmt: skip
                 headers=headers,
@@ -165,6 +172,14 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 yield "data: [DONE]\n\n"
                 return
             yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply))
+            if include_usage:
+                # As OpenAI sends it when asked: a last chunk with no choices and the usage.
+                payload = {
+                    "id": f"chatcmpl-{created}", "object": "chat.completion.chunk",
+                    "created": created, "model": model_name, "choices": [],
+                    "usage": _usage(stream.reply),
+                }  # fmt: skip
+                yield f"data: {json.dumps(payload)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -63,11 +63,13 @@ async def test_each_route_answers_and_says_where_it_came_from(
         "Compare three-season and four-season tents and explain when each makes sense"
     )
     assert cloud_reply.from_cloud and cloud_reply.text == "Here is a considered answer."
+    assert cloud_reply.prompt_tokens > 0 and cloud_reply.tokens == 5  # the backend's counts
     local = await agent.ask("Update my phone number to (212) 555-0187")
     assert (
         not local.from_cloud
         and local.decision.target is Target.LOCAL
         and local.confidence is not None
+        and local.prompt_tokens > 10
     )
     await agent.stop()
 

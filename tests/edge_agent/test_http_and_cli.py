@@ -73,6 +73,18 @@ async def test_streaming_chunks_add_up_and_end_with_the_route(endpoint: str) -> 
     assert "".join(pieces).strip()
     assert last is not None and last.model_extra is not None
     assert last.model_extra["edgeloop"]["route"] == "local_fallback"  # no cloud configured
+    # Asked for, the usage comes last, in a chunk of its own, as OpenAI sends it.
+    counted = await client.chat.completions.create(
+        model="edgeloop-edge",
+        messages=[{"role": "user", "content": "Which socks keep feet dry?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in counted]
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens > 10 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     await client.close()
 
 
@@ -93,6 +105,7 @@ async def test_max_tokens_caps_the_answer_and_a_bad_value_is_a_400(endpoint: str
         max_tokens=2,  # type: ignore[arg-type]
     )
     assert short.usage is not None and 0 < short.usage.completion_tokens <= 2
+    assert short.usage.prompt_tokens > 10, "the device's prompt, chat template included"
     for bad in (0, -5, "many", 10**9):
         async with httpx.AsyncClient() as http:
             response = await http.post(
