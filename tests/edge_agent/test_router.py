@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.privacy import Policy, Redactor
 from edge_agent.router import Coverage, IntentIndex, Router, Target, calibrate
 from examples.kiosk.intents import KIOSK_INTENTS
+from shared.pii import PiiKind
 
 
 @pytest.fixture
@@ -67,6 +69,9 @@ def test_a_national_id_earlier_in_the_conversation_keeps_the_request_on_the_devi
     assert forced.target is Target.LOCAL_ONLY and "app.override.refused" in forced.reasons
     # Data that placeholders stand for does not: it goes redacted with the conversation.
     assert router.decide(hard, context=["Mail me at ann@example.com"]).target is Target.CLOUD
+    # Turns are scanned once, for the redactor the router has: another one's policy counts.
+    router.redactor = Redactor(policy={PiiKind.SSN: Policy.REDACT})
+    assert router.decide(hard, context=context).target is Target.CLOUD
 
 
 def test_the_link_and_back_pressure_turn_cloud_requests_into_local_fallbacks(
