@@ -7,6 +7,8 @@ Kinds:
   every group, and the job reports how many did.
 - ``relabel``: re-answer stored interactions (``{"messages": [...], "interaction_id": n}``), e.g.
   those with negative feedback, to build distillation data.
+- ``distill``: one learning cycle; its one item holds the cycle's parameters (`DISTILL_PARAMS`,
+  all optional), checked when the job is submitted.
 
 Jobs live in the store; a `JobRunner` in each cloud replica claims items, answers them and
 writes the results. Items of a replica that dies are retaken after their lease; nothing is
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from cloud_agent.agent import CloudAgent
@@ -33,9 +36,10 @@ log = logging.getLogger("edgeloop.cloud.jobs")
 
 JobKind = Literal["answer", "evaluate", "relabel", "distill"]
 JOB_KINDS: tuple[JobKind, ...] = ("answer", "evaluate", "relabel", "distill")
-DISTILL_PARAMS = frozenset(
-    {"steps", "rank", "alpha", "learning_rate", "batch_size", "seed", "min_gain", "labels"}
-)
+LORA_PARAMS = ("steps", "rank", "alpha", "learning_rate", "batch_size", "seed")
+"""Parameters of a distill job that set the LoRA training (`LoraSettings`)."""
+DISTILL_PARAMS = frozenset({*LORA_PARAMS, "min_gain", "labels"})
+_INTEGERS = frozenset({"steps", "rank", "batch_size", "seed"})
 
 
 class JobSpecError(CloudAgentError):
@@ -45,11 +49,38 @@ class JobSpecError(CloudAgentError):
 def _turns(item: dict[str, Any]) -> list[ChatTurn]:
     if "messages" in item:
         turns = [ChatTurn(m["role"], str(m["content"])) for m in item["messages"]]
+        if any(t.role not in ("system", "user", "assistant") for t in turns):
+            raise ValueError("roles are system, user and assistant")
     else:
         turns = [ChatTurn("user", str(item["question"]))]
     if not turns or turns[-1].role != "user":
         raise ValueError("the conversation must end with a user turn")
     return turns
+
+
+def _check_distill_params(params: dict[str, Any]) -> None:
+    """`JobSpecError` for a value the cycle would fail on, found now rather than after the job
+    has waited its turn."""
+    for key, value in params.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in _INTEGERS and not (number and isinstance(value, int)):
+            raise JobSpecError(f"distill parameter {key} must be an integer, not {value!r}")
+        if key in ("alpha", "learning_rate", "min_gain") and not number:
+            raise JobSpecError(f"distill parameter {key} must be a number, not {value!r}")
+    if not -1.0 <= params.get("min_gain", 0.0) <= 1.0:
+        raise JobSpecError(f"distill parameter min_gain {params['min_gain']}: -1 to 1")
+    labels = params.get("labels")
+    if labels is not None and not (isinstance(labels, str) and Path(labels).is_file()):
+        raise JobSpecError(
+            f"distill parameter labels {labels!r}: not a file on the cloud's machine "
+            "(the path of a labelled workload, JSON lines)"
+        )
+    from cloud_agent.distill.train import DistillSettingsError, LoraSettings
+
+    try:
+        LoraSettings(**{k: params[k] for k in LORA_PARAMS if k in params})
+    except DistillSettingsError as exc:
+        raise JobSpecError(f"distill parameters: {exc}") from None
 
 
 def job_items_from_rows(kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,6 +94,7 @@ def job_items_from_rows(kind: str, rows: list[dict[str, Any]]) -> list[dict[str,
             raise JobSpecError(
                 f"a distill job takes one item with keys from {sorted(DISTILL_PARAMS)}"
             )
+        _check_distill_params(params)
         return [dict(params)]
     if not rows:
         raise JobSpecError("a job needs at least one item")

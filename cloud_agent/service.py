@@ -27,7 +27,7 @@ from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.errors import KnowledgeError, StoreError
-from cloud_agent.jobs import JobRunner
+from cloud_agent.jobs import LORA_PARAMS, JobRunner
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
@@ -418,8 +418,7 @@ class CloudService:
         from cloud_agent.distill.dataset import expectations_from_workload
         from cloud_agent.distill.train import LoraSettings
 
-        lora_keys = ("steps", "rank", "alpha", "learning_rate", "batch_size", "seed")
-        lora = LoraSettings(progress=False, **{k: params[k] for k in lora_keys if k in params})
+        lora = LoraSettings(progress=False, **{k: params[k] for k in LORA_PARAMS if k in params})
         labels = params.get("labels")
         config = DistillConfig(
             lora=lora,

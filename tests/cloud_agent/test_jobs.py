@@ -78,6 +78,32 @@ async def test_bad_job_submissions_are_refused_with_a_reason(cloud: Cloud) -> No
             assert response.json()["error"] == "bad_request"
     with pytest.raises(JobSpecError, match="item 0"):
         job_items_from_rows("answer", [{"nothing": 1}])
+    with pytest.raises(JobSpecError, match="item 0"):
+        job_items_from_rows("answer", [{"messages": [{"role": "tool", "content": "42"}]}])
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"steps": "many"}, "steps must be an integer"),
+        ({"steps": 2.5}, "steps must be an integer"),
+        ({"rank": True}, "rank must be an integer"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
+        ({"steps": 0}, "steps 0: at least 1"),
+        ({"alpha": -1}, "alpha -1: above 0"),
+        ({"min_gain": 3}, "min_gain 3: -1 to 1"),
+        ({"labels": "/nowhere/labels.jsonl"}, "not a file on the cloud's machine"),
+    ],
+)
+def test_a_distill_job_that_would_fail_is_refused_when_submitted(
+    params: dict[str, object], problem: str
+) -> None:
+    # Refused at once, with the reason: not accepted, queued, and failed when its turn comes.
+    with pytest.raises(JobSpecError, match=problem):
+        job_items_from_rows("distill", [params])
+    assert job_items_from_rows("distill", [{"steps": 3, "learning_rate": 1e-3}]) == [
+        {"steps": 3, "learning_rate": 1e-3}
+    ]
 
 
 @pytest.mark.cloud(backend=ScriptedBackend("done", delay_s=0.05), capacity=1)
