@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
-from cloud_agent.store import INTERACTION_STATUSES
+from cloud_agent.store import INTERACTION_STATUSES, MAX_TOKEN_NOTE
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -92,12 +92,20 @@ def build_admin_app(service: CloudService) -> Starlette:
     async def create_token(request: Request) -> Response:
         try:
             body = await request.json() if await request.body() else {}
-            hours = float(body.get("ttl_hours", 168))
+            hours = body.get("ttl_hours", 168)
             note = body.get("note")
+            if isinstance(hours, bool) or not isinstance(hours, int | float):
+                raise TypeError
+            if note is not None and not isinstance(note, str):
+                raise TypeError
         except (ValueError, TypeError, AttributeError):
-            return _json({"error": "bad_request", "message": "expected {ttl_hours, note}"}, 400)
+            message = "expected {ttl_hours: a number, note: text}"
+            return _json({"error": "bad_request", "message": message}, 400)
         if not 0 < hours <= 24 * 365:
             return _json({"error": "bad_request", "message": "ttl_hours out of range"}, 400)
+        if note is not None and len(note) > MAX_TOKEN_NOTE:
+            message = f"note holds at most {MAX_TOKEN_NOTE} characters"
+            return _json({"error": "bad_request", "message": message}, 400)
         value = await service.store.create_enrollment_token(timedelta(hours=hours), note)
         return _json({"token": value, "ttl_hours": hours}, 201)
 

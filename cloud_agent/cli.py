@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
     token.add_argument(
         "--ttl-hours", type=_ttl_hours, default=168.0, help="validity, up to a year (default 168)"
     )
-    token.add_argument("--note", help="free text kept with the token")
+    token.add_argument("--note", type=_note, help="a short text kept with the token")
     token.set_defaults(func=_enroll_token)
 
     devices = sub.add_parser("devices", help="list enrolled devices as JSON")
@@ -119,6 +119,14 @@ def register(subparsers: Any) -> None:
         help="retention period (default: the configured retention_days)",
     )
     purge.set_defaults(func=_purge)
+
+
+def _note(text: str) -> str:
+    from cloud_agent.store import MAX_TOKEN_NOTE
+
+    if len(text) > MAX_TOKEN_NOTE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TOKEN_NOTE} characters")
+    return text
 
 
 def _ttl_hours(text: str) -> float:

@@ -16,10 +16,11 @@ from cloud_agent.store.records import (
     SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
-from cloud_agent.store.store import Store
+from cloud_agent.store.store import MAX_TOKEN_NOTE, Store
 
 __all__ = [
     "INTERACTION_STATUSES",
+    "MAX_TOKEN_NOTE",
     "AdapterRecord",
     "DeviceRecord",
     "FeedbackSummary",

@@ -50,7 +50,10 @@ from cloud_agent.store.records import (
 )
 from cloud_agent.store.rollouts import RolloutStore
 
-__all__ = ["Store", "hash_token", "sqlite_url"]
+__all__ = ["MAX_TOKEN_NOTE", "Store", "hash_token", "sqlite_url"]
+
+MAX_TOKEN_NOTE = 256
+"""The longest note an enrollment token keeps (its column's size)."""
 
 _Keyed = t.Feedback | t.Report | t.StatusReport
 """Tables of messages stored once per device and idempotency key."""
@@ -162,6 +165,9 @@ class Store(JobStore, RolloutStore):
     async def create_enrollment_token(
         self, ttl: timedelta = timedelta(days=7), note: str | None = None
     ) -> str:
+        """A new one-time token (ValueError for a note longer than `MAX_TOKEN_NOTE`)."""
+        if note is not None and len(note) > MAX_TOKEN_NOTE:
+            raise ValueError(f"a token's note holds at most {MAX_TOKEN_NOTE} characters")
         token = f"elt_{secrets.token_urlsafe(24)}"
         now = _now()
         async with self._tx() as s:

@@ -48,6 +48,9 @@ def test_purge_deletes_expired_tokens_and_needs_a_period(
     with pytest.raises(SystemExit):
         main(["cloud", "enroll-token", *data, "--ttl-hours", "-1"])
     assert "must be more than 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cloud", "enroll-token", *data, "--note", "x" * 257])
+    assert "at most 256 characters" in capsys.readouterr().err
 
     async def tokens() -> None:
         (tmp_path / "cloud").mkdir()

@@ -92,6 +92,11 @@ async def test_tokens_are_stored_hashed_and_expire(store: Store) -> None:
         await store.enroll_device(token, "dev_a", KEY_A)
     with pytest.raises(EnrollmentRefused):
         await store.enroll_device("elt_never_issued", "dev_a", KEY_A)
+    # A note its column cannot hold is refused before the database sees it (PostgreSQL would
+    # fail the write, SQLite would keep it whole).
+    with pytest.raises(ValueError, match="at most 256"):
+        await store.create_enrollment_token(note="x" * 257)
+    assert await store.create_enrollment_token(note="x" * 256)
 
 
 async def test_a_public_key_enrolls_once(store: Store) -> None:
