@@ -5,7 +5,15 @@ personal data replaced by placeholders, and answers on the device when the cloud
 parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox`.
 """
 
-from edge_agent.agent import BlockingEdgeAgent, Conversation, EdgeAgent, Reply, ReplyStream, Turn
+from edge_agent.agent import (
+    BlockingConversation,
+    BlockingEdgeAgent,
+    Conversation,
+    EdgeAgent,
+    Reply,
+    ReplyStream,
+    Turn,
+)
 from edge_agent.apply import ApplyResult, UpdateManager
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
@@ -50,6 +58,7 @@ __all__ = [
     "UpdateRejected",
     "Updater",
     "verify_offer",
+    "BlockingConversation",
     "BlockingEdgeAgent",
     "Conversation",
     "EdgeAgent",

@@ -39,7 +39,15 @@ from protocol import (
 from shared.ids import new_idempotency_key, new_request_id
 from shared.llama import DEVICE_SYSTEM_PROMPT
 
-__all__ = ["BlockingEdgeAgent", "Conversation", "EdgeAgent", "Reply", "ReplyStream", "Turn"]
+__all__ = [
+    "BlockingConversation",
+    "BlockingEdgeAgent",
+    "Conversation",
+    "EdgeAgent",
+    "Reply",
+    "ReplyStream",
+    "Turn",
+]
 
 Handler = Callable[[str], str | Awaitable[str]]
 Rating = Literal["positive", "negative"]
@@ -491,8 +499,36 @@ class BlockingEdgeAgent:
     def feedback(self, request_id: str, rating: Rating, correction: str | None = None) -> None:
         self._call(self.agent.feedback(request_id, rating, correction))
 
+    def conversation(self, *, max_turns: int = 8) -> BlockingConversation:
+        """A conversation that remembers its turns (see `Conversation`)."""
+        return BlockingConversation(self, self.agent.conversation(max_turns=max_turns))
+
     def close(self) -> None:
         self._call(self.agent.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+class BlockingConversation:
+    """`Conversation` for apps without an event loop (`BlockingEdgeAgent.conversation`)."""
+
+    def __init__(self, blocking: BlockingEdgeAgent, conversation: Conversation) -> None:
+        self._blocking = blocking
+        self.conversation = conversation
+
+    @property
+    def turns(self) -> list[Turn]:
+        return self.conversation.turns
+
+    def ask(
+        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+    ) -> Reply:
+        result = self._blocking._call(
+            self.conversation.ask(text, override=override, max_tokens=max_tokens)
+        )
+        assert isinstance(result, Reply)
+        return result
+
+    def clear(self) -> None:
+        self.conversation.clear()

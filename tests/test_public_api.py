@@ -22,8 +22,8 @@ PINNED = {
     },
     "edge_agent": {
         "DEFAULT_POLICY", "Adapter", "AdapterError", "ApplyResult", "BundleDownload",
-        "UpdateManager", "UpdateRejected", "Updater", "verify_offer", "BlockingEdgeAgent",
-        "Conversation", "EdgeAgent",
+        "UpdateManager", "UpdateRejected", "Updater", "verify_offer", "BlockingConversation",
+        "BlockingEdgeAgent", "Conversation", "EdgeAgent",
         "Reply", "ReplyStream", "Turn", "CloudLink", "CloudUnavailable", "LinkState",
         "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",

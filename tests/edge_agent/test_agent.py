@@ -192,6 +192,14 @@ def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel
     blocking = BlockingEdgeAgent(agent)
     try:
         assert blocking.ask("hello").text == "Hello! How can I help?"
+        chat = blocking.conversation()
+        chat.ask("hello")
+        followed = chat.ask("What is the warmest sleeping bag?")
+        assert [t.text for t in chat.turns] == [
+            "hello", "Hello! How can I help?", "What is the warmest sleeping bag?", followed.text
+        ]  # fmt: skip
+        chat.clear()
+        assert chat.turns == []
         assert (
             blocking.ask("What is the warmest sleeping bag?").decision.target
             is Target.LOCAL_FALLBACK
