@@ -10,12 +10,19 @@ from typing import Any
 
 import pytest
 
-from cloud_agent.backends import ScriptedBackend
+from cloud_agent.backends import ChatRequest, ScriptedBackend
 from cloud_agent.config import CloudConfig
 from cloud_agent.service import CloudService
 from examples.handshake import Device
 from protocol import DeviceCredentials, EnrollmentCompleted, EnrollmentCredentials, Welcomed
 from shared import SigningKey
+
+
+def recall(request: ChatRequest) -> str:
+    """A `ScriptedBackend` answer: every earlier turn it was given, so a test sees what of a
+    conversation reached the cloud."""
+    turns = [f"{t.role}={t.content}" for t in request.messages if t.role != "system"][:-1]
+    return " | ".join(turns) or "no history"
 
 
 @dataclass

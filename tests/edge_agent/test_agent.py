@@ -16,7 +16,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.privacy import Redactor
 from edge_agent.router import Coverage, IntentIndex, Router, Target
 from examples.kiosk.intents import KIOSK_INTENTS
-from tests.cloud_fixtures import Cloud
+from tests.cloud_fixtures import Cloud, recall
 
 pytestmark = pytest.mark.slow
 
@@ -243,12 +243,6 @@ def test_an_intent_can_be_kept_on_the_device_by_its_privacy_class(model: LocalMo
     agent.intent("account", ["show my saved addresses"], privacy="local_only")
     decision = agent.router.decide("show my saved addresses")
     assert decision.target is Target.LOCAL_ONLY
-
-
-def recall(request: ChatRequest) -> str:
-    """Answers with every earlier turn it was given, so a test sees what reached the cloud."""
-    turns = [f"{t.role}={t.content}" for t in request.messages if t.role != "system"][:-1]
-    return " | ".join(turns) or "no history"
 
 
 @pytest.mark.cloud(backend=ScriptedBackend(recall))

@@ -13,12 +13,12 @@ import openai
 import pytest
 import uvicorn
 
-from cloud_agent.backends import ChatRequest, ScriptedBackend
+from cloud_agent.backends import ScriptedBackend
 from edge_agent.agent import EdgeAgent
 from edge_agent.http import build_openai_app
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
-from tests.cloud_fixtures import Cloud
+from tests.cloud_fixtures import Cloud, recall
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -133,12 +133,6 @@ async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint:
     )
     assert fine.choices[0].message.content
     await client.close()
-
-
-def recall(request: ChatRequest) -> str:
-    """Answers with the earlier turns it was given."""
-    turns = [f"{t.role}={t.content}" for t in request.messages if t.role != "system"][:-1]
-    return " | ".join(turns) or "no history"
 
 
 @pytest.mark.cloud(backend=ScriptedBackend(recall))
