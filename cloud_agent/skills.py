@@ -137,6 +137,13 @@ class KnowledgeSkill:
         ]  # fmt: skip
         if related:
             system += "\n\nStore facts:\n" + "\n".join(f"- {f.text}" for f in related)
+        # The caller's own instructions (a third-party agent's "Answer in French") follow ours
+        # in the one system message: chat templates take one, at the start.
+        theirs = [
+            t.content.strip() for t in conversation if t.role == "system" and t.content.strip()
+        ]
+        if theirs:
+            system += "\n\nInstructions from the caller:\n" + "\n".join(theirs)
         history = tuple(t for t in conversation if t.role != "system")
         return Plan(
             messages=(ChatTurn("system", system), *history),

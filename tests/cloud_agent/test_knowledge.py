@@ -281,6 +281,18 @@ def test_questions_are_grounded_on_a_looser_match_than_tasks(kb_path: Path) -> N
     assert plan.retrieval.confidence < skill.question_margin and plan.grounded_answer is None
 
 
+def test_the_callers_own_instructions_follow_the_clouds_in_one_system_message(
+    kb_path: Path,
+) -> None:
+    skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path), quote_facts=False)
+    plan = skill.plan(
+        [ChatTurn("system", "Answer in French."), ChatTurn("user", "Is shipping free?")]
+    )
+    [system] = [t for t in plan.messages if t.role == "system"]
+    assert plan.messages[0] is system and "$75" in system.content
+    assert system.content.endswith("Instructions from the caller:\nAnswer in French.")
+
+
 def follow_up(first: str, question: str) -> list[ChatTurn]:
     return [
         ChatTurn("user", first),
