@@ -179,8 +179,17 @@ async def test_no_raw_personal_value_from_the_workload_leaves_the_device(
             await agent.feedback(
                 "req_x", "negative", correction=f"Use {row['pii'][0]['value']} instead"
             )
+            # The same data earlier in a conversation, the device's answer repeating it, and
+            # a question that goes to the cloud with those turns.
+            history = [Turn("user", row["text"]), Turn("assistant", f"{row['pii'][0]['value']}?")]
+            await agent.ask(
+                "Compare three-season and four-season tents and explain when each makes sense",
+                history=history,
+            )
     values = {p["value"] for r in rows if r["class"] == "private" for p in r["pii"]}
     assert len(sent) > 100, "the spy saw the traffic"
+    conversations = [f for f in sent if '"type":"escalate"' in f and '"role":"assistant"' in f]
+    assert len(conversations) > 40, "conversations carrying the data went to the cloud"
     leaks = [v for v in values for frame in sent if v in frame]
     assert leaks == []
     await agent.stop()
