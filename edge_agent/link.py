@@ -468,6 +468,11 @@ class CloudLink:
                     await self._send(message)
                 except CloudUnavailable:
                     break
+                except FrameTooLarge as exc:
+                    # The server will never take it, and it would hold up everything queued
+                    # after it.
+                    log.warning("dropping an outbox entry the cloud cannot take: %s", exc)
+                    self.outbox.ack(entry.idempotency_key)
 
 
 def _reason(error_name: str) -> str:

@@ -156,3 +156,21 @@ async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
     finally:
         await link.stop()
         await second.stop()
+
+
+@pytest.mark.cloud(limits={"max_message_bytes": 4096})
+async def test_a_queued_message_the_cloud_cannot_take_does_not_hold_up_the_rest(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    outbox = Outbox(tmp_path / "dev" / "outbox.db")
+    link = await enrolled_link(cloud, tmp_path / "dev", outbox=outbox)
+    too_big = Feedback(
+        idempotency_key="idk_big", request_id="r1", rating="negative", correction="x" * 5000
+    )
+    link.queue_reliable(too_big)
+    link.queue_reliable(Feedback(idempotency_key="idk_ok", request_id="r2", rating="positive"))
+    assert await link.wait_outbox_empty(5), "the second one was held up behind the first"
+    summary = await cloud.service.store.feedback_summary()
+    assert (summary.positive, summary.negative) == (1, 0)
+    assert link.state is LinkState.UP, "nothing too large went out to close the connection"
+    await link.stop()
