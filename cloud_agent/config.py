@@ -177,10 +177,11 @@ class CloudConfig(_Section):
     expired enrollment tokens older than this many days: at start, then every hour. None (the
     default) keeps everything; `edgeloop cloud purge` does it once, e.g. from cron."""
 
-    @field_validator("phone_regions")
+    @field_validator("phone_regions", mode="before")
     @classmethod
-    def _known_regions(cls, regions: tuple[str, ...]) -> tuple[str, ...]:
-        return check_phone_regions(regions)
+    def _known_regions(cls, regions: object) -> tuple[str, ...]:
+        # Also "US,IN", as an environment variable gives it.
+        return check_phone_regions(regions)  # type: ignore[arg-type]
 
     @field_validator("database_url")
     @classmethod

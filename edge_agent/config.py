@@ -32,10 +32,11 @@ class EdgeConfig(BaseModel):
     """Regions whose national format phone numbers are recognised without a + country code
     (ISO 3166 codes: a UK kiosk says ["GB"]); numbers with one are found whatever this says."""
 
-    @field_validator("phone_regions")
+    @field_validator("phone_regions", mode="before")
     @classmethod
-    def _known_regions(cls, regions: tuple[str, ...]) -> tuple[str, ...]:
-        return check_phone_regions(regions)
+    def _known_regions(cls, regions: object) -> tuple[str, ...]:
+        # Also "US,IN", as an environment variable gives it.
+        return check_phone_regions(regions)  # type: ignore[arg-type]
 
     @field_validator("cloud_url")
     @classmethod

@@ -134,10 +134,16 @@ _REGION_MIXUPS = {"UK": "GB", "EL": "GR"}
 """Codes people write that are not ISO 3166 region codes, and the code they mean."""
 
 
-def check_phone_regions(regions: Iterable[str]) -> tuple[str, ...]:
+def check_phone_regions(regions: str | Iterable[str]) -> tuple[str, ...]:
     """`regions` as the upper-case region codes phone numbers are read in, or ValueError
     naming one that phonenumbers does not know: an unknown region finds no number at all, so
-    a mistyped one would let every national-format number through unseen."""
+    a mistyped one would let every national-format number through unseen. A string holds
+    codes separated by commas or spaces (``"GB"``, ``"US,IN"``, as an environment variable
+    sets them), never read letter by letter."""
+    if isinstance(regions, str):
+        regions = [code for code in re.split(r"[\s,]+", regions) if code]
+    elif not isinstance(regions, Iterable):
+        raise ValueError(f"expected region codes such as ['US', 'GB'], not {regions!r}")
     codes = tuple(str(r).strip().upper() for r in regions)
     if not codes:
         raise ValueError("at least one phone region is needed, e.g. ('US',)")

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from edge_agent.config import EdgeConfig
 from edge_agent.privacy import PlaceholderMap, Policy, Redactor, StreamRestorer
+from shared.config import load_config
 from shared.pii import PiiKind
 
 
@@ -96,3 +97,7 @@ def test_a_region_phone_numbers_cannot_be_read_in_is_refused() -> None:
         EdgeConfig(phone_regions=("UK",))
     uk = Redactor(phone_regions=EdgeConfig(phone_regions=("gb",)).phone_regions)
     assert uk.redact("Call 020 7946 0958", PlaceholderMap()).text == "Call <PHONE_1>"
+    # As an environment variable sets it: a string of codes.
+    env = {"EDGELOOP_EDGE__PHONE_REGIONS": "GB,US"}
+    config = load_config(EdgeConfig, env=env, prefix="EDGELOOP_EDGE__")
+    assert config.phone_regions == ("GB", "US")

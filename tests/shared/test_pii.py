@@ -86,3 +86,8 @@ def test_phone_regions_must_be_codes_phonenumbers_knows() -> None:
         check_phone_regions(["UK"])  # found nothing at all: a silent leak of every number
     with pytest.raises(ValueError, match="at least one"):
         check_phone_regions([])
+    # A string is codes separated by commas or spaces, never letters ('G', 'B').
+    assert check_phone_regions("GB") == ("GB",)
+    assert check_phone_regions("us, in") == ("US", "IN")
+    with pytest.raises(ValueError, match="expected region codes"):
+        check_phone_regions(44)  # type: ignore[arg-type]
