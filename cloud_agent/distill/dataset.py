@@ -122,14 +122,19 @@ def examples_from_interactions(
     return [example for _, example in best.values()], dropped
 
 
+def private_kinds(example: Example, *, phone_regions: tuple[str, ...] = PHONE_REGIONS) -> set[str]:
+    """The kinds of raw personal data in an example's question and answer."""
+    text = f"{example.question}\n{example.answer}"
+    return {f.kind.value for f in detect(text, phone_regions=phone_regions)}
+
+
 def check_private(
     examples: Sequence[Example], *, phone_regions: tuple[str, ...] = PHONE_REGIONS
 ) -> None:
     """`PrivateDataError` naming the requests and kinds (never the values) of any raw PII."""
     found = []
     for example in examples:
-        text = f"{example.question}\n{example.answer}"
-        kinds = {f.kind.value for f in detect(text, phone_regions=phone_regions)}
+        kinds = private_kinds(example, phone_regions=phone_regions)
         if kinds:
             found.append(f"{example.request_id or example.question[:20]!r}: {sorted(kinds)}")
     if found:

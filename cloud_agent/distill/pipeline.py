@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cloud_agent.bundles import build_bundle
 from cloud_agent.config import PHONE_REGIONS
-from cloud_agent.distill.dataset import Dataset, Example, build_dataset
+from cloud_agent.distill.dataset import Dataset, Example, build_dataset, private_kinds
 from cloud_agent.distill.evaluate import (
     REPLAY_PROMPTS,
     SIMPLE_PROMPTS,
@@ -226,8 +226,12 @@ async def distill(
     )
     if paraphraser is not None and dataset.train:
         progress(f"paraphrasing {len(dataset.train)} training questions in the offline lane")
-        extra = await paraphraser(dataset.train)
-        dataset = Dataset([*dataset.train, *extra], dataset.heldout, dataset.dropped)
+        offered = await paraphraser(dataset.train)
+        # Made up by a model, not said by a customer: one that holds what looks like personal
+        # data is left out rather than trained on (the dataset was checked before them).
+        extra = [e for e in offered if not private_kinds(e, phone_regions=config.phone_regions)]
+        dropped = {**dataset.dropped, "private_paraphrase": len(offered) - len(extra)}
+        dataset = Dataset([*dataset.train, *extra], dataset.heldout, dropped)
         progress(f"{len(extra)} paraphrases accepted")
     progress(
         f"dataset: {len(dataset.train)} train, {len(dataset.heldout)} held out, "

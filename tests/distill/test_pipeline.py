@@ -116,3 +116,34 @@ async def test_too_little_data_trains_nothing(tmp_path: Path) -> None:
         assert await opened.list_rollouts() == []
     finally:
         await opened.close()
+
+
+async def test_a_paraphrase_holding_personal_data_is_left_out(tmp_path: Path) -> None:
+    opened = await Store.open(sqlite_url(tmp_path / "cloud.db"))
+    token = await opened.create_enrollment_token()
+    await opened.enroll_device(token, "dev_a", "A" * 43)
+    await opened.record_interaction(
+        NewInteraction(
+            device_id="dev_a", request_id="r1", placeholders=[], status="ok",
+            messages=[{"role": "user", "content": "When is the hotline open?"}],
+            answer="From 7:30 to 21:00.", fact_ids=["hotline"], backend="knowledge",
+        )
+    )  # fmt: skip
+
+    async def paraphrase(train: list[Example]) -> list[Example]:
+        return [
+            Example("Until when can I phone support?", train[0].answer, source="paraphrase"),
+            Example("Can I call 020 7946 0958 at 8?", train[0].answer, source="paraphrase"),
+        ]
+
+    said: list[str] = []
+    try:
+        result = await distill(
+            opened, config=DistillConfig(phone_regions=("GB",), heldout_share=0.0),
+            work_dir=tmp_path / "w", bundles_dir=tmp_path / "b",
+            signing_key=SigningKey.generate(), progress=said.append, paraphraser=paraphrase,
+        )  # fmt: skip
+    finally:
+        await opened.close()
+    assert result.metrics["train_examples"] == 2, "the question and the clean paraphrase"
+    assert any("'private_paraphrase': 1" in line for line in said), said
