@@ -15,11 +15,11 @@ import inspect
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from edge_agent.apply import UpdateManager
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 Handler = Callable[[str], str | Awaitable[str]]
+T = TypeVar("T")
 Rating = Literal["positive", "negative"]
 SYSTEM = DEVICE_SYSTEM_PROMPT
 BACKPRESSURE_S = 5.0
@@ -115,6 +116,13 @@ class ReplyStream:
                 continue
             assert isinstance(item, str)
             return item
+
+    async def collect(self) -> Reply:
+        """Read the stream to its end; the `Reply`."""
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
 
 
 class EdgeAgent:
@@ -243,11 +251,9 @@ class EdgeAgent:
 
         Raises ValueError for a blank question, a turn longer than `MAX_CHARS` characters,
         more than `MAX_HISTORY` earlier turns, or a `max_tokens` outside 1 to `MAX_TOKENS`."""
-        stream = self.stream(text, history=history, override=override, max_tokens=max_tokens)
-        async for _ in stream:
-            pass
-        assert stream.reply is not None
-        return stream.reply
+        return await self.stream(
+            text, history=history, override=override, max_tokens=max_tokens
+        ).collect()
 
     def stream(
         self,
@@ -440,11 +446,7 @@ class Conversation:
     async def ask(
         self, text: str, *, override: Target | None = None, max_tokens: int | None = None
     ) -> Reply:
-        stream = self.stream(text, override=override, max_tokens=max_tokens)
-        async for _ in stream:
-            pass
-        assert stream.reply is not None
-        return stream.reply
+        return await self.stream(text, override=override, max_tokens=max_tokens).collect()
 
     def stream(
         self, text: str, *, override: Target | None = None, max_tokens: int | None = None
@@ -479,8 +481,8 @@ class BlockingEdgeAgent:
         self._thread.start()
         self._call(agent.start())
 
-    def _call(self, coro: Awaitable[object]) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def ask(
         self,
@@ -490,11 +492,9 @@ class BlockingEdgeAgent:
         override: Target | None = None,
         max_tokens: int | None = None,
     ) -> Reply:
-        result = self._call(
+        return self._call(
             self.agent.ask(text, history=history, override=override, max_tokens=max_tokens)
         )
-        assert isinstance(result, Reply)
-        return result
 
     def feedback(self, request_id: str, rating: Rating, correction: str | None = None) -> None:
         self._call(self.agent.feedback(request_id, rating, correction))
@@ -524,11 +524,9 @@ class BlockingConversation:
     def ask(
         self, text: str, *, override: Target | None = None, max_tokens: int | None = None
     ) -> Reply:
-        result = self._blocking._call(
+        return self._blocking._call(
             self.conversation.ask(text, override=override, max_tokens=max_tokens)
         )
-        assert isinstance(result, Reply)
-        return result
 
     def clear(self) -> None:
         self.conversation.clear()

@@ -18,7 +18,7 @@ from shared.files import read_json, read_jsonl
 from shared.net import listen
 
 if TYPE_CHECKING:
-    from edge_agent.agent import EdgeAgent
+    from edge_agent.agent import Conversation
 
 __all__ = ["register"]
 
@@ -220,12 +220,8 @@ def _chat(args: argparse.Namespace) -> int:
                 text = line.strip()
                 if not text:
                     continue
-                if text.split()[0] == "/new":
-                    conversation.clear()
-                    print("  [new conversation]")
-                    continue
                 if text.startswith("/"):
-                    await _chat_command(agent, text, last)
+                    await _chat_command(conversation, text, last)
                     continue
                 try:
                     stream = conversation.stream(text)
@@ -252,8 +248,13 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _chat_command(agent: EdgeAgent, text: str, last: str | None) -> None:
+async def _chat_command(conversation: Conversation, text: str, last: str | None) -> None:
+    agent = conversation.agent
     command, _, rest = text.partition(" ")
+    if command == "/new":
+        conversation.clear()
+        print("  [new conversation]")
+        return
     if command not in ("/good", "/bad"):
         known = command == "/help"
         print(CHAT_HELP if known else f"  [unknown command {command}; /help lists them]")
