@@ -67,18 +67,18 @@ def _check_distill_params(params: dict[str, Any]) -> None:
             raise JobSpecError(f"distill parameter {key} must be an integer, not {value!r}")
         if key in ("alpha", "learning_rate", "min_gain") and not number:
             raise JobSpecError(f"distill parameter {key} must be a number, not {value!r}")
-    if not -1.0 <= params.get("min_gain", 0.0) <= 1.0:
-        raise JobSpecError(f"distill parameter min_gain {params['min_gain']}: -1 to 1")
     labels = params.get("labels")
     if labels is not None and not (isinstance(labels, str) and Path(labels).is_file()):
         raise JobSpecError(
             f"distill parameter labels {labels!r}: not a file on the cloud's machine "
             "(the path of a labelled workload, JSON lines)"
         )
+    from cloud_agent.distill.pipeline import DistillConfig
     from cloud_agent.distill.train import DistillSettingsError, LoraSettings
 
-    try:
-        LoraSettings(**{k: params[k] for k in LORA_PARAMS if k in params})
+    try:  # the ranges, as the cycle will check them
+        lora = LoraSettings(**{k: params[k] for k in LORA_PARAMS if k in params})
+        DistillConfig(lora=lora, min_gain=params.get("min_gain", 0.1))
     except DistillSettingsError as exc:
         raise JobSpecError(f"distill parameters: {exc}") from None
 

@@ -188,7 +188,7 @@ class KnowledgeSkill:
         after earlier turns ("And on Sundays?") teaches nothing: its words may not be what the
         fact answers, only with the turns before them."""
         question = PLACEHOLDER.sub(" ", record.question).strip()
-        if not question or any(m.get("role") == "assistant" for m in record.messages):
+        if not question or record.follows_up:
             return False
         fact = None
         if record.correction:

@@ -90,9 +90,8 @@ def examples_from_interactions(
         if record.status != "ok" or not record.question or not (record.answer or record.correction):
             dropped["no_answer"] += 1
             continue
-        if any(m.get("role") == "assistant" for m in record.messages):
-            # Asked after earlier turns ("And on Sundays?"): its answer may rest on them, and an
-            # example is one question alone.
+        if record.follows_up:
+            # Its answer may rest on the earlier turns, and an example is one question alone.
             dropped["follow_up"] += 1
             continue
         if record.correction:

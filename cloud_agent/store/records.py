@@ -131,6 +131,12 @@ class InteractionRecord:
             (m["content"] for m in reversed(self.messages) if m.get("role") == "user"), ""
         ).strip()
 
+    @property
+    def follows_up(self) -> bool:
+        """Whether the question was asked after earlier turns (an answer among them): its
+        words may ask for something only together with those turns ("And on Sundays?")."""
+        return any(m.get("role") == "assistant" for m in self.messages)
+
 
 @dataclass(frozen=True, slots=True)
 class FeedbackSummary:
