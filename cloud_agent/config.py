@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from shared.pii import check_phone_regions
+from shared.pii import PhoneRegions
 
 __all__ = [
     "EVENT_LOOPS",
@@ -157,7 +157,7 @@ class CloudConfig(_Section):
     knowledge_context_turns: int = Field(1, ge=0, le=8)
     """Earlier user turns a follow-up is looked up with when the question alone ties to no
     fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone."""
-    phone_regions: tuple[str, ...] = PHONE_REGIONS
+    phone_regions: PhoneRegions = PHONE_REGIONS
     """Regions whose national-format phone numbers (no + country code) the cloud's detector
     finds, in every escalation (defence in depth: the device should have replaced them) and in
     every training set (ISO 3166 codes; numbers with a country code are found whatever this
@@ -176,12 +176,6 @@ class CloudConfig(_Section):
     """Delete interactions, feedback, device reports, privacy events, ended sessions and
     expired enrollment tokens older than this many days: at start, then every hour. None (the
     default) keeps everything; `edgeloop cloud purge` does it once, e.g. from cron."""
-
-    @field_validator("phone_regions", mode="before")
-    @classmethod
-    def _known_regions(cls, regions: object) -> tuple[str, ...]:
-        # Also "US,IN", as an environment variable gives it.
-        return check_phone_regions(regions)  # type: ignore[arg-type]
 
     @field_validator("database_url")
     @classmethod

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol import check_endpoint
-from shared.pii import check_phone_regions
+from shared.pii import PhoneRegions
 
 __all__ = ["EdgeConfig"]
 
@@ -28,15 +28,9 @@ class EdgeConfig(BaseModel):
     deadline_ms: int = Field(8000, ge=100, le=600_000)
     """How long the device waits for the cloud before answering itself."""
 
-    phone_regions: tuple[str, ...] = ("US",)
+    phone_regions: PhoneRegions = ("US",)
     """Regions whose national format phone numbers are recognised without a + country code
     (ISO 3166 codes: a UK kiosk says ["GB"]); numbers with one are found whatever this says."""
-
-    @field_validator("phone_regions", mode="before")
-    @classmethod
-    def _known_regions(cls, regions: object) -> tuple[str, ...]:
-        # Also "US,IN", as an environment variable gives it.
-        return check_phone_regions(regions)  # type: ignore[arg-type]
 
     @field_validator("cloud_url")
     @classmethod

@@ -16,11 +16,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Annotated
 
 import phonenumbers
+from pydantic import BeforeValidator
 
 __all__ = [
     "Finding",
+    "PhoneRegions",
     "PiiKind",
     "check_phone_regions",
     "cn_id_valid",
@@ -154,6 +157,11 @@ def check_phone_regions(regions: str | Iterable[str]) -> tuple[str, ...]:
             )
             raise ValueError(f"{code!r} is not a region code for phone numbers{hint}")
     return codes
+
+
+PhoneRegions = Annotated[tuple[str, ...], BeforeValidator(check_phone_regions)]
+"""A configuration field of phone regions: a list of codes, or a string of them ("US,IN", as
+an environment variable gives it), checked by `check_phone_regions`."""
 
 
 def _phones(text: str, regions: tuple[str, ...]) -> Iterable[Finding]:
