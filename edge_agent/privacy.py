@@ -15,6 +15,7 @@ answers and on streams, where a placeholder can be split across deltas (`StreamR
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -60,6 +61,8 @@ _LABEL = {
     PiiKind.ADDRESS: "ADDRESS",
 }
 _LONGEST = 2 + 24 + 1 + 4  # the longest text a placeholder can be
+SCAN_CACHE = 256
+"""Texts whose findings a `Redactor` keeps."""
 
 
 @dataclass
@@ -134,9 +137,20 @@ class Redactor:
             self.policy.update(policy)
         # An unknown region would find no phone number at all: refused here (ValueError).
         self.phone_regions = check_phone_regions(phone_regions)
+        self._scans: OrderedDict[str, list[Finding]] = OrderedDict()
+        """Recent texts -> their findings: a conversation's earlier turns come with every
+        request, and each is scanned once (the policy is applied after the scan)."""
 
     def scan(self, text: str) -> list[Finding]:
-        return detect(text, self.policy, phone_regions=self.phone_regions)
+        found = self._scans.get(text)
+        if found is None:
+            found = detect(text, self.policy, phone_regions=self.phone_regions)
+            self._scans[text] = found
+            if len(self._scans) > SCAN_CACHE:
+                self._scans.popitem(last=False)
+        else:
+            self._scans.move_to_end(text)
+        return found
 
     def redact(self, text: str, placeholders: PlaceholderMap) -> Redaction:
         findings = self.scan(text)

@@ -16,14 +16,13 @@ A decision takes well under a millisecond: no model is called.
 from __future__ import annotations
 
 import re
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 
 from edge_agent.privacy import PlaceholderMap, Redactor
-from shared.pii import PiiKind
 
 __all__ = [
     "Coverage",
@@ -171,10 +170,6 @@ class Router:
         self.threshold = threshold
         self.coverage = coverage or Coverage()
         self.counts: Counter[str] = Counter()
-        self._earlier: OrderedDict[str, tuple[PiiKind, ...]] = OrderedDict()
-        """Recent conversation turns -> the `local_only` kinds in them: a conversation sends
-        its earlier turns with every request, and each is scanned once."""
-        self._earlier_by = self.redactor
 
     def decide(
         self,
@@ -195,20 +190,6 @@ class Router:
             self.counts[reason] += 1
         return decision
 
-    def _local_only_in(self, turn: str) -> tuple[PiiKind, ...]:
-        if self._earlier_by is not self.redactor:  # given another redactor: scan afresh
-            self._earlier.clear()
-            self._earlier_by = self.redactor
-        kinds = self._earlier.get(turn)
-        if kinds is None:
-            kinds = self.redactor.redact(turn, PlaceholderMap()).local_only
-            self._earlier[turn] = kinds
-            if len(self._earlier) > 256:
-                self._earlier.popitem(last=False)
-        else:
-            self._earlier.move_to_end(turn)
-        return kinds
-
     def _decide(
         self,
         text: str,
@@ -219,7 +200,8 @@ class Router:
         context: Sequence[str],
     ) -> RouteDecision:
         redaction = self.redactor.redact(text, PlaceholderMap())
-        earlier = tuple(kind for turn in context for kind in self._local_only_in(turn))
+        scans = (self.redactor.redact(turn, PlaceholderMap()) for turn in context)
+        earlier = tuple(kind for scan in scans for kind in scan.local_only)
         if redaction.local_only or earlier:
             # No placeholder stands in for such a value: sent, it would leave as it is.
             found = dict.fromkeys((*redaction.local_only, *earlier))

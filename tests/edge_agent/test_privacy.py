@@ -101,3 +101,23 @@ def test_a_region_phone_numbers_cannot_be_read_in_is_refused() -> None:
     env = {"EDGELOOP_EDGE__PHONE_REGIONS": "GB,US"}
     config = load_config(EdgeConfig, env=env, prefix="EDGELOOP_EDGE__")
     assert config.phone_regions == ("GB", "US")
+
+
+def test_a_text_seen_again_is_not_scanned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A conversation's earlier turns come with every request: each is scanned once.
+    import edge_agent.privacy as privacy
+
+    calls: list[str] = []
+    real = privacy.detect
+
+    def counting(text: str, *args: object, **kw: object) -> list[privacy.Finding]:
+        calls.append(text)
+        return real(text, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(privacy, "detect", counting)
+    redactor = Redactor()
+    turns = ["Mail ann@example.com", "Noted.", "And my SSN is 123-45-6789"]
+    for _ in range(3):
+        redactions = [redactor.redact(t, PlaceholderMap()) for t in turns]
+    assert calls == turns
+    assert redactions[0].text == "Mail <EMAIL_1>" and redactions[2].local_only == (PiiKind.SSN,)
