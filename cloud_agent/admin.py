@@ -1,12 +1,13 @@
 """The admin HTTP API (Starlette): health, readiness, Prometheus metrics, devices, enrollment
-tokens, interactions, feedback, load, knowledge (and its reload), adapters, rollouts and offline
-jobs. Everything but `/healthz` and `/readyz` needs ``Authorization: Bearer <admin token>``."""
+tokens, interactions, feedback, the fleet's routing, load, knowledge (and its reload), adapters,
+rollouts and offline jobs. Everything but `/healthz` and `/readyz` needs
+``Authorization: Bearer <admin token>``."""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -17,7 +18,7 @@ from starlette.routing import Route
 
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
-from cloud_agent.store import INTERACTION_STATUSES, MAX_TOKEN_NOTE
+from cloud_agent.store import INTERACTION_STATUSES, MAX_ROUTING_HOURS, MAX_TOKEN_NOTE
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -138,6 +139,18 @@ def build_admin_app(service: CloudService) -> Starlette:
     async def feedback_summary(request: Request) -> Response:
         return _json(asdict(await service.store.feedback_summary()))
 
+    async def routing(request: Request) -> Response:
+        try:
+            hours = float(request.query_params.get("hours", "24"))
+        except ValueError:
+            hours = -1.0
+        if not 0 < hours <= MAX_ROUTING_HOURS:
+            message = f"hours must be a number above 0 and at most {MAX_ROUTING_HOURS}"
+            return _json({"error": "bad_request", "message": message}, 400)
+        since = datetime.now(UTC) - timedelta(hours=hours)
+        device = request.query_params.get("device")
+        return _json((await service.store.routing_summary(since, device_id=device)).as_dict())
+
     async def load(request: Request) -> Response:
         return _json(
             {
@@ -223,6 +236,7 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/v1/enrollment-tokens", guarded(create_token), methods=["POST"]),
             Route("/v1/interactions", guarded(interactions)),
             Route("/v1/feedback/summary", guarded(feedback_summary)),
+            Route("/v1/routing", guarded(routing)),
             Route("/v1/load", guarded(load)),
             Route("/v1/knowledge", guarded(knowledge)),
             Route("/v1/knowledge/reload", guarded(reload_knowledge), methods=["POST"]),

@@ -102,6 +102,21 @@ def register(subparsers: Any) -> None:
     rollback.add_argument("version", type=int)
     rollback.set_defaults(func=_rollback)
 
+    routing = sub.add_parser(
+        "routing",
+        help="where devices answered their requests (from their reports) as JSON: in all, "
+        "by adapter version, and why",
+    )
+    common(routing)
+    routing.add_argument(
+        "--hours",
+        type=_window_hours,
+        default=24.0,
+        help="reports of periods ending in the last N hours (default 24, up to a year)",
+    )
+    routing.add_argument("--device", help="one device's reports only")
+    routing.set_defaults(func=_routing)
+
     revoke = sub.add_parser("revoke", help="revoke a device; its sessions are refused")
     common(revoke)
     revoke.add_argument("device_id")
@@ -137,6 +152,18 @@ def _ttl_hours(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
     if not 0 < hours <= 24 * 365:
         raise argparse.ArgumentTypeError("must be more than 0 and at most 8760 (a year)")
+    return hours
+
+
+def _window_hours(text: str) -> float:
+    from cloud_agent.store import MAX_ROUTING_HOURS
+
+    try:
+        hours = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < hours <= MAX_ROUTING_HOURS:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_ROUTING_HOURS}")
     return hours
 
 
@@ -252,6 +279,15 @@ def _devices(args: argparse.Namespace) -> int:
         for d in rows
     ]
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def _routing(args: argparse.Namespace) -> int:
+    since = datetime.now(UTC) - timedelta(hours=args.hours)
+    summary = asyncio.run(
+        _with_store(_config(args), lambda s: s.routing_summary(since, device_id=args.device))
+    )
+    print(json.dumps(summary.as_dict(), indent=2))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from cloud_agent.agent import CloudAgent
@@ -27,6 +28,7 @@ from cloud_agent.store import (
     NewFeedback,
     NewReport,
     NewUpdateStatus,
+    RouteCounts,
     Store,
 )
 from protocol import Ack, Feedback, Report, ServerSession, UpdateStatus
@@ -89,16 +91,7 @@ class Inbox:
         await self._beside(conn, self._take_feedback(conn, fb))
 
     async def report(self, conn: Sender, rp: Report) -> None:
-        body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
-        await self._beside(
-            conn,
-            self._acknowledge(
-                conn,
-                "report",
-                rp.idempotency_key,
-                lambda device: self._reports.submit(NewReport(device, rp.idempotency_key, body)),
-            ),
-        )
+        await self._beside(conn, self._take_report(conn, rp))
 
     async def update_status(self, conn: Sender, us: UpdateStatus) -> None:
         await self._acknowledge(
@@ -149,24 +142,40 @@ class Inbox:
         if fb.rating == "positive" or fb.correction:
             await self._learn(conn, fb.request_id)
 
+    async def _take_report(self, conn: Sender, rp: Report) -> None:
+        routes = RouteCounts(**rp.routes.model_dump())
+
+        def write(device: str) -> Awaitable[bool | None]:
+            body = rp.model_dump(mode="json", exclude={"type", "idempotency_key"})
+            return self._reports.submit(
+                NewReport(device, rp.idempotency_key, body, rp.period_start, rp.period_end,
+                          routes, rp.adapter_version)
+            )  # fmt: skip
+
+        if await self._acknowledge(conn, "report", rp.idempotency_key, write):
+            for route, count in asdict(routes).items():
+                self.metrics.device_requests.labels(route).inc(count)
+
     async def _acknowledge(
         self,
         conn: Sender,
         kind: str,
         key: str,
         write: Callable[[str], Awaitable[bool | None]],
-    ) -> None:
-        """Store a message, then ack it; `write` returns whether its key was stored before."""
+    ) -> bool:
+        """Store a message, then ack it; `write` returns whether its key was stored before.
+        Returns whether this call stored it (not a resend, and the store took it)."""
         assert conn.device_id is not None
         try:
             duplicate = bool(await write(conn.device_id))
         except StoreError:
             # No ack: the device keeps the message and resends it; nothing is lost.
             log.warning("store unavailable; %s %s not acknowledged", kind, key)
-            return
+            return False
         self.metrics.acks.labels(kind, str(duplicate).lower()).inc()
         if conn.session.is_open:
             conn.session.send(Ack(idempotency_key=key, duplicate=duplicate))
+        return not duplicate
 
     async def _learn(self, conn: Sender, request_id: str) -> None:
         """Let the agent learn from feedback on one of its answers (best effort)."""

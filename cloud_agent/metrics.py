@@ -89,6 +89,13 @@ class Metrics:
         self.acks = Counter(
             "edgeloop_acks_total", "Acknowledged messages", ["type", "duplicate"], registry=r
         )
+        self.device_requests = Counter(
+            "edgeloop_device_requests_total",
+            "Requests devices answered, by route (local, cloud, local_only, local_fallback), "
+            "from their reports",
+            ["route"],
+            registry=r,
+        )
         self.update_offers = Counter(
             "edgeloop_update_offers_total", "Update offers sent to devices", registry=r
         )

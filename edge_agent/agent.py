@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from edge_agent.apply import UpdateManager
+from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import Generation, LocalModel
 from edge_agent.privacy import PlaceholderMap, Redactor, StreamRestorer
@@ -53,6 +55,7 @@ Handler = Callable[[str], str | Awaitable[str]]
 T = TypeVar("T")
 Rating = Literal["positive", "negative"]
 SYSTEM = DEVICE_SYSTEM_PROMPT
+log = logging.getLogger("edgeloop.edge.agent")
 BACKPRESSURE_S = 5.0
 MAX_TOKENS = 32768
 """The most tokens one answer may ask for (the protocol's limit for an escalation)."""
@@ -139,7 +142,10 @@ class EdgeAgent:
         deadline_ms: int = 8000,
         cloud_max_tokens: int = 256,
         local_max_tokens: int | None = None,
+        report_every_s: float | None = 300.0,
     ) -> None:
+        if report_every_s is not None and report_every_s <= 0:
+            raise ValueError("report_every_s must be above 0 (None: the app sends reports)")
         self.model = model
         self.link = link
         # One redactor decides (in the router) and redacts (here): two could disagree on what
@@ -158,8 +164,14 @@ class EdgeAgent:
         self._handlers: dict[str, Handler] = {}
         self._busy = False
         self._backpressure_until = 0.0
+        self.report_every_s = report_every_s
         self._period_start = datetime.now(UTC)
+        self._period_version: int | None = None
+        """The adapter answering in the current period (None: the base model)."""
         self._outcomes: Counter[str] = Counter()
+        self._closed: deque[Report] = deque(maxlen=64)
+        """Reports of periods an adapter change ended, not yet sent."""
+        self._reporter: asyncio.Task[None] | None = None
         self.updates: UpdateManager | None = None
         self.updater: Updater | None = None
         self._local_answers: OrderedDict[str, int] = OrderedDict()
@@ -200,8 +212,10 @@ class EdgeAgent:
         )
 
     def report(self) -> Report:
-        """Where requests were answered since the last report, and why, as a protocol
-        `report` (then reset). A cloud request answered by the device counts as a fallback."""
+        """Where requests were answered in the current period, and why, as a protocol
+        `report`; a new period starts. A cloud request answered by the device counts as a
+        fallback. The period's `adapter_version` is the adapter that answered in it: a period
+        ends when the adapter changes (`send_report` sends those too)."""
         now = datetime.now(UTC)
         counts, self._outcomes = self._outcomes, Counter()
         routes = RouteCounts(**{t.value: counts.get(t.value, 0) for t in Target})
@@ -212,6 +226,7 @@ class EdgeAgent:
             period_end=now,
             routes=routes,
             reasons=dict(list(reasons.items())[:128]),
+            adapter_version=self._period_version,
             resources=DeviceResources(
                 cores=self.model.profile.cores, memory_mb=self.model.profile.memory_mb
             ),
@@ -220,17 +235,54 @@ class EdgeAgent:
         return report
 
     async def send_report(self) -> None:
-        """Queue a routing report durably for the cloud."""
-        if self.link is not None:
-            await asyncio.to_thread(self.link.queue_reliable, self.report())
+        """Queue durably for the cloud the reports of the periods that have counted requests
+        since the last call: every `report_every_s` once started, and at `stop`."""
+        if self.link is None:
+            return
+        reports = [*self._closed, *([self.report()] if self._outcomes else [])]
+        self._closed.clear()
+        for report in reports:
+            await asyncio.to_thread(self.link.queue_reliable, report)
 
     async def start(self) -> None:
         if self.link is not None:
             self.link.start()
+            if self.report_every_s is not None and self.link.outbox is not None:
+                self._reporter = asyncio.create_task(self._report_every(self.report_every_s))
 
     async def stop(self) -> None:
+        """Stop the link, after queueing a last report (the outbox sends it next time if the
+        cloud cannot take it now)."""
+        if self._reporter is not None:
+            self._reporter.cancel()
+            await asyncio.gather(self._reporter, return_exceptions=True)
+            self._reporter = None
+            await self._send_report_logged()
         if self.link is not None:
             await self.link.stop()
+
+    async def _report_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self._send_report_logged()
+
+    async def _send_report_logged(self) -> None:
+        try:
+            await self.send_report()
+        except EdgeAgentError as exc:
+            # The counts are lost, the agent is not: reports are statistics.
+            log.warning("routing report not queued: %s", exc)
+
+    def _count(self, target: Target, reasons: Iterable[str], version: int | None) -> None:
+        """Count one request answered with adapter `version` (None: the base model) in the
+        current period; an adapter change ends the period."""
+        if version != self._period_version:
+            if self._outcomes:
+                self._closed.append(self.report())
+            self._period_version = version
+        self._outcomes[target.value] += 1
+        for reason in reasons:
+            self._outcomes[reason] += 1
 
     async def ask(
         self,
@@ -312,6 +364,7 @@ class EdgeAgent:
     ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
         request_id = new_request_id()
+        adapter = self.updates.current_version if self.updates is not None else None
         link_up = self.link is not None and self.link.state is LinkState.UP
         decision = self.router.decide(
             text,
@@ -326,9 +379,9 @@ class EdgeAgent:
         def reply(body: str, tokens: int, **kw: object) -> Reply:
             fallback = kw.get("fallback_reason")
             target = Target.LOCAL_FALLBACK if fallback else decision.target
-            self._outcomes[target.value] += 1
-            for reason in (*decision.reasons, *([fallback] if fallback else [])):
-                self._outcomes[str(reason)] += 1
+            self._count(
+                target, (*decision.reasons, *([str(fallback)] if fallback else [])), adapter
+            )
             return Reply(
                 text=body, request_id=request_id, decision=decision,
                 latency_ms=(time.perf_counter() - started) * 1000, tokens=tokens, **kw,  # type: ignore[arg-type]
@@ -391,8 +444,8 @@ class EdgeAgent:
                 return
         else:
             fallback = "link.down" if decision.target is Target.CLOUD else None
-        if self.updates is not None and self.updates.current_version is not None:
-            self._local_answers[request_id] = self.updates.current_version
+        if adapter is not None:
+            self._local_answers[request_id] = adapter
             while len(self._local_answers) > 1024:
                 self._local_answers.popitem(last=False)
         async for local in self._local(text, history, max_tokens):

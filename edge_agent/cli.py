@@ -126,7 +126,11 @@ def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
     if link is not None:
         link.base_model = BaseModelRef(id=model.model_id, sha256=model.sha256)
     agent = EdgeAgent(
-        model, link=link, router=_router(config, intents_file), deadline_ms=config.deadline_ms
+        model,
+        link=link,
+        router=_router(config, intents_file),
+        deadline_ms=config.deadline_ms,
+        report_every_s=config.report_every_s,
     )
     # Signed adapter bundles from the cloud: the committed one is restored now, new ones are
     # verified, hot-swapped and reported as the cloud offers them.

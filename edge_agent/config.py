@@ -27,6 +27,9 @@ class EdgeConfig(BaseModel):
     """Port of the local OpenAI-compatible endpoint."""
     deadline_ms: int = Field(8000, ge=100, le=600_000)
     """How long the device waits for the cloud before answering itself."""
+    report_every_s: float = Field(300.0, gt=0, le=86_400)
+    """How often the device reports to the cloud where it answered its requests (and once more
+    when it stops); `edgeloop cloud routing` sums the fleet's reports."""
 
     phone_regions: PhoneRegions = ("US",)
     """Regions whose national format phone numbers are recognised without a + country code

@@ -490,7 +490,8 @@ class Report(_Message):
     reasons: dict[ReasonCode, Count] = Field(default_factory=dict, max_length=128)
     """Router decisions per reason code in the period."""
     adapter_version: int | None = Field(default=None, ge=0)
-    """Active bundle version at the end of the period."""
+    """Bundle version that answered in the period (null: the base model); a period ends when
+    the device's adapter changes."""
     resources: DeviceResources | None = None
     """Device resources at the end of the period."""
 

@@ -13,13 +13,16 @@ from cloud_agent.store.records import (
     NewInteraction,
     NewReport,
     NewUpdateStatus,
+    RouteCounts,
+    RoutingSummary,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
-from cloud_agent.store.store import MAX_TOKEN_NOTE, Store
+from cloud_agent.store.store import MAX_ROUTING_HOURS, MAX_TOKEN_NOTE, Store
 
 __all__ = [
     "INTERACTION_STATUSES",
+    "MAX_ROUTING_HOURS",
     "MAX_TOKEN_NOTE",
     "AdapterRecord",
     "DeviceRecord",
@@ -31,6 +34,8 @@ __all__ = [
     "NewUpdateStatus",
     "Offers",
     "RolloutHealth",
+    "RouteCounts",
+    "RoutingSummary",
     "SessionEvent",
     "Store",
 ]

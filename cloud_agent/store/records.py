@@ -67,12 +67,82 @@ class NewFeedback:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class NewReport:
-    """A device's report (its routes, latencies and the like), stored once per device and
-    idempotency key. Compared by identity: the body is a dict."""
+    """A device's routing report, stored once per device and idempotency key: the whole
+    message in `body`, and what the fleet's routing is summed over. Compared by identity:
+    the body is a dict."""
 
     device_id: str
     idempotency_key: str
     body: dict[str, Any]
+    period_start: datetime
+    period_end: datetime
+    routes: RouteCounts
+    adapter_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCounts:
+    """Requests by where they were answered (the protocol's routes)."""
+
+    local: int = 0
+    """On the device, by choice."""
+    cloud: int = 0
+    local_only: int = 0
+    """On the device, because they carried personal data that must not leave it."""
+    local_fallback: int = 0
+    """Meant for the cloud, answered on the device because the cloud failed or refused."""
+
+    @property
+    def total(self) -> int:
+        return self.local + self.cloud + self.local_only + self.local_fallback
+
+    @property
+    def on_device_share(self) -> float | None:
+        """The share answered on the device, for whatever reason (None: no requests)."""
+        return 1 - self.cloud / self.total if self.total else None
+
+    def __add__(self, other: RouteCounts) -> RouteCounts:
+        return RouteCounts(
+            self.local + other.local,
+            self.cloud + other.cloud,
+            self.local_only + other.local_only,
+            self.local_fallback + other.local_fallback,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "local": self.local, "cloud": self.cloud, "local_only": self.local_only,
+            "local_fallback": self.local_fallback, "total": self.total,
+            "on_device_share": self.on_device_share,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSummary:
+    """Where the fleet's requests were answered, from the reports of periods ending at or
+    after `since`."""
+
+    since: datetime
+    reports: int
+    devices: int
+    routes: RouteCounts
+    by_adapter_version: dict[int | None, RouteCounts]
+    """None: answered without an adapter (the base model)."""
+    reasons: dict[str, int]
+    """The router's reasons over the same reports, most frequent first."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "since": self.since.isoformat(),
+            "reports": self.reports,
+            "devices": self.devices,
+            "routes": self.routes.as_dict(),
+            "by_adapter_version": [
+                {"adapter_version": version, **counts.as_dict()}
+                for version, counts in self.by_adapter_version.items()
+            ],
+            "reasons": self.reasons,
+        }
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import itertools
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -46,14 +47,18 @@ from cloud_agent.store.records import (
     NewInteraction,
     NewReport,
     NewUpdateStatus,
+    RouteCounts,
+    RoutingSummary,
     SessionEvent,
 )
 from cloud_agent.store.rollouts import RolloutStore
 
-__all__ = ["MAX_TOKEN_NOTE", "Store", "hash_token", "sqlite_url"]
+__all__ = ["MAX_ROUTING_HOURS", "MAX_TOKEN_NOTE", "Store", "hash_token", "sqlite_url"]
 
 MAX_TOKEN_NOTE = 256
 """The longest note an enrollment token keeps (its column's size)."""
+MAX_ROUTING_HOURS = 24 * 366
+"""The widest window the routing summary is asked for through the admin API and the CLI."""
 
 _Keyed = t.Feedback | t.Report | t.StatusReport
 """Tables of messages stored once per device and idempotency key."""
@@ -415,9 +420,8 @@ class Store(JobStore, RolloutStore):
         ]  # fmt: skip
         return dict(zip(items, await self._insert_once(t.Feedback, rows), strict=True))
 
-    async def add_report(self, device_id: str, idempotency_key: str, body: dict[str, Any]) -> bool:
+    async def add_report(self, item: NewReport) -> bool:
         """Store one device report; True if its key was stored before (a resend)."""
-        item = NewReport(device_id, idempotency_key, body)
         return (await self.add_report_batch([item]))[item]
 
     async def add_report_batch(self, items: Sequence[NewReport]) -> dict[NewReport, bool]:
@@ -425,10 +429,52 @@ class Store(JobStore, RolloutStore):
         now = _now()
         rows = [
             {"device_id": r.device_id, "idempotency_key": r.idempotency_key, "body": r.body,
-             "created_at": now}
+             "created_at": now, "period_start": r.period_start, "period_end": r.period_end,
+             "adapter_version": r.adapter_version, "local": r.routes.local,
+             "cloud": r.routes.cloud, "local_only": r.routes.local_only,
+             "local_fallback": r.routes.local_fallback}
             for r in items
         ]  # fmt: skip
         return dict(zip(items, await self._insert_once(t.Report, rows), strict=True))
+
+    async def routing_summary(
+        self, since: datetime, *, device_id: str | None = None, top_reasons: int = 20
+    ) -> RoutingSummary:
+        """Where requests were answered, summed over the device reports of periods ending at
+        or after `since` (of one device, or the whole fleet): in all, by the adapter version
+        the devices ran, and the router's `top_reasons` most frequent reasons."""
+        r = t.Report
+        window = [r.period_end >= since]
+        if device_id is not None:
+            window.append(r.device_id == device_id)
+        sums = [func.coalesce(func.sum(c), 0) for c in (r.local, r.cloud, r.local_only,
+                                                         r.local_fallback)]  # fmt: skip
+        async with self._tx() as s:
+            reports, devices = (
+                await s.execute(
+                    select(func.count(), func.count(r.device_id.distinct())).where(*window)
+                )
+            ).one()
+            by_version = list(
+                await s.execute(
+                    select(r.adapter_version, *sums).where(*window).group_by(r.adapter_version)
+                )
+            )
+            reasons: Counter[str] = Counter()
+            for body in await s.scalars(select(r.body).where(*window)):
+                for reason, count in (body.get("reasons") or {}).items():
+                    reasons[reason] += int(count)
+        # The base model first, then adapters by version.
+        by_version.sort(key=lambda row: -1 if row[0] is None else row[0])
+        versions = {version: RouteCounts(*map(int, counts)) for version, *counts in by_version}
+        return RoutingSummary(
+            since=since,
+            reports=int(reports),
+            devices=int(devices),
+            routes=sum(versions.values(), RouteCounts()),
+            by_adapter_version=versions,
+            reasons=dict(reasons.most_common(top_reasons)),
+        )
 
     async def _insert_once(
         self, table: type[_Keyed], rows: list[dict[str, Any]], then: _FollowUp | None = None

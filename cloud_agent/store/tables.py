@@ -127,12 +127,23 @@ class Feedback(Base):
 
 
 class Report(Base):
+    """A device's routing report: the whole message in `body`, what the fleet view sums over
+    in columns of its own."""
+
     __tablename__ = "reports"
 
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
     body: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    period_start: Mapped[datetime]
+    period_end: Mapped[datetime]
+    adapter_version: Mapped[int | None] = mapped_column(Integer)
+    """The adapter the device answered with in the period (None: the base model)."""
+    local: Mapped[int] = mapped_column(Integer)
+    cloud: Mapped[int] = mapped_column(Integer)
+    local_only: Mapped[int] = mapped_column(Integer)
+    local_fallback: Mapped[int] = mapped_column(Integer)
 
 
 class Adapter(Base):
@@ -233,3 +244,4 @@ Index("ix_feedback_created", Feedback.created_at)
 # Reviewing a rollout counts its deployments and the feedback given under it.
 Index("ix_deployments_version", Deployment.version, Deployment.status)
 Index("ix_feedback_adapter_version", Feedback.adapter_version, Feedback.rating)
+Index("ix_reports_period_end", Report.period_end)

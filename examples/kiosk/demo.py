@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from cloud_agent.distill.train import LoraSettings
 from cloud_agent.evaluation import contains_expected
 from cloud_agent.knowledge import load_facts
 from cloud_agent.service import CloudService
+from cloud_agent.store import RoutingSummary
 from edge_agent import EdgeAgent, Target
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, choose_settings
@@ -166,7 +168,13 @@ async def play(
     return result
 
 
-def table(before: Pass, after: Pass, extra: dict[str, Any], cloud_only: Pass | None = None) -> str:
+def table(
+    before: Pass,
+    after: Pass,
+    extra: dict[str, Any],
+    cloud_only: Pass | None = None,
+    reported: RoutingSummary | None = None,
+) -> str:
     def frac(ok_n: tuple[int, int]) -> str:
         ok, n = ok_n
         return f"{ok}/{n} ({ok / n:.0%})" if n else "-"
@@ -224,6 +232,16 @@ def table(before: Pass, after: Pass, extra: dict[str, Any], cloud_only: Pass | N
             f"  against it, the kiosk after one cycle sends {fewer:.0%} fewer requests and uses "
             f"{cheaper:.0%} fewer cloud tokens"
         )
+    if reported is not None:
+        views = [
+            f"{'base model' if version is None else f'adapter {version}'} "
+            f"{counts.on_device_share or 0:.1%} on the device ({counts.total} requests)"
+            for version, counts in reported.by_adapter_version.items()
+        ]
+        out.append(
+            "  the cloud's view, from the kiosk's routing reports (edgeloop cloud routing): "
+            + ", ".join(views)
+        )
     out.append(
         f"  {before.corrections} answers corrected by a store associate; "
         f"whole demo {extra['wall_seconds']:.0f} s (--json writes every figure)"
@@ -242,6 +260,7 @@ async def run_demo(
     json_path: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    demo_started = datetime.now(UTC)
     workload = load_workload(workload_path)
     config = CloudConfig.model_validate(
         {
@@ -317,6 +336,11 @@ async def run_demo(
 
         say("pass 2: playing the workload again")
         after = await play("pass 2", agent, service, workload)
+        # The cloud's own view of the two passes, from the routing reports the kiosk sends
+        # (every `report_every_s`, and here at once), split where the adapter changed.
+        await agent.send_report()
+        await link.wait_outbox_empty(30)
+        reported = await service.store.routing_summary(demo_started)
         cloud_only = None
         if compare_cloud_only:
             # Last, so that nothing it sends trains the adapter or the cloud's index.
@@ -324,6 +348,7 @@ async def run_demo(
             cloud_only = await play(
                 "pass 3", agent, service, workload, override=Target.CLOUD, rate=False
             )
+            agent.report()  # a comparison, not the kiosk's traffic: left out of its reports
     finally:
         if agent is not None:
             await agent.stop()
@@ -334,11 +359,16 @@ async def run_demo(
         **{k: v for k, v in result.metrics.items()},
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    figures = {"before": before.figures(), "after": after.figures(), "distill": extra}
+    figures = {
+        "before": before.figures(),
+        "after": after.figures(),
+        "distill": extra,
+        "reported_routing": reported.as_dict(),
+    }
     if cloud_only is not None:
         figures["cloud_only"] = cloud_only.figures()
     print()
-    print(table(before, after, extra, cloud_only))
+    print(table(before, after, extra, cloud_only, reported))
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2))
     return figures

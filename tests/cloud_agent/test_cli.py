@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import weakref
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -65,6 +65,41 @@ def test_purge_deletes_expired_tokens_and_needs_a_period(
     assert json.loads(capsys.readouterr().out)["enrollment_tokens"] == 1
     assert main(["cloud", "purge", *data, "--older-than-days", "0.01"]) == 0
     assert json.loads(capsys.readouterr().out)["enrollment_tokens"] == 0
+
+
+def test_routing_sums_the_fleets_reports_from_the_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud_agent.store import NewReport, RouteCounts
+
+    data = ["--data-dir", str(tmp_path / "cloud")]
+
+    async def a_report() -> None:
+        (tmp_path / "cloud").mkdir()
+        store = await Store.open(sqlite_url(tmp_path / "cloud" / "cloud.db"))
+        token = await store.create_enrollment_token()
+        await store.enroll_device(token, "dev_a", "A" * 43)
+        ended = datetime.now(UTC) - timedelta(hours=2)
+        await store.add_report(
+            NewReport("dev_a", "k1", {"reasons": {"coverage.match": 3}}, ended, ended,
+                      RouteCounts(local=3, cloud=1), 2)
+        )  # fmt: skip
+        await store.close()
+
+    asyncio.run(a_report())
+    assert main(["cloud", "routing", *data]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["routes"]["on_device_share"] == 0.75 and summary["devices"] == 1
+    assert summary["by_adapter_version"][0]["adapter_version"] == 2
+    assert summary["reasons"] == {"coverage.match": 3}
+    assert main(["cloud", "routing", *data, "--hours", "1"]) == 0  # it ended two hours ago
+    assert json.loads(capsys.readouterr().out)["reports"] == 0
+    assert main(["cloud", "routing", *data, "--device", "dev_b"]) == 0
+    assert json.loads(capsys.readouterr().out)["reports"] == 0
+    for hours in ("0", "many", "100000"):
+        with pytest.raises(SystemExit):
+            main(["cloud", "routing", *data, "--hours", hours])
+        assert "--hours" in capsys.readouterr().err
 
 
 def test_a_bad_environment_value_names_the_key(

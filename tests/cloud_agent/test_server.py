@@ -36,8 +36,10 @@ from protocol import (
     Feedback,
     GoodbyeReceived,
     PeerError,
+    Report,
     RequestFailed,
     ResultReceived,
+    RouteCounts,
     SessionClosed,
     Welcomed,
 )
@@ -348,6 +350,51 @@ async def test_feedback_is_acknowledged_after_commit_and_stored_once(cloud: Clou
     assert (first.ack.duplicate, second.ack.duplicate) == (False, True)
     summary = await cloud.service.store.feedback_summary()
     assert (summary.negative, summary.corrections) == (1, 1)
+    await device.close()
+
+
+async def test_device_reports_make_the_fleets_routing_in_the_admin_api_and_metrics(
+    cloud: Cloud,
+) -> None:
+    device, creds = await cloud.enroll()
+    now = datetime.now(UTC)
+    sent = Report(
+        idempotency_key="idk_r1", period_start=now - timedelta(minutes=5), period_end=now,
+        routes=RouteCounts(local=7, cloud=2, local_only=1), adapter_version=3,
+        reasons={"coverage.match": 6, "privacy.national_id": 1},
+    )  # fmt: skip
+    for duplicate in (False, True):  # a resend after a lost ack counts once
+        await device.send(sent)
+        ack = await device.next_event(AckReceived)
+        assert isinstance(ack, AckReceived) and ack.ack.duplicate is duplicate
+    async with admin_client(cloud.service) as admin:
+        routing = (await admin.get("/v1/routing")).json()
+        assert (routing["reports"], routing["devices"]) == (1, 1)
+        assert routing["routes"] == {
+            "local": 7,
+            "cloud": 2,
+            "local_only": 1,
+            "local_fallback": 0,
+            "total": 10,
+            "on_device_share": 0.8,
+        }
+        assert [v["adapter_version"] for v in routing["by_adapter_version"]] == [3]
+        assert routing["reasons"] == {"coverage.match": 6, "privacy.national_id": 1}
+        other = (await admin.get("/v1/routing", params={"device": "dev_nobody"})).json()
+        assert other["reports"] == 0 and other["routes"]["on_device_share"] is None
+        # The window holds periods that ended in it (this one, just now), not only whole ones.
+        assert (await admin.get("/v1/routing", params={"hours": "0.01"})).json()["reports"] == 1
+        for hours in ("0", "-1", "soon", "10000"):
+            bad = await admin.get("/v1/routing", params={"hours": hours})
+            assert bad.status_code == 400 and bad.json()["error"] == "bad_request"
+        metrics = (await admin.get("/metrics")).text
+    counted = {
+        sample.labels["route"]: sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "edgeloop_device_requests_total"
+    }
+    assert counted == {"local": 7, "cloud": 2, "local_only": 1, "local_fallback": 0}
     await device.close()
 
 

@@ -19,6 +19,7 @@ from cloud_agent.store import (
     NewInteraction,
     NewReport,
     NewUpdateStatus,
+    RouteCounts,
     SessionEvent,
     Store,
     tables,
@@ -156,19 +157,42 @@ async def test_a_feedback_batch_is_one_transaction_storing_each_key_once(store: 
     assert await store.add_feedback("dev_a", "idk_3", "req_3", "positive") is False
 
 
+def report(
+    device_id: str,
+    key: str,
+    *,
+    ended: datetime | None = None,
+    version: int | None = None,
+    reasons: dict[str, int] | None = None,
+    **routes: int,
+) -> NewReport:
+    """A device report as the inbox stores it: the message in `body`, the summed parts."""
+    end = ended or datetime.now(UTC)
+    start = end - timedelta(minutes=5)
+    body = {"period_start": start.isoformat(), "period_end": end.isoformat(),
+            "routes": routes, "reasons": reasons or {}, "adapter_version": version}  # fmt: skip
+    return NewReport(device_id, key, body, start, end, RouteCounts(**routes), version)
+
+
 async def test_reports_and_update_statuses_are_stored_once(store: Store) -> None:
     await enrolled(store)
-    body = {"routes": {"local": 3}}
-    assert await store.add_report("dev_a", "idk_r", body) is False
-    assert await store.add_report("dev_a", "idk_r", body) is True
-    batch = [NewReport("dev_a", "idk_r", body), NewReport("dev_a", "idk_s", body),
-             NewReport("dev_a", "idk_s", {"routes": {"cloud": 1}})]  # fmt: skip
+    first = report("dev_a", "idk_r", local=3)
+    assert await store.add_report(first) is False
+    assert await store.add_report(report("dev_a", "idk_r", local=3)) is True
+    batch = [report("dev_a", "idk_r", local=3), report("dev_a", "idk_s", local=3),
+             report("dev_a", "idk_s", cloud=1)]  # fmt: skip
     assert list((await store.add_report_batch(batch)).values()) == [True, False, True]
     async with store.engine.connect() as conn:
         stored = (
-            await conn.execute(select(tables.Report.body).order_by(tables.Report.idempotency_key))
+            await conn.execute(
+                select(tables.Report.body, tables.Report.local, tables.Report.cloud).order_by(
+                    tables.Report.idempotency_key
+                )
+            )
         ).all()
-    assert [row[0] for row in stored] == [body, body], "one row per key, the first one kept"
+    assert [tuple(row) for row in stored] == [(first.body, 3, 0), (batch[1].body, 3, 0)], (
+        "one row per key, the first one kept"
+    )
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is False
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is True
 
@@ -546,7 +570,7 @@ async def test_purge_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(
     await store.add_feedback(device, "idk_old", "req_old1", "negative", "wrong")
     await store.add_feedback(device, "idk_new", "req_new", "positive")
     await age(store, tables.Feedback, old, idempotency_key="idk_old")
-    await store.add_report(device, "rep_old", {"kind": "crash"})
+    await store.add_report(report(device, "rep_old", local=1))
     await age(store, tables.Report, old, idempotency_key="rep_old")
     await store.record_privacy_event(device, "req_old2", ["email"])
     await age(store, tables.PrivacyEvent, old, request_id="req_old2")
@@ -577,3 +601,80 @@ async def test_interactions_page_back_by_id(store: Store) -> None:
         pages.append([r.request_id for r in page])
         before = page[-1].id
     assert pages == [["req_4", "req_3"], ["req_2", "req_1"], ["req_0"]]
+
+
+async def test_the_routing_summary_sums_the_reports_in_its_window_by_adapter_version(
+    store: Store,
+) -> None:
+    a, b = await enrolled(store, "dev_a", KEY_A), await enrolled(store, "dev_b", KEY_B)
+    now = datetime.now(UTC)
+    await store.add_report_batch(
+        [report(a, "r1", local=6, cloud=4, reasons={"difficulty.low": 6, "link.down": 1}),
+         report(a, "r2", version=1, local=8, cloud=1, local_fallback=1,
+                reasons={"coverage.match": 7, "link.down": 1}),
+         report(b, "r3", version=1, local_only=2, cloud=2, reasons={"privacy.card": 2}),
+         report(b, "old", ended=now - timedelta(days=2), cloud=50)]
+    )  # fmt: skip
+    summary = await store.routing_summary(now - timedelta(hours=1))
+    assert (summary.reports, summary.devices) == (3, 2)
+    assert summary.routes == RouteCounts(local=14, cloud=7, local_only=2, local_fallback=1)
+    assert summary.routes.on_device_share == pytest.approx(17 / 24)
+    assert summary.by_adapter_version == {
+        None: RouteCounts(local=6, cloud=4),
+        1: RouteCounts(local=8, cloud=3, local_only=2, local_fallback=1),
+    }
+    assert list(summary.reasons.items())[:2] == [("coverage.match", 7), ("difficulty.low", 6)]
+    assert summary.reasons["link.down"] == 2
+    # One device's; and a window holding the old report too.
+    only_b = await store.routing_summary(now - timedelta(hours=1), device_id=b)
+    assert only_b.routes == RouteCounts(cloud=2, local_only=2) and only_b.devices == 1
+    wider = await store.routing_summary(now - timedelta(days=3))
+    assert wider.reports == 4 and wider.routes.cloud == 57
+    as_json = summary.as_dict()
+    assert as_json["routes"]["total"] == 24
+    assert [v["adapter_version"] for v in as_json["by_adapter_version"]] == [None, 1]
+    # No reports: zeros, and no share to speak of.
+    empty = await store.routing_summary(now + timedelta(days=1))
+    assert (empty.reports, empty.routes.total, empty.routes.on_device_share) == (0, 0, None)
+
+
+async def test_reports_stored_before_the_routing_columns_are_summed_after_the_upgrade(
+    store: Store,
+) -> None:
+    from alembic import command
+    from sqlalchemy import JSON, String, column, table
+
+    from cloud_agent.store.store import _alembic_config
+    from cloud_agent.store.tables import UtcDateTime
+
+    await enrolled(store)
+    ended = datetime.now(UTC) - timedelta(minutes=1)
+    body = {"period_start": (ended - timedelta(minutes=5)).isoformat(),
+            "period_end": ended.isoformat(), "adapter_version": 2,
+            "routes": {"local": 5, "cloud": 1, "local_only": 0, "local_fallback": 2},
+            "reasons": {"coverage.match": 5}}  # fmt: skip
+    old_reports = table(
+        "reports", column("device_id", String), column("idempotency_key", String),
+        column("body", JSON), column("created_at", UtcDateTime()),
+    )  # fmt: skip
+
+    def to_0006_with_a_report(connection: Any) -> None:
+        cfg = _alembic_config()
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0006")
+        connection.execute(
+            old_reports.insert().values(
+                device_id="dev_a", idempotency_key="k_old", body=body, created_at=ended
+            )
+        )
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(to_0006_with_a_report)
+    upgraded = await Store.open(store.engine.url.render_as_string(hide_password=False))
+    try:
+        summary = await upgraded.routing_summary(ended - timedelta(minutes=1))
+        assert summary.by_adapter_version == {2: RouteCounts(local=5, cloud=1, local_fallback=2)}
+        assert summary.reasons == {"coverage.match": 5}
+        assert (await upgraded.routing_summary(ended + timedelta(minutes=1))).reports == 0
+    finally:
+        await upgraded.close()

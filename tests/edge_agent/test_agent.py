@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.privacy import Redactor
 from edge_agent.router import Coverage, IntentIndex, Router, Target
 from examples.kiosk.intents import KIOSK_INTENTS
+from protocol import Report, RouteCounts
 from tests.cloud_fixtures import Cloud, recall
 
 pytestmark = pytest.mark.slow
@@ -325,3 +327,50 @@ async def test_a_request_too_large_for_the_cloud_is_answered_on_the_device(
     assert agent.link.state is LinkState.UP
     assert (await agent.ask(hard)).from_cloud
     await agent.stop()
+
+
+async def test_routing_reports_go_out_on_their_own_split_where_the_adapter_changed(
+    model: LocalModel, tmp_path: Path
+) -> None:
+    from tests.edge_agent.test_apply import fetch, make_bundle
+
+    outbox = Outbox(tmp_path / "device" / "outbox.db")
+    # No cloud: reports wait in the outbox, as they do on a device that is offline.
+    link = CloudLink("ws://127.0.0.1:9/v1", tmp_path / "device", enrollment_token="elt_none",
+                     outbox=outbox, backoff_initial_s=5)  # fmt: skip
+    agent = EdgeAgent(model, link=link, local_max_tokens=4, report_every_s=0.05)
+    agent.intent("greet", ["hello", "hi"], handler=lambda text: "Hello!")
+    updates = agent.enable_updates(tmp_path / "device")
+    await agent.start()
+    try:
+        await agent.ask("hello")
+        await agent.ask("hi")
+        async with asyncio.timeout(5):  # the first report, on its own
+            while not len(outbox):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # periods with nothing counted are not reported
+        assert len(outbox) == 1
+        await agent.ask("hello")
+        result = await updates.apply(*fetch(tmp_path, model, make_bundle(tmp_path, model, 1), None))
+        assert result.status == "applied"
+        await agent.ask("hello")  # a new period: this adapter's
+        await agent.ask("Compare three-season and four-season tents in detail")
+    finally:
+        await agent.stop()  # sends what the last period counted
+        model.activate(None)
+    reports = [Report.model_validate(e.payload) for e in outbox.pending() if e.kind == "report"]
+    assert all(r.routes.model_dump() != RouteCounts().model_dump() for r in reports)
+    by_version: dict[int | None, Counter[str]] = {}
+    for r in reports:
+        by_version.setdefault(r.adapter_version, Counter()).update(r.routes.model_dump())
+    assert {v: c.total() for v, c in by_version.items()} == {None: 3, 1: 2}
+    assert by_version[None]["local"] == 3 and by_version[1]["cloud"] == 0
+    assert sum(r.reasons.get("intent.greet", 0) for r in reports) == 4
+    ends = [r.period_end for r in reports]
+    assert ends == sorted(ends) and all(r.period_start <= r.period_end for r in reports)
+
+
+def test_the_report_interval_must_be_positive(model: LocalModel) -> None:
+    with pytest.raises(ValueError, match="report_every_s"):
+        EdgeAgent(model, report_every_s=0)
+    assert EdgeAgent(model, report_every_s=None).report_every_s is None

@@ -45,7 +45,24 @@ async def test_the_demo_plays_learns_and_reports(
     assert figures["cloud_only"]["cloud_tokens"] > figures["after"]["cloud_tokens"]
     assert figures["distill"]["train_examples"] >= 8
     assert "heldout_accuracy_after" in figures["distill"]
+    # The cloud's view from the kiosk's routing reports agrees with the passes (the third,
+    # a comparison, is left out of them), split by the adapter that answered.
+    reported = figures["reported_routing"]
+    assert reported["devices"] == 1 and reported["routes"]["total"] == 2 * len(picked)
+    by_version = {v["adapter_version"]: v for v in reported["by_adapter_version"]}
+    passes = [figures["before"], figures["after"]]
+    if len(by_version) == 2:  # a bundle was published and applied between the passes
+        assert [v["total"] for v in by_version.values()] == [len(picked), len(picked)]
+        assert [round(v["on_device_share"], 4) for v in by_version.values()] == [
+            p["share_on_device"] for p in passes
+        ]
+    else:
+        assert list(by_version) == [None]
+    assert reported["routes"]["cloud"] == sum(
+        p["requests"] - round(p["share_on_device"] * p["requests"]) for p in passes
+    )
     out = capsys.readouterr().out
+    assert "the cloud's view, from the kiosk's routing reports" in out
     assert "answered on the device" in out and "raw PII values seen by the cloud" in out
     assert f"adapter: {figures['distill']['adapter']}" in out
     assert f"{figures['distill']['heldout_examples']:.0f} held-out questions" in out
