@@ -49,7 +49,9 @@ def register(subparsers: Any) -> None:
     common(chat)
     chat.set_defaults(func=_chat)
 
-    serve = sub.add_parser("serve", help="serve /v1/chat/completions and /v1/models locally")
+    serve = sub.add_parser(
+        "serve", help="serve /v1/chat/completions, /v1/models and /v1/feedback locally"
+    )
     common(serve)
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.set_defaults(func=_serve)

@@ -4,7 +4,9 @@
 the device, and the official OpenAI client, use the edge agent unchanged. The conversation's
 earlier user and assistant turns go along with its last user message (`EdgeAgent.ask`'s
 `history`). The route taken is in the ``X-Edgeloop-Route`` header and in an extra ``edgeloop``
-field of the completion.
+field of the completion, with the `request_id` that `/v1/feedback` rates the answer by (not an
+OpenAI endpoint: the user's thumbs up or down, and a correction, go through the device's outbox
+to the cloud, which learns from them and watches its adapters' rollouts by them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -184,9 +187,39 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
+    async def feedback(request: Request) -> Response:
+        """The user's verdict on an answer, queued durably for the cloud (`agent.feedback`)."""
+        if agent.link is None:
+            return _error(409, "this device has no cloud link to send feedback to")
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise TypeError("expected a JSON object")
+            request_id, rating = body["request_id"], body["rating"]
+            correction = body.get("correction")
+            if rating not in ("positive", "negative"):
+                raise ValueError("rating must be 'positive' or 'negative'")
+            if not isinstance(request_id, str) or not (
+                correction is None or isinstance(correction, str)
+            ):
+                raise TypeError("request_id and correction must be text")
+            await agent.feedback(request_id, rating, correction)
+        except ValidationError as exc:  # a malformed id, a correction too long for a message
+            first = exc.errors()[0]
+            detail = f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+            return _error(400, f"feedback refused: {detail}")
+        except (ValueError, KeyError, TypeError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            shape = "{request_id, rating: 'positive'|'negative', correction?}"
+            return _error(400, f"expected {shape}: {detail}")
+        except EdgeAgentError as exc:
+            return _error(503, f"feedback not queued: {exc}", kind="server_error")
+        return JSONResponse({"queued": True}, status_code=202)
+
     return Starlette(
         routes=[
             Route("/v1/models", models),
             Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/v1/feedback", feedback, methods=["POST"]),
         ]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,17 +19,21 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.http import build_openai_app
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
+from edge_agent.outbox import Outbox
 from tests.cloud_fixtures import Cloud, recall
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-async def endpoint() -> AsyncIterator[str]:
+def small_model() -> LocalModel:
     settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8)
-    agent = EdgeAgent(LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings))
-    agent.intent("greet", ["hello", "hi there"], handler=lambda text: "Hello! How can I help?")
+    return LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
+
+
+@contextlib.asynccontextmanager
+async def serving(agent: EdgeAgent) -> AsyncIterator[str]:
+    """`agent`'s local endpoint on a free port of 127.0.0.1; its base URL."""
     server = uvicorn.Server(
         uvicorn.Config(build_openai_app(agent), host="127.0.0.1", port=0, log_level="warning")
     )
@@ -42,6 +47,14 @@ async def endpoint() -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[str]:
+    agent = EdgeAgent(small_model())
+    agent.intent("greet", ["hello", "hi there"], handler=lambda text: "Hello! How can I help?")
+    async with serving(agent) as url:
+        yield url
 
 
 async def test_the_official_client_gets_answers_and_the_route(endpoint: str) -> None:
@@ -185,6 +198,58 @@ def edge_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[st
         [sys.executable, "-m", "shared.cli", "edge", *args],
         input=stdin, capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
+
+
+@pytest.mark.cloud(backend=ScriptedBackend("Four-season tents take wind and snow."))
+async def test_an_answer_is_rated_through_the_endpoint_and_the_rating_reaches_the_cloud(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    outbox = Outbox(tmp_path / "dev" / "outbox.db")
+    link = CloudLink(
+        cloud.url, tmp_path / "dev", enrollment_token=token, outbox=outbox, backoff_initial_s=0.05
+    )
+    agent = EdgeAgent(small_model(), link=link)
+    await agent.start()
+    try:
+        assert await link.wait_up(10)
+        async with serving(agent) as url, httpx.AsyncClient(base_url=url) as client:
+            question = "Compare three-season and four-season tents and explain when each fits"
+            answer = await client.post(
+                "/chat/completions", json={"messages": [{"role": "user", "content": question}]}
+            )
+            route = answer.json()["edgeloop"]
+            assert route["from_cloud"], route
+            rated = await client.post(
+                "/feedback",
+                json={"request_id": route["request_id"], "rating": "negative",
+                      "correction": "Three-season for summer, four-season for winter."},
+            )  # fmt: skip
+            assert rated.status_code == 202 and rated.json() == {"queued": True}
+            for bad, says in (
+                ({"rating": "positive"}, "missing 'request_id'"),
+                ({"request_id": route["request_id"], "rating": "meh"}, "rating must be"),
+                ({"request_id": "no spaces allowed", "rating": "positive"}, "request_id"),
+                ({"request_id": route["request_id"], "rating": "negative", "correction": 5},
+                 "must be text"),
+                ({"request_id": route["request_id"], "rating": "negative",
+                  "correction": "x" * 70_000}, "correction"),
+                ([route["request_id"]], "JSON object"),
+            ):  # fmt: skip
+                refused = await client.post("/feedback", json=bad)
+                assert refused.status_code == 400, bad
+                assert says in refused.json()["error"]["message"], refused.json()
+        await link.wait_outbox_empty(10)
+        summary = await cloud.service.store.feedback_summary()
+        assert (summary.positive, summary.negative, summary.corrections) == (0, 1, 1)
+    finally:
+        await agent.stop()
+
+
+async def test_feedback_needs_a_cloud_link(endpoint: str) -> None:
+    async with httpx.AsyncClient(base_url=endpoint) as client:
+        refused = await client.post("/feedback", json={"request_id": "req_1", "rating": "positive"})
+    assert refused.status_code == 409 and "no cloud link" in refused.json()["error"]["message"]
 
 
 async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) -> None:
