@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import itertools
 import secrets
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -435,7 +434,19 @@ class Store(JobStore, RolloutStore):
              "local_fallback": r.routes.local_fallback}
             for r in items
         ]  # fmt: skip
-        return dict(zip(items, await self._insert_once(t.Report, rows), strict=True))
+
+        async def reasons(s: AsyncSession, stored: list[dict[str, Any]]) -> None:
+            rows = [
+                {"device_id": r["device_id"], "idempotency_key": r["idempotency_key"],
+                 "reason": reason, "count": count, "period_end": r["period_end"],
+                 "created_at": now}
+                for r in stored
+                for reason, count in (r["body"].get("reasons") or {}).items()
+            ]  # fmt: skip
+            if rows:
+                await s.execute(insert(t.ReportReason), rows)
+
+        return dict(zip(items, await self._insert_once(t.Report, rows, reasons), strict=True))
 
     async def routing_summary(
         self, since: datetime, *, device_id: str | None = None, top_reasons: int = 20
@@ -443,10 +454,12 @@ class Store(JobStore, RolloutStore):
         """Where requests were answered, summed over the device reports of periods ending at
         or after `since` (of one device, or the whole fleet): in all, by the adapter version
         the devices ran, and the router's `top_reasons` most frequent reasons."""
-        r = t.Report
+        r, why = t.Report, t.ReportReason
         window = [r.period_end >= since]
+        why_window = [why.period_end >= since]
         if device_id is not None:
             window.append(r.device_id == device_id)
+            why_window.append(why.device_id == device_id)
         sums = [func.coalesce(func.sum(c), 0) for c in (r.local, r.cloud, r.local_only,
                                                          r.local_fallback)]  # fmt: skip
         async with self._tx() as s:
@@ -460,10 +473,16 @@ class Store(JobStore, RolloutStore):
                     select(r.adapter_version, *sums).where(*window).group_by(r.adapter_version)
                 )
             )
-            reasons: Counter[str] = Counter()
-            for body in await s.scalars(select(r.body).where(*window)):
-                for reason, count in (body.get("reasons") or {}).items():
-                    reasons[reason] += int(count)
+            total = func.sum(why.count)
+            reasons = (
+                await s.execute(
+                    select(why.reason, total)
+                    .where(*why_window)
+                    .group_by(why.reason)
+                    .order_by(total.desc(), why.reason)
+                    .limit(top_reasons)
+                )
+            ).all()
         # The base model first, then adapters by version.
         by_version.sort(key=lambda row: -1 if row[0] is None else row[0])
         versions = {version: RouteCounts(*map(int, counts)) for version, *counts in by_version}
@@ -473,7 +492,7 @@ class Store(JobStore, RolloutStore):
             devices=int(devices),
             routes=sum(versions.values(), RouteCounts()),
             by_adapter_version=versions,
-            reasons=dict(reasons.most_common(top_reasons)),
+            reasons={reason: int(count) for reason, count in reasons},
         )
 
     async def _insert_once(
@@ -634,6 +653,11 @@ class Store(JobStore, RolloutStore):
         async with self._tx() as s:
             for name, statement in (
                 ("feedback", delete(t.Feedback).where(t.Feedback.created_at < before)),
+                # A report's reasons first: they refer to it.
+                (
+                    "report_reasons",
+                    delete(t.ReportReason).where(t.ReportReason.created_at < before),
+                ),
                 ("reports", delete(t.Report).where(t.Report.created_at < before)),
                 (
                     "privacy_events",

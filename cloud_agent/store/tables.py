@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     String,
@@ -146,6 +147,25 @@ class Report(Base):
     local_fallback: Mapped[int] = mapped_column(Integer)
 
 
+class ReportReason(Base):
+    """One router reason of a report and how often it was given in the report's period; the
+    period's end is repeated here so the fleet view sums reasons without reading reports."""
+
+    __tablename__ = "report_reasons"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["device_id", "idempotency_key"], ["reports.device_id", "reports.idempotency_key"]
+        ),
+    )
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    period_end: Mapped[datetime]
+    created_at: Mapped[datetime]
+
+
 class Adapter(Base):
     __tablename__ = "adapters"
 
@@ -245,3 +265,4 @@ Index("ix_feedback_created", Feedback.created_at)
 Index("ix_deployments_version", Deployment.version, Deployment.status)
 Index("ix_feedback_adapter_version", Feedback.adapter_version, Feedback.rating)
 Index("ix_reports_period_end", Report.period_end)
+Index("ix_report_reasons_period_end", ReportReason.period_end)

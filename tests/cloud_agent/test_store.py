@@ -570,17 +570,21 @@ async def test_purge_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(
     await store.add_feedback(device, "idk_old", "req_old1", "negative", "wrong")
     await store.add_feedback(device, "idk_new", "req_new", "positive")
     await age(store, tables.Feedback, old, idempotency_key="idk_old")
-    await store.add_report(report(device, "rep_old", local=1))
+    await store.add_report(report(device, "rep_old", local=2, reasons={"a.b": 1, "c.d": 1}))
+    await store.add_report(report(device, "rep_new", local=1, reasons={"a.b": 1}))
     await age(store, tables.Report, old, idempotency_key="rep_old")
+    await age(store, tables.ReportReason, old, idempotency_key="rep_old")
     await store.record_privacy_event(device, "req_old2", ["email"])
     await age(store, tables.PrivacyEvent, old, request_id="req_old2")
     await store.create_enrollment_token(ttl=timedelta(days=-35))  # expired long ago
     fresh = await store.create_enrollment_token()
 
     counts = await store.purge(now - timedelta(days=30), chunk=2)  # two chunks of interactions
-    assert counts == {"interactions": 3, "feedback": 1, "reports": 1, "privacy_events": 1,
-                      "sessions": 1, "enrollment_tokens": 1}  # fmt: skip
+    assert counts == {"interactions": 3, "feedback": 1, "report_reasons": 2, "reports": 1,
+                      "privacy_events": 1, "sessions": 1, "enrollment_tokens": 1}  # fmt: skip
     assert [r.request_id for r in await store.list_interactions()] == ["req_new"]
+    routing = await store.routing_summary(now - timedelta(days=1))
+    assert (routing.reports, routing.routes.local, routing.reasons) == (1, 1, {"a.b": 1})
     summary = await store.feedback_summary()
     assert (summary.positive, summary.negative) == (1, 0)
     kept = await store.get_device(device)
