@@ -25,7 +25,7 @@ from edge_agent.router import Coverage, Router
 from edge_agent.updates import BundleDownload, UpdateRejected
 from protocol import BundleManifest
 
-__all__ = ["ApplyResult", "UpdateManager"]
+__all__ = ["ApplyResult", "UpdateManager", "active_version", "bundle_manifest"]
 
 SELF_CHECK_PROMPTS = (
     "Hello!",
@@ -40,6 +40,22 @@ class ApplyResult:
     version: int
     reason: str | None = None
     self_check: dict[str, float] = field(default_factory=dict)
+
+
+def active_version(state_dir: Path) -> int | None:
+    """The bundle version committed on the device whose state is in `state_dir` (None: the
+    base model)."""
+    try:
+        return int(json.loads((state_dir / "updates" / "active.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def bundle_manifest(state_dir: Path, version: int) -> BundleManifest:
+    """The manifest of a bundle kept on the device, as it was verified when it arrived (its
+    files are not checked again here). Raises OSError or ValueError when it cannot be read."""
+    path = state_dir / "updates" / "versions" / str(version) / "manifest.json"
+    return BundleManifest.model_validate_json(path.read_text())
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -81,14 +97,11 @@ class UpdateManager:
 
     @property
     def current_version(self) -> int | None:
-        try:
-            return int(json.loads((self.root / "active.json").read_text())["version"])
-        except (OSError, ValueError, KeyError):
-            return None
+        return active_version(self.root.parent)
 
     def _bundle(self, version: int) -> tuple[BundleManifest, dict[str, Path]]:
+        manifest = bundle_manifest(self.root.parent, version)
         directory = self.versions / str(version)
-        manifest = BundleManifest.model_validate_json((directory / "manifest.json").read_text())
         return manifest, BundleDownload(manifest, self.versions, directory=directory).verify()
 
     def restore(self) -> int | None:

@@ -1,5 +1,5 @@
 """`edgeloop edge ...`: enroll a device, chat in the terminal, serve the local OpenAI endpoint,
-calibrate the router."""
+show the device's state, calibrate the router."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ ENV_PREFIX = "EDGELOOP_EDGE__"
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("edge", help="the device side: enroll, chat, local endpoint")
+    parser = subparsers.add_parser(
+        "edge", help="the device side: enroll, chat, local endpoint, status"
+    )
     sub = parser.add_subparsers(title="edge commands", metavar="COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,14 @@ def register(subparsers: Any) -> None:
     common(serve)
     serve.add_argument("--port", type=int, help="port (default 8080)")
     serve.set_defaults(func=_serve)
+
+    status = sub.add_parser(
+        "status",
+        help="this device's enrollment, active adapter and outbox as JSON (reads its state "
+        "only; the cloud need not be reachable)",
+    )
+    common(status)
+    status.set_defaults(func=_status)
 
     calibrate = sub.add_parser(
         "calibrate", help="set the router's threshold from labelled requests to a local share"
@@ -96,6 +106,45 @@ def _link(config: EdgeConfig, token: str | None = None) -> Any:
         enrollment_token=token,
         outbox=Outbox(config.state_dir / "outbox.db"),
     )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from edge_agent.apply import active_version, bundle_manifest
+    from edge_agent.link import read_identity
+    from edge_agent.outbox import Outbox
+
+    config = _config(args)
+    state = config.state_dir
+    identity = read_identity(state)
+    adapter: dict[str, Any] | None = None
+    if (version := active_version(state)) is not None:
+        adapter = {"version": version}
+        try:
+            manifest = bundle_manifest(state, version)
+            adapter |= {"name": manifest.name, "created_at": manifest.created_at.isoformat(),
+                        "metrics": manifest.metrics}  # fmt: skip
+        except (OSError, ValueError) as exc:
+            adapter["problem"] = f"its manifest cannot be read ({type(exc).__name__})"
+    outbox: dict[str, Any] = {"waiting": {}, "oldest_waiting_s": None, "dropped": {}}
+    if (state / "outbox.db").exists():  # looking does not create one
+        box = Outbox(state / "outbox.db")
+        try:
+            waiting, oldest = box.waiting()
+            outbox = {"waiting": waiting, "oldest_waiting_s": oldest and round(oldest, 1),
+                      "dropped": box.dropped()}  # fmt: skip
+        finally:
+            box.close()
+    status = {
+        "state_dir": str(state),
+        "cloud_url": config.cloud_url,
+        "enrolled": identity.device_id is not None,
+        "device_id": identity.device_id,
+        "server_key": identity.server_key,
+        "adapter": adapter,
+        "outbox": outbox,
+    }
+    print(json.dumps(status, indent=2))
+    return 0
 
 
 def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
@@ -243,6 +292,7 @@ def _chat(args: argparse.Namespace) -> int:
                 why = f", fallback: {reply.fallback_reason}" if reply.fallback_reason else ""
                 print(f"\n  [{where}; {reply.decision.explain()}{why}; {reply.latency_ms:.0f} ms]")
             if agent.link is not None and agent.link.outbox is not None:
+                await agent.send_report()  # this chat's routes, sent with its feedback
                 if not await agent.link.wait_outbox_empty(5):
                     kept = len(agent.link.outbox)
                     print(f"  [{kept} message(s) kept in the outbox for next time]")

@@ -63,7 +63,7 @@ from protocol import (
 from shared.ids import new_request_id
 from shared.keys import SigningKey
 
-__all__ = ["CloudLink", "CloudUnavailable", "LinkState"]
+__all__ = ["CloudLink", "CloudUnavailable", "DeviceIdentity", "LinkState", "read_identity"]
 
 log = logging.getLogger("edgeloop.edge.link")
 
@@ -88,9 +88,32 @@ class LinkState(StrEnum):
 
 
 @dataclass
-class _Identity:
+class DeviceIdentity:
+    """What enrollment gave the device: its id, and the cloud's key it pinned (base64)."""
+
     device_id: str | None
     server_key: str | None
+
+
+def read_identity(state_dir: Path) -> DeviceIdentity:
+    """The identity the cloud gave a device at enrollment (its id, the server's key it pinned);
+    none before it. A file that is there but unreadable is an error, not a reason to act as a
+    new device (it is written whole, by rename, so only something outside edgeloop damages
+    it)."""
+    path = state_dir / "identity.json"
+    if not path.exists():
+        return DeviceIdentity(None, None)
+    try:
+        data = json.loads(path.read_text())
+        identity = DeviceIdentity(data["device_id"], data["server_key"])
+        if not all(isinstance(v, str) for v in (identity.device_id, identity.server_key)):
+            raise ValueError("device_id and server_key must be strings")
+        return identity
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgeAgentError(
+            f"{path} is damaged ({type(exc).__name__}: {exc}); restore it from a backup, or "
+            "delete it and enroll this device again"
+        ) from None
 
 
 class CloudLink:
@@ -148,24 +171,8 @@ class CloudLink:
 
     # --- identity ---------------------------------------------------------------------------
 
-    def _load_identity(self) -> _Identity:
-        """The identity the cloud gave at enrollment; none before it. A file that is there but
-        unreadable is an error, not a reason to act as a new device (it is written whole, by
-        rename, so only something outside edgeloop damages it)."""
-        path = self.state_dir / "identity.json"
-        if not path.exists():
-            return _Identity(None, None)
-        try:
-            data = json.loads(path.read_text())
-            identity = _Identity(data["device_id"], data["server_key"])
-            if not all(isinstance(v, str) for v in (identity.device_id, identity.server_key)):
-                raise ValueError("device_id and server_key must be strings")
-            return identity
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise EdgeAgentError(
-                f"{path} is damaged ({type(exc).__name__}: {exc}); restore it from a backup, or "
-                "delete it and enroll this device again"
-            ) from None
+    def _load_identity(self) -> DeviceIdentity:
+        return read_identity(self.state_dir)
 
     def _save_identity(self) -> None:
         path = self.state_dir / "identity.json"
@@ -295,7 +302,7 @@ class CloudLink:
         for event in session.events_received():
             match event:
                 case EnrollmentCompleted(device_id=device_id, server_key=server_key):
-                    self.identity = _Identity(device_id, server_key)
+                    self.identity = DeviceIdentity(device_id, server_key)
                     self._save_identity()
                 case Welcomed(welcome=welcome):
                     self.state, self.limits = LinkState.UP, welcome.limits

@@ -130,6 +130,18 @@ class Outbox:
             (n,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         return int(n)
 
+    def waiting(self) -> tuple[dict[str, int], float | None]:
+        """The entries waiting, by kind, and how many seconds the oldest has waited (None:
+        nothing waits)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, count(*), min(created_at) FROM outbox GROUP BY kind"
+            ).fetchall()
+        oldest = min((row[2] for row in rows), default=None)
+        return {kind: int(n) for kind, n, _ in rows}, (
+            None if oldest is None else max(0.0, time.time() - oldest)
+        )
+
     def dropped(self) -> dict[str, int]:
         """Entries dropped past the cap, by kind, since the outbox was created."""
         with self._lock:

@@ -20,6 +20,7 @@ from edge_agent.router import IntentIndex, Router
 from edge_agent.updates import BundleDownload, verify_offer
 from protocol import UpdateOffer
 from shared import SigningKey
+from shared.cli import main
 from tests.edge_agent.lora import write_random_lora
 
 pytestmark = pytest.mark.slow
@@ -63,7 +64,7 @@ def fetch(tmp_path: Path, model: LocalModel, offer: UpdateOffer, current: int | 
 
 
 async def test_a_good_bundle_is_swapped_in_checked_committed_and_its_coverage_installed(
-    tmp_path: Path, model: LocalModel
+    tmp_path: Path, model: LocalModel, capsys: pytest.CaptureFixture[str]
 ) -> None:
     router = Router(IntentIndex())
     manager = UpdateManager(model, router, tmp_path / "device")
@@ -76,6 +77,14 @@ async def test_a_good_bundle_is_swapped_in_checked_committed_and_its_coverage_in
     result = await manager.apply(*fetch(tmp_path, model, make_bundle(tmp_path, model, 2), 1))
     assert result.status == "applied" and manager.current_version == 2
     assert (tmp_path / "device" / "updates" / "versions" / "1" / "adapter.gguf").exists()
+    # `edgeloop edge status` shows the committed one.
+    assert main(["edge", "status", "--state-dir", str(tmp_path / "device")]) == 0
+    adapter = json.loads(capsys.readouterr().out)["adapter"]
+    assert (adapter["version"], adapter["name"]) == (2, "facts")
+    (tmp_path / "device" / "updates" / "versions" / "2" / "manifest.json").write_text("{")
+    assert main(["edge", "status", "--state-dir", str(tmp_path / "device")]) == 0
+    adapter = json.loads(capsys.readouterr().out)["adapter"]
+    assert adapter["version"] == 2 and "cannot be read" in adapter["problem"]
     model.activate(None)
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -255,14 +257,32 @@ async def test_feedback_needs_a_cloud_link(endpoint: str) -> None:
 async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) -> None:
     token = await cloud.service.store.create_enrollment_token()
     state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+    before = json.loads((await asyncio.to_thread(edge_cli, ["status", *state])).stdout)
+    assert (before["enrolled"], before["device_id"], before["adapter"]) == (False, None, None)
+    assert not (tmp_path / "dev" / "outbox.db").exists(), "looking creates nothing"
     enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
     assert enrolled.returncode == 0, enrolled.stderr
     assert "enrolled as dev_" in enrolled.stdout
+    since = datetime.now(UTC)
     chat = await asyncio.to_thread(
         edge_cli, ["chat", *state], "Explain how to layer for ski touring versus resort skiing.\n"
     )
     assert chat.returncode == 0, chat.stderr
     assert "[cloud; cloud: intent.unknown" in chat.stdout
+    # The chat reported its route before it ended; the cloud counts it.
+    routing = await cloud.service.store.routing_summary(since)
+    assert (routing.devices, routing.routes.cloud, routing.routes.total) == (1, 1, 1)
+    status = await asyncio.to_thread(edge_cli, ["status", *state])
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    [device] = await cloud.service.store.list_devices()
+    assert (shown["enrolled"], shown["device_id"]) == (True, device.id)
+    assert shown["cloud_url"] == cloud.url
+    assert shown["server_key"] == cloud.service.signing_key.verify_key().b64()
+    assert shown["outbox"] == {"waiting": {}, "oldest_waiting_s": None, "dropped": {}}
+    (tmp_path / "dev" / "identity.json").write_text("{")  # damaged: said so, not read as new
+    damaged = await asyncio.to_thread(edge_cli, ["status", *state])
+    assert damaged.returncode != 0 and "identity.json is damaged" in damaged.stderr
 
 
 async def test_enroll_says_why_it_failed(cloud: Cloud, tmp_path: Path) -> None:
