@@ -91,10 +91,12 @@ class Reply:
 
 
 class ReplyStream:
-    """Text pieces as they are produced. `decision` is set by `start()` (or the first piece),
+    """Text pieces as they are produced. `request_id` is known at once (feedback on the answer
+    can be given while it streams), `decision` is set by `start()` (or the first piece),
     `reply` once the stream is exhausted."""
 
-    def __init__(self, pieces: AsyncIterator[str | Reply | RouteDecision]) -> None:
+    def __init__(self, pieces: AsyncIterator[str | Reply | RouteDecision], request_id: str) -> None:
+        self.request_id = request_id
         self._pieces = pieces
         self.decision: RouteDecision | None = None
         self.reply: Reply | None = None
@@ -328,7 +330,10 @@ class EdgeAgent:
                 raise ValueError("history holds Turn('user' or 'assistant', text) items")
         if any(len(t) > MAX_CHARS for t in (text, *(turn.text for turn in history))):
             raise ValueError(f"a turn holds at most {MAX_CHARS} characters")
-        return ReplyStream(self._answer(text, history, override, max_tokens))
+        request_id = new_request_id()
+        return ReplyStream(
+            self._answer(text, history, override, max_tokens, request_id), request_id
+        )
 
     def conversation(self, *, max_turns: int = 8) -> Conversation:
         """A conversation with this agent that remembers its turns (see `Conversation`)."""
@@ -360,10 +365,10 @@ class EdgeAgent:
         text: str,
         history: tuple[Turn, ...],
         override: Target | None,
-        max_tokens: int | None = None,
+        max_tokens: int | None,
+        request_id: str,
     ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
-        request_id = new_request_id()
         adapter = self.updates.current_version if self.updates is not None else None
         link_up = self.link is not None and self.link.state is LinkState.UP
         decision = self.router.decide(
@@ -507,7 +512,7 @@ class Conversation:
         inner = self.agent.stream(
             text, history=self.history, override=override, max_tokens=max_tokens
         )
-        return ReplyStream(self._remember(text, inner))
+        return ReplyStream(self._remember(text, inner), inner.request_id)
 
     async def _remember(
         self, text: str, inner: ReplyStream

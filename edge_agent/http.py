@@ -29,6 +29,9 @@ from edge_agent.router import RouteDecision
 
 __all__ = ["build_openai_app"]
 
+COMPLETION_PREFIX = "chatcmpl-"
+"""A completion's id is this and the request id of its answer."""
+
 
 def _error(
     status: int, message: str, *, kind: str = "invalid_request_error", code: str | None = None
@@ -54,13 +57,13 @@ def _usage(reply: Reply | None) -> dict[str, int]:
     }
 
 
-def _route_info(decision: RouteDecision, reply: Reply | None) -> dict[str, Any]:
+def _route_info(decision: RouteDecision, reply: Reply | None, request_id: str) -> dict[str, Any]:
     return {
         "route": decision.target.value,
         "reasons": list(decision.reasons),
         "from_cloud": bool(reply and reply.from_cloud),
         "fallback_reason": reply.fallback_reason if reply else None,
-        "request_id": reply.request_id if reply else None,
+        "request_id": request_id,
     }
 
 
@@ -122,6 +125,8 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
             return _error(400, str(exc))
         decision = await stream.start()
         headers = {"X-Edgeloop-Route": decision.target.value}
+        # Every chunk of a stream, too: `/v1/feedback` takes it (or `edgeloop.request_id`).
+        completion_id = f"{COMPLETION_PREFIX}{stream.request_id}"
         # The first piece before any response: a request the device cannot answer (too long
         # for its context) is an error status, not a 200 whose stream breaks off.
         try:
@@ -136,7 +141,7 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
             reply = stream.reply
             return JSONResponse(
                 {
-                    "id": f"chatcmpl-{reply.request_id if reply else created}",
+                    "id": completion_id,
                     "object": "chat.completion",
                     "created": created,
                     "model": model_name,
@@ -148,7 +153,7 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                         }
                     ],
                     "usage": _usage(reply),
-                    "edgeloop": _route_info(decision, reply),
+                    "edgeloop": _route_info(decision, reply, stream.request_id),
                 },  # fmt: skip
                 headers=headers,
             )
@@ -156,7 +161,7 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         async def events() -> AsyncIterator[str]:
             def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
                 payload = {
-                    "id": f"chatcmpl-{created}", "object": "chat.completion.chunk",
+                    "id": completion_id, "object": "chat.completion.chunk",
                     "created": created, "model": model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra,
                 }  # fmt: skip
@@ -174,11 +179,11 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply))
+            yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply, stream.request_id))
             if include_usage:
                 # As OpenAI sends it when asked: a last chunk with no choices and the usage.
                 payload = {
-                    "id": f"chatcmpl-{created}", "object": "chat.completion.chunk",
+                    "id": completion_id, "object": "chat.completion.chunk",
                     "created": created, "model": model_name, "choices": [],
                     "usage": _usage(stream.reply),
                 }  # fmt: skip
@@ -203,6 +208,8 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 correction is None or isinstance(correction, str)
             ):
                 raise TypeError("request_id and correction must be text")
+            # The completion's id names its request too.
+            request_id = request_id.removeprefix(COMPLETION_PREFIX)
             await agent.feedback(request_id, rating, correction)
         except ValidationError as exc:  # a malformed id, a correction too long for a message
             first = exc.errors()[0]

@@ -81,13 +81,16 @@ async def test_streaming_chunks_add_up_and_end_with_the_route(endpoint: str) -> 
         messages=[{"role": "user", "content": "Which socks keep feet dry?"}],
         stream=True,
     )
-    pieces, last = [], None
+    pieces, last, ids = [], None, set()
     async for chunk in stream:
         pieces.append(chunk.choices[0].delta.content or "")
+        ids.add(chunk.id)
         last = chunk
     assert "".join(pieces).strip()
     assert last is not None and last.model_extra is not None
     assert last.model_extra["edgeloop"]["route"] == "local_fallback"  # no cloud configured
+    # One id for every chunk: the request's, which feedback rates it by.
+    assert ids == {f"chatcmpl-{last.model_extra['edgeloop']['request_id']}"}
     # Asked for, the usage comes last, in a chunk of its own, as OpenAI sends it.
     counted = await client.chat.completions.create(
         model="edgeloop-edge",
@@ -228,6 +231,12 @@ async def test_an_answer_is_rated_through_the_endpoint_and_the_rating_reaches_th
                       "correction": "Three-season for summer, four-season for winter."},
             )  # fmt: skip
             assert rated.status_code == 202 and rated.json() == {"queued": True}
+            # The completion's id names the same request; a rating by it goes as well.
+            assert answer.json()["id"] == f"chatcmpl-{route['request_id']}"
+            again = await client.post(
+                "/feedback", json={"request_id": answer.json()["id"], "rating": "positive"}
+            )
+            assert again.status_code == 202
             for bad, says in (
                 ({"rating": "positive"}, "missing 'request_id'"),
                 ({"request_id": route["request_id"], "rating": "meh"}, "rating must be"),
@@ -243,7 +252,7 @@ async def test_an_answer_is_rated_through_the_endpoint_and_the_rating_reaches_th
                 assert says in refused.json()["error"]["message"], refused.json()
         await link.wait_outbox_empty(10)
         summary = await cloud.service.store.feedback_summary()
-        assert (summary.positive, summary.negative, summary.corrections) == (0, 1, 1)
+        assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
     finally:
         await agent.stop()
 
