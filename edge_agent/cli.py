@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,7 +19,7 @@ from shared.files import read_json, read_jsonl
 from shared.net import listen
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Conversation
+    from edge_agent.agent import Conversation, EdgeAgent
 
 __all__ = ["register"]
 
@@ -291,17 +292,25 @@ def _chat(args: argparse.Namespace) -> int:
                 where = "cloud" if reply.from_cloud else "device"
                 why = f", fallback: {reply.fallback_reason}" if reply.fallback_reason else ""
                 print(f"\n  [{where}; {reply.decision.explain()}{why}; {reply.latency_ms:.0f} ms]")
-            if agent.link is not None and agent.link.outbox is not None:
-                await agent.send_report()  # this chat's routes, sent with its feedback
-                if not await agent.link.wait_outbox_empty(5):
-                    kept = len(agent.link.outbox)
-                    print(f"  [{kept} message(s) kept in the outbox for next time]")
+            if kept := await _send_what_waits(agent, 5):
+                print(f"  [{kept} message(s) kept in the outbox for next time]")
         finally:
             await agent.stop()
 
     print("edgeloop edge chat: type a message, /help for commands, Ctrl-D to quit", file=sys.stderr)
     asyncio.run(run())
     return 0
+
+
+async def _send_what_waits(agent: EdgeAgent, seconds: float) -> int:
+    """Before a command ends: queue the routing report, give the cloud up to `seconds` to
+    acknowledge what the outbox holds (feedback too); how many messages stay for next time."""
+    if agent.link is None or agent.link.outbox is None:
+        return 0
+    await agent.send_report()
+    if await agent.link.wait_outbox_empty(seconds):
+        return 0
+    return len(agent.link.outbox)
 
 
 async def _chat_command(conversation: Conversation, text: str, last: str | None) -> None:
@@ -326,6 +335,14 @@ async def _chat_command(conversation: Conversation, text: str, last: str | None)
         print(f"  [{rating} feedback{' with a correction' if correction else ''} queued]")
 
 
+class _Stopped(Exception):
+    """A signal to stop arrived."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -339,11 +356,23 @@ def _serve(args: argparse.Namespace) -> int:
     async def run() -> None:
         agent = _agent(config, args.intents)
         await agent.start()
+        if agent.link is not None:
+            # As `chat` does: the first requests find the cloud, if it is there to be found.
+            await agent.link.wait_up(5)
         server = uvicorn.Server(uvicorn.Config(build_openai_app(agent), log_level="warning"))
         print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
+        # uvicorn shuts down on SIGINT or SIGTERM, then raises the signal again for the
+        # handler it found: ours ends `serve` with `_Stopped`, so the agent stops cleanly
+        # (sends what waits) rather than the process dying at once on the second delivery.
+        previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             await server.serve(sockets=[listener])
+        except _Stopped:
+            pass
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            await _send_what_waits(agent, 3)
             await agent.stop()
 
     asyncio.run(run())

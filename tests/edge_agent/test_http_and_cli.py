@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -292,6 +293,43 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
     (tmp_path / "dev" / "identity.json").write_text("{")  # damaged: said so, not read as new
     damaged = await asyncio.to_thread(edge_cli, ["status", *state])
     assert damaged.returncode != 0 and "identity.json is damaged" in damaged.stderr
+
+
+@pytest.mark.cloud(backend=ScriptedBackend("Four-season tents take wind and snow."))
+async def test_edge_serve_answers_is_rated_and_reports_its_routes_when_it_stops(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
+    assert enrolled.returncode == 0, enrolled.stderr
+    since = datetime.now(UTC)
+    serving = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.cli", "edge", "serve", *state, "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    try:
+        assert serving.stdout is not None
+        line = (await asyncio.wait_for(serving.stdout.readline(), 120)).decode()
+        assert line.startswith("edgeloop edge endpoint: http://127.0.0.1:"), line
+        async with httpx.AsyncClient(base_url=line.split()[-1], timeout=60) as client:
+            question = "Compare three-season and four-season tents and explain when each fits"
+            answer = await client.post(
+                "/chat/completions", json={"messages": [{"role": "user", "content": question}]}
+            )
+            assert answer.json()["edgeloop"]["from_cloud"], answer.json()
+            rated = await client.post(
+                "/feedback", json={"request_id": answer.json()["id"], "rating": "negative"}
+            )
+            assert rated.status_code == 202
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(serving.communicate(), 60)
+    assert serving.returncode == 0, err.decode()
+    # Before it ended, the endpoint sent the rating and its routing report.
+    assert (await cloud.service.store.feedback_summary()).negative == 1
+    routing = await cloud.service.store.routing_summary(since)
+    assert (routing.routes.cloud, routing.routes.total) == (1, 1)
 
 
 async def test_enroll_says_why_it_failed(cloud: Cloud, tmp_path: Path) -> None:
