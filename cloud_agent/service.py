@@ -13,8 +13,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from cloud_agent.server import CloudServer
 from cloud_agent.skills import KnowledgeSkill
 from cloud_agent.store import Store
 from protocol import Limits
+from shared.asgi import SignalFreeServer
 from shared.errors import ConfigError
 from shared.keys import SigningKey
 from shared.net import cannot_listen, listen
@@ -238,7 +238,8 @@ class CloudService:
             log_level="warning",
             lifespan="off",
         )
-        self._uvicorn = _AdminServer(uv_config)
+        # The service handles SIGINT and SIGTERM itself (`edgeloop cloud serve`).
+        self._uvicorn = SignalFreeServer(uv_config)
         # Bound here rather than by uvicorn, which exits the process when it cannot bind.
         admin_socket = listen(self.config.admin_host, self.config.admin_port, key="admin_port")
         self._admin_task = asyncio.create_task(self._uvicorn.serve(sockets=[admin_socket]))
@@ -477,14 +478,6 @@ class CloudService:
                 for m in self.backend.members
             ]
         return [{"name": self.backend.name}]
-
-
-class _AdminServer(uvicorn.Server):
-    """uvicorn without its signal handlers: the service handles SIGINT/SIGTERM itself."""
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 _SETTLE_S = 1.0

@@ -335,18 +335,11 @@ async def _chat_command(conversation: Conversation, text: str, last: str | None)
         print(f"  [{rating} feedback{' with a correction' if correction else ''} queued]")
 
 
-class _Stopped(Exception):
-    """A signal to stop arrived."""
-
-
-def _stopped(signum: int, frame: object) -> None:
-    raise _Stopped
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from edge_agent.http import build_openai_app
+    from shared.asgi import SignalFreeServer
 
     config = _config(args)
     # Bound before the model loads: a port in use is a one-line error naming the setting.
@@ -359,19 +352,16 @@ def _serve(args: argparse.Namespace) -> int:
         if agent.link is not None:
             # As `chat` does: the first requests find the cloud, if it is there to be found.
             await agent.link.wait_up(5)
-        server = uvicorn.Server(uvicorn.Config(build_openai_app(agent), log_level="warning"))
+        server = SignalFreeServer(uvicorn.Config(build_openai_app(agent), log_level="warning"))
+        # On SIGINT or SIGTERM the endpoint shuts down, then the agent stops cleanly (sending
+        # what waits); uvicorn's own handling would end the process before that.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, setattr, server, "should_exit", True)
         print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
-        # uvicorn shuts down on SIGINT or SIGTERM, then raises the signal again for the
-        # handler it found: ours ends `serve` with `_Stopped`, so the agent stops cleanly
-        # (sends what waits) rather than the process dying at once on the second delivery.
-        previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             await server.serve(sockets=[listener])
-        except _Stopped:
-            pass
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             await _send_what_waits(agent, 3)
             await agent.stop()
 
