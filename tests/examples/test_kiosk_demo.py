@@ -62,7 +62,7 @@ async def test_the_demo_plays_learns_and_reports(
         p["requests"] - round(p["share_on_device"] * p["requests"]) for p in passes
     )
     out = capsys.readouterr().out
-    assert "the cloud's view, from the kiosk's routing reports" in out
+    assert "as the cloud sees it from the kiosk's routing reports: base model" in out
     assert "answered on the device" in out and "raw PII values seen by the cloud" in out
     assert f"adapter: {figures['distill']['adapter']}" in out
     assert f"{figures['distill']['heldout_examples']:.0f} held-out questions" in out
