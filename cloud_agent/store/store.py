@@ -460,8 +460,7 @@ class Store(JobStore, RolloutStore):
         if device_id is not None:
             window.append(r.device_id == device_id)
             why_window.append(why.device_id == device_id)
-        sums = [func.coalesce(func.sum(c), 0) for c in (r.local, r.cloud, r.local_only,
-                                                         r.local_fallback)]  # fmt: skip
+        sums = [func.sum(c) for c in (r.local, r.cloud, r.local_only, r.local_fallback)]
         async with self._tx() as s:
             reports, devices = (
                 await s.execute(
