@@ -76,6 +76,7 @@ async def play(
     *,
     quote_facts: bool = True,
     context_turns: int = 1,
+    context_drift: float = 0.1,
 ) -> tuple[Answers, Answers]:
     """Answers to `rows`; with `teach`, feedback on the rows marked True, then the answers to
     all rows asked again."""
@@ -83,7 +84,8 @@ async def play(
         config = CloudConfig.model_validate(
             {"data_dir": Path(tmp), "port": 0, "admin_port": 0, "knowledge": kb,
              "store_name": "Northwind Outfitters", "quote_facts": quote_facts,
-             "knowledge_context_turns": context_turns}
+             "knowledge_context_turns": context_turns,
+             "knowledge_context_drift": context_drift}
         )  # fmt: skip
         service = await CloudService.create(config)
         await service.start()

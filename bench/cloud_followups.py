@@ -1,12 +1,21 @@
 """Follow-up questions: does the cloud answer "How much per day?" after "Do you rent out tents?"
 
-Plays 20 short conversations (`examples/kiosk/northwind-followups.jsonl`: a first question about
-a store fact, a brief answer, then a follow-up; 18 of the follow-ups name their topic only in the
-turn before, 2 change the subject and name their own) through a `CloudService` with the packaged
-SmolLM2 model and the store's knowledge base, as `bench.cloud_facts` does, and reports the
-share of follow-up answers that contain every expected group, with how many were answered from a
-grounded fact and how many of those quoted the wrong one. In the same run, for contrast:
+Plays 32 short conversations (`examples/kiosk/northwind-followups.jsonl`: a first question about
+a store fact, a brief answer, then another request) through a `CloudService` with the packaged
+SmolLM2 model and the store's knowledge base, as `bench.cloud_facts` does:
 
+- 20 follow-ups on store facts (`fact` names it): 18 name their topic only in the turn before, 2
+  change the subject and name their own. Reported: the share of answers that contain every
+  expected group, with how many were answered from a grounded fact and how many of those quoted
+  the wrong one;
+- 12 new open requests (`fact` is null: "Compare three-season and four-season tents" after a
+  shipping question), which no fact answers. Reported: how many were answered without quoting
+  a fact (a quote here is the earlier turn's fact, the wrong answer).
+
+In the same run, for contrast:
+
+- the same without telling a new subject apart (`knowledge_context_drift = 2`: a request is
+  always looked up with the turn before when it ties to no fact alone);
 - the conversation with retrieval over the follow-up alone (`knowledge_context_turns = 0`, as
   the cloud looked facts up before it read earlier turns);
 - the follow-up asked alone, as a kiosk that keeps no conversation would send it.
@@ -30,16 +39,17 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "kiosk"
 
 
 def score(answers: Answers, rows: list[dict[str, Any]], facts: dict[str, str]) -> str:
-    right = sum(
-        contains_expected(text, r["expect"]) for (text, _), r in zip(answers, rows, strict=True)
-    )
-    quoted = [
-        (text, r) for (text, _), r in zip(answers, rows, strict=True) if text in facts.values()
-    ]
+    pairs = [(text, r) for (text, _), r in zip(answers, rows, strict=True)]
+    on_facts = [(text, r) for text, r in pairs if r["fact"] is not None]
+    right = sum(contains_expected(text, r["expect"]) for text, r in on_facts)
+    quoted = [(text, r) for text, r in on_facts if text in facts.values()]
     wrong = sum(1 for text, r in quoted if text != facts[r["fact"]])
-    n = len(rows)
+    n = len(on_facts)
+    new = [text for text, r in pairs if r["fact"] is None]
+    unquoted = sum(1 for text in new if text not in facts.values())
     return (
-        f"{right:>2}/{n} = {right / n:6.1%}   quoted a fact {len(quoted):>2}, the wrong one {wrong}"
+        f"{right:>2}/{n} = {right / n:6.1%}   quoted a fact {len(quoted):>2}, the wrong one "
+        f"{wrong}   new requests not answered with a fact {unquoted:>2}/{len(new)}"
     )
 
 
@@ -47,12 +57,14 @@ async def main_async(args: argparse.Namespace) -> None:
     rows = read_jsonl(args.conversations, required=("turns", "text", "fact", "expect"))
     facts = {f.id: f.text for f in load_facts(args.kb)}
     ours, _ = await play(rows, args.kb)
+    unchecked, _ = await play(rows, args.kb, context_drift=2.0)
     question_only, _ = await play(rows, args.kb, context_turns=0)
     alone, _ = await play([{**r, "turns": []} for r in rows], args.kb)
-    print(f"{len(rows)} follow-up questions through the cloud server (embedded SmolLM2-135M Q4_1)")
-    print("answers holding every expected group:\n")
+    print(f"{len(rows)} conversations through the cloud server (embedded SmolLM2-135M Q4_1)")
+    print("follow-ups on facts: answers holding every expected group; new open requests:\n")
     for label, answers in (
         ("with the conversation, looked up with the turn before", ours),
+        ("  same, a new subject not told apart (drift 2)", unchecked),
         ("with the conversation, looked up by the question alone", question_only),
         ("the follow-up alone, no conversation", alone),
     ):

@@ -157,6 +157,9 @@ class CloudConfig(_Section):
     knowledge_context_turns: int = Field(1, ge=0, le=8)
     """Earlier user turns a follow-up is looked up with when the question alone ties to no
     fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone."""
+    knowledge_context_drift: float = Field(0.1, ge=0.0, le=2.0)
+    """How far a request may pull that lookup from the fact the earlier turns point to (in
+    cosine similarity) before it counts as a new subject, looked up alone; 2 never does."""
     phone_regions: PhoneRegions = PHONE_REGIONS
     """Regions whose national-format phone numbers (no + country code) the cloud's detector
     finds, in every escalation (defence in depth: the device should have replaced them) and in

@@ -265,6 +265,7 @@ class CloudService:
             quote_facts=self.config.quote_facts,
             top_k=self.config.knowledge_top_k,
             context_turns=self.config.knowledge_context_turns,
+            context_drift=self.config.knowledge_context_drift,
         )
 
     async def reload_knowledge(self) -> dict[str, Any]:

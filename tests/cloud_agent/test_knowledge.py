@@ -328,6 +328,29 @@ def test_a_follow_up_is_looked_up_with_the_turn_before_it(kb_path: Path) -> None
     assert [t.role for t in plan.messages] == ["system", "user", "assistant", "user"]
 
 
+def test_a_new_subject_after_a_fact_question_is_not_answered_with_that_fact(
+    kb_path: Path,
+) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    skill = KnowledgeSkill(kb)
+    # Looked up with the shipping question, "Compare ... tents" lands on the shipping fact;
+    # but it pulls that lookup far from the shipping fact: a new subject, looked up alone.
+    for first, question in (
+        ("Is shipping free over $50?", "Compare three-season and four-season tents"),
+        ("Do gift cards expire?", "Which sleeping bag is warmer, down or synthetic?"),
+        ("Do you do bike fittings?", "How should I adjust my saddle height at home?"),
+    ):
+        plan = skill.plan(follow_up(first, question))
+        assert plan.grounded_answer is None, (question, plan.grounded_answer)
+        drifting = KnowledgeSkill(kb, context_drift=1.0).plan(follow_up(first, question))
+        assert drifting.grounded_answer is not None, "without the check, the earlier fact"
+    # The facts in the prompt are the new question's own, not the earlier turn's.
+    plan = skill.plan(
+        follow_up("Is standard shipping free?", "Which payment methods do you accept?")
+    )
+    assert plan.fact_ids[0] == "payment", plan.fact_ids
+
+
 def test_a_task_is_grounded_only_on_a_fact_clearly_ahead(kb_path: Path) -> None:
     skill = KnowledgeSkill(KnowledgeBase.from_file(kb_path))
     # Close in meaning to the tent facts, without asking for either of them.
