@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
+from cloud_agent.rollout import rollouts as list_rollouts
 from cloud_agent.store import INTERACTION_STATUSES, MAX_ROUTING_HOURS, MAX_TOKEN_NOTE
 
 if TYPE_CHECKING:
@@ -178,11 +179,7 @@ def build_admin_app(service: CloudService) -> Starlette:
         return _json(await service.store.list_adapters())
 
     async def rollouts(request: Request) -> Response:
-        devices = {d["version"]: d["devices"] for d in await service.store.deployment_summary()}
-        out = await service.store.list_rollouts()
-        for rollout in out:
-            rollout["devices"] = devices.get(rollout["version"], {})
-        return _json(out)
+        return _json(await list_rollouts(service.store))
 
     async def rollout_action(request: Request) -> Response:
         try:

@@ -91,7 +91,11 @@ def register(subparsers: Any) -> None:
     show.add_argument("--items", action="store_true")
     show.set_defaults(func=_jobs_show)
 
-    rollouts = sub.add_parser("rollouts", help="list adapter rollouts and their state as JSON")
+    rollouts = sub.add_parser(
+        "rollouts",
+        help="list adapter rollouts as JSON: state, devices by status, and the last day's "
+        "routing of the devices running each",
+    )
     common(rollouts)
     rollouts.set_defaults(func=_rollouts)
     rollback = sub.add_parser(
@@ -313,9 +317,9 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _rollouts(args: argparse.Namespace) -> int:
-    print(
-        json.dumps(asyncio.run(_with_store(_config(args), lambda s: s.list_rollouts())), indent=2)
-    )
+    from cloud_agent.rollout import rollouts
+
+    print(json.dumps(asyncio.run(_with_store(_config(args), rollouts)), indent=2))
     return 0
 
 

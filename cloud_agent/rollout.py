@@ -8,6 +8,8 @@
 - `rollback(version)`: the operator's undo. The bundle before it (or the base model alone,
   when there was none) is published again under a new, higher version, active at once, so
   devices that only ever move forward accept it.
+- `rollouts(store)`: what the operator sees of each rollout: its state, its devices by
+  status, and where the devices running its adapter answered their requests in the last day.
 - `PublicationFeed`: replicas learn of publications and state changes through PostgreSQL
   ``LISTEN/NOTIFY`` (channel ``edgeloop_rollouts``) when the store is PostgreSQL, and in any
   case by polling the store every `poll_s` (SQLite, or a notification lost with a connection).
@@ -22,6 +24,7 @@ import logging
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from cloud_agent.store import Store
 from protocol import BundleManifest
 from shared.keys import SigningKey
 
-__all__ = ["CHANNEL", "PublicationFeed", "RolloutPolicy", "rollback"]
+__all__ = ["CHANNEL", "PublicationFeed", "RolloutPolicy", "rollback", "rollouts"]
 
 log = logging.getLogger("edgeloop.cloud.rollout")
 CHANNEL = "edgeloop_rollouts"
@@ -106,6 +109,21 @@ async def rollback(
     await store.set_rollout_state(version, "rolled_back", f"operator rollback to {new_version}")
     await store.add_adapter(offer, directory=bundles_dir / str(new_version), state="active")
     return new_version
+
+
+async def rollouts(store: Store, *, routing_hours: float = 24.0) -> list[dict[str, Any]]:
+    """Every rollout, newest first, with its devices by deployment status (`devices`) and the
+    routing reports of the last `routing_hours` from devices answering with its adapter
+    (`routing`: the counts by route and the share answered on the device; None before any):
+    whether the adapter moves traffic onto the devices, next to how its rollout goes."""
+    devices = {d["version"]: d["devices"] for d in await store.deployment_summary()}
+    routing = await store.routing_summary(datetime.now(UTC) - timedelta(hours=routing_hours))
+    out = await store.list_rollouts()
+    for rollout in out:
+        rollout["devices"] = devices.get(rollout["version"], {})
+        counts = routing.by_adapter_version.get(rollout["version"])
+        rollout["routing"] = counts.as_dict() if counts is not None else None
+    return out
 
 
 class PublicationFeed:

@@ -682,3 +682,27 @@ async def test_reports_stored_before_the_routing_columns_are_summed_after_the_up
         assert (await upgraded.routing_summary(ended + timedelta(minutes=1))).reports == 0
     finally:
         await upgraded.close()
+
+
+async def test_the_rollout_overview_shows_devices_and_where_the_adapter_answered(
+    store: Store, tmp_path: Path
+) -> None:
+    from cloud_agent.rollout import rollouts
+
+    a, b = await enrolled(store, "dev_a", KEY_A), await enrolled(store, "dev_b", KEY_B)
+    await publish(store, tmp_path, 1)
+    await publish(store, tmp_path, 2)
+    await store.add_update_status(a, "k1", 1, "applied", None, {})
+    await store.add_update_status(b, "k2", 1, "applied", None, {})
+    await store.add_update_status(b, "k3", 2, "rejected", "self_check", {})
+    await store.add_report_batch(
+        [report(a, "r1", local=2, cloud=8), report(a, "r2", version=1, local=6, cloud=2),
+         report(b, "r3", version=1, local=1, cloud=1),
+         report(b, "old", version=1, cloud=9, ended=datetime.now(UTC) - timedelta(days=2))]
+    )  # fmt: skip
+    overview = {r["version"]: r for r in await rollouts(store)}
+    assert list(overview) == [2, 1]
+    assert overview[1]["devices"] == {"applied": 2} and overview[2]["devices"] == {"rejected": 1}
+    assert overview[1]["routing"]["total"] == 10, "the last day's reports only"
+    assert overview[1]["routing"]["on_device_share"] == pytest.approx(0.7)
+    assert overview[2]["routing"] is None, "no device answers with version 2"
