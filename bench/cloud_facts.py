@@ -75,7 +75,7 @@ async def play(
     teach: list[bool] | None = None,
     *,
     quote_facts: bool = True,
-    context_turns: int = 1,
+    context_turns: int = 2,
     context_drift: float = 0.1,
 ) -> tuple[Answers, Answers]:
     """Answers to `rows`; with `teach`, feedback on the rows marked True, then the answers to

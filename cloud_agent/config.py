@@ -154,9 +154,11 @@ class CloudConfig(_Section):
     answer, with the best facts in its prompt (for a strong backend that restates them well)."""
     knowledge_top_k: int = Field(3, ge=1, le=20)
     """Most facts put into the LLM's prompt (those related enough to the request)."""
-    knowledge_context_turns: int = Field(1, ge=0, le=8)
+    knowledge_context_turns: int = Field(2, ge=0, le=8)
     """Earlier user turns a follow-up is looked up with when the question alone ties to no
-    fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone."""
+    fact ("What about backpacks?" after "What warranty do tents have?"); 0: the question alone.
+    Two, so that a follow-up of a follow-up is still looked up with the turn that named its
+    topic."""
     knowledge_context_drift: float = Field(0.1, ge=0.0, le=2.0)
     """How far a request may pull that lookup from the fact the earlier turns point to (in
     cosine similarity) before it counts as a new subject, looked up alone; 2 never does."""

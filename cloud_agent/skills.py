@@ -75,7 +75,7 @@ class KnowledgeSkill:
         question_margin: float = 0.1,
         question_similarity: float = 0.25,
         task_margin: float = 0.1,
-        context_turns: int = 1,
+        context_turns: int = 2,
         context_drift: float = 0.1,
     ) -> None:
         self.kb = kb
@@ -107,7 +107,9 @@ class KnowledgeSkill:
         self.context_turns = context_turns
         """For a follow-up the question alone does not tie to a fact ("What about to
         Alaska?"), retrieval runs again over this many earlier user turns with it ("Is
-        shipping free? What about to Alaska?"); 0 looks at the question alone."""
+        shipping free? What about to Alaska?"); 0 looks at the question alone. Two by
+        default: a follow-up of a follow-up ("Do you rent tents?", "How much per day?", "Is
+        there a deposit?") is still looked up with the turn that named its topic."""
         self.context_drift = context_drift
         """How far the question may pull that lookup away from the fact the earlier turns
         point to (its similarity to their best fact falling by more than this) before it is

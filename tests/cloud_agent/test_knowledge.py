@@ -491,3 +491,21 @@ def test_the_skill_learns_from_fact_corrections_and_confirmed_quotes_only(kb_pat
     )
     assert not skill.learn(follow_up), "its words ask for the fact only after earlier turns"
     assert skill.kb.learned == 2
+
+
+def test_a_follow_up_of_a_follow_up_is_looked_up_with_the_turn_that_named_its_topic(
+    kb_path: Path,
+) -> None:
+    kb = KnowledgeBase.from_file(kb_path)
+    turns = [
+        *follow_up("Do you rent out tents?", "How much per day?"),
+        ChatTurn("assistant", "It depends."),
+    ]
+    skill = KnowledgeSkill(kb)  # two earlier user turns by default
+    deposit = skill.plan([*turns, ChatTurn("user", "Is there a deposit?")])
+    assert deposit.grounded_answer is not None and "$100" in deposit.grounded_answer
+    # A new subject measured against "How much per day?" alone looks like a follow-up (that
+    # turn points nowhere by itself) and got the rental fact; against both turns it does not.
+    new = [*turns, ChatTurn("user", "Compare three-season and four-season tents")]
+    assert skill.plan(new).grounded_answer is None
+    assert KnowledgeSkill(kb, context_turns=1).plan(new).grounded_answer is not None
