@@ -206,6 +206,15 @@ def edge_cli(args: list[str], stdin: str = "") -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
+async def enrolled_from_the_shell(cloud: Cloud, tmp_path: Path) -> list[str]:
+    """A device enrolled with `edgeloop edge enroll`; the options naming its cloud and state."""
+    token = await cloud.service.store.create_enrollment_token()
+    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
+    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
+    assert enrolled.returncode == 0, enrolled.stderr
+    return state
+
+
 @pytest.mark.cloud(backend=ScriptedBackend("Four-season tents take wind and snow."))
 async def test_an_answer_is_rated_through_the_endpoint_and_the_rating_reaches_the_cloud(
     cloud: Cloud, tmp_path: Path
@@ -299,10 +308,7 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
 async def test_edge_serve_answers_is_rated_and_reports_its_routes_when_it_stops(
     cloud: Cloud, tmp_path: Path
 ) -> None:
-    token = await cloud.service.store.create_enrollment_token()
-    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
-    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
-    assert enrolled.returncode == 0, enrolled.stderr
+    state = await enrolled_from_the_shell(cloud, tmp_path)
     since = datetime.now(UTC)
     serving = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "shared.cli", "edge", "serve", *state, "--port", "0",
@@ -351,10 +357,7 @@ async def test_enroll_says_why_it_failed(cloud: Cloud, tmp_path: Path) -> None:
 
 
 async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
-    token = await cloud.service.store.create_enrollment_token()
-    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
-    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
-    assert enrolled.returncode == 0, enrolled.stderr
+    state = await enrolled_from_the_shell(cloud, tmp_path)
     lines = ["/good", "Which tent for a windy ridge?", "/good", "/bad Ask for the Ridge 2."]
     script = "\n".join([*lines, "/shout", "/help", ""])
     chat = await asyncio.to_thread(edge_cli, ["chat", *state], script)
@@ -372,10 +375,7 @@ async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
 async def test_chat_answers_with_the_conversation_until_a_new_one_starts(
     cloud: Cloud, tmp_path: Path
 ) -> None:
-    token = await cloud.service.store.create_enrollment_token()
-    state = ["--cloud", cloud.url, "--state-dir", str(tmp_path / "dev")]
-    enrolled = await asyncio.to_thread(edge_cli, ["enroll", *state, "--token", token])
-    assert enrolled.returncode == 0, enrolled.stderr
+    state = await enrolled_from_the_shell(cloud, tmp_path)
     hard = "compare three-season and four-season tents and explain when each makes sense"
     lines = [f"First, {hard}", f"Then, {hard}", "/new", f"Again, {hard}", ""]
     chat = await asyncio.to_thread(edge_cli, ["chat", *state], "\n".join(lines))
