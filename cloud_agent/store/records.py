@@ -130,6 +130,9 @@ class RoutingSummary:
     """None: answered without an adapter (the base model)."""
     reasons: dict[str, int]
     """The router's reasons over the same reports, most frequent first."""
+    cloud_tokens: int = 0
+    """Tokens the cloud's model read and wrote for the escalations logged since `since` (of
+    the same devices): what the requests that reached the cloud cost."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +140,7 @@ class RoutingSummary:
             "reports": self.reports,
             "devices": self.devices,
             "routes": self.routes.as_dict(),
+            "cloud_tokens": self.cloud_tokens,
             "by_adapter_version": [
                 {"adapter_version": version, **counts.as_dict()}
                 for version, counts in self.by_adapter_version.items()

@@ -453,13 +453,16 @@ class Store(JobStore, RolloutStore):
     ) -> RoutingSummary:
         """Where requests were answered, summed over the device reports of periods ending at
         or after `since` (of one device, or the whole fleet): in all, by the adapter version
-        the devices ran, and the router's `top_reasons` most frequent reasons."""
-        r, why = t.Report, t.ReportReason
+        the devices ran, and the router's `top_reasons` most frequent reasons; with the tokens
+        the cloud spent on the escalations logged since then."""
+        r, why, it = t.Report, t.ReportReason, t.Interaction
         window = [r.period_end >= since]
         why_window = [why.period_end >= since]
+        it_window = [it.created_at >= since]
         if device_id is not None:
             window.append(r.device_id == device_id)
             why_window.append(why.device_id == device_id)
+            it_window.append(it.device_id == device_id)
         sums = [func.sum(c) for c in (r.local, r.cloud, r.local_only, r.local_fallback)]
         async with self._tx() as s:
             reports, devices = (
@@ -482,6 +485,11 @@ class Store(JobStore, RolloutStore):
                     .limit(top_reasons)
                 )
             ).all()
+            tokens = await s.scalar(
+                select(func.coalesce(func.sum(it.prompt_tokens + it.completion_tokens), 0)).where(
+                    *it_window
+                )
+            )
         # The base model first, then adapters by version.
         by_version.sort(key=lambda row: -1 if row[0] is None else row[0])
         versions = {version: RouteCounts(*map(int, counts)) for version, *counts in by_version}
@@ -492,6 +500,7 @@ class Store(JobStore, RolloutStore):
             routes=sum(versions.values(), RouteCounts()),
             by_adapter_version=versions,
             reasons={reason: int(count) for reason, count in reasons},
+            cloud_tokens=int(tokens or 0),
         )
 
     async def _insert_once(

@@ -619,7 +619,15 @@ async def test_the_routing_summary_sums_the_reports_in_its_window_by_adapter_ver
          report(b, "r3", version=1, local_only=2, cloud=2, reasons={"privacy.card": 2}),
          report(b, "old", ended=now - timedelta(days=2), cloud=50)]
     )  # fmt: skip
+    # What the escalations cost the cloud, next to where requests went.
+    await store.record_interactions(
+        [NewInteraction(device_id=d, request_id=f"req_{d}", placeholders=[], status="ok",
+                        messages=[{"role": "user", "content": "q"}], prompt_tokens=p,
+                        completion_tokens=c)
+         for d, p, c in ((a, 30, 12), (b, 5, 5))]
+    )  # fmt: skip
     summary = await store.routing_summary(now - timedelta(hours=1))
+    assert summary.cloud_tokens == 52
     assert (summary.reports, summary.devices) == (3, 2)
     assert summary.routes == RouteCounts(local=14, cloud=7, local_only=2, local_fallback=1)
     assert summary.routes.on_device_share == pytest.approx(17 / 24)
@@ -632,14 +640,16 @@ async def test_the_routing_summary_sums_the_reports_in_its_window_by_adapter_ver
     # One device's; and a window holding the old report too.
     only_b = await store.routing_summary(now - timedelta(hours=1), device_id=b)
     assert only_b.routes == RouteCounts(cloud=2, local_only=2) and only_b.devices == 1
+    assert only_b.cloud_tokens == 10
     wider = await store.routing_summary(now - timedelta(days=3))
     assert wider.reports == 4 and wider.routes.cloud == 57
     as_json = summary.as_dict()
-    assert as_json["routes"]["total"] == 24
+    assert as_json["routes"]["total"] == 24 and as_json["cloud_tokens"] == 52
     assert [v["adapter_version"] for v in as_json["by_adapter_version"]] == [None, 1]
     # No reports: zeros, and no share to speak of.
     empty = await store.routing_summary(now + timedelta(days=1))
     assert (empty.reports, empty.routes.total, empty.routes.on_device_share) == (0, 0, None)
+    assert empty.cloud_tokens == 0
 
 
 async def test_reports_stored_before_the_routing_columns_are_summed_after_the_upgrade(
