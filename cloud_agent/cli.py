@@ -148,27 +148,27 @@ def _note(text: str) -> str:
     return text
 
 
-def _ttl_hours(text: str) -> float:
-    """A token's validity: more than nothing, at most a year (as the admin API allows)."""
+def _hours(text: str, most: float) -> float:
+    """A number of hours: more than nothing, at most `most` (the ranges the admin API allows)."""
     try:
         hours = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of hours: {text!r}") from None
-    if not 0 < hours <= 24 * 365:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 8760 (a year)")
+    if not 0 < hours <= most:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {most:g}")
     return hours
+
+
+def _ttl_hours(text: str) -> float:
+    """A token's validity: at most a year."""
+    return _hours(text, 24 * 365)
 
 
 def _window_hours(text: str) -> float:
-    from cloud_agent.store import MAX_ROUTING_HOURS
+    """The routing summary's window."""
+    from cloud_agent.store import MAX_ROUTING_HOURS  # the store is slow to import: when needed
 
-    try:
-        hours = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < hours <= MAX_ROUTING_HOURS:
-        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_ROUTING_HOURS}")
-    return hours
+    return _hours(text, MAX_ROUTING_HOURS)
 
 
 def _config(args: argparse.Namespace) -> CloudConfig:

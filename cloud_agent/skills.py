@@ -141,13 +141,11 @@ class KnowledgeSkill:
             # be the answer.
             joined = self.kb.search("\n".join([*earlier, question]), limit=self.top_k)
             quoted = self._grounded(question, joined, personal)
-            before = self.kb.search("\n".join(earlier), limit=1)
-            follows = joined.similarity >= before.similarity - self.context_drift
-            if grounded is None:
-                if follows:
-                    retrieval, grounded = joined, quoted
-            elif quoted is not None and quoted != grounded:
-                retrieval, grounded = (joined if follows else retrieval), None
+            if grounded is None and self._follows(earlier, joined):
+                retrieval, grounded = joined, quoted
+            elif grounded is not None and quoted not in (None, grounded):
+                retrieval = joined if self._follows(earlier, joined) else retrieval
+                grounded = None
         system = SYSTEM.format(store=self.store_name)
         related = [
             f for f, score in zip(retrieval.facts, retrieval.scores, strict=True)
@@ -170,6 +168,12 @@ class KnowledgeSkill:
             or tuple(f.id for f in related),
             retrieval=retrieval,
         )
+
+    def _follows(self, earlier: list[str], joined: Retrieval) -> bool:
+        """Whether the lookup of the question with the `earlier` turns stays near the fact the
+        turns alone point to (`context_drift`): a follow-up, not a new subject."""
+        before = self.kb.search("\n".join(earlier), limit=1)
+        return joined.similarity >= before.similarity - self.context_drift
 
     def _grounded(self, question: str, retrieval: Retrieval, personal: bool) -> str | None:
         """The best fact's text, when it answers `question` by itself (see `plan`)."""

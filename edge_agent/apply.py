@@ -86,6 +86,7 @@ class UpdateManager:
     ) -> None:
         self.model = model
         self.router = router
+        self.state_dir = state_dir
         self.root = state_dir / "updates"
         self.versions = self.root / "versions"
         self.versions.mkdir(parents=True, exist_ok=True)
@@ -97,10 +98,10 @@ class UpdateManager:
 
     @property
     def current_version(self) -> int | None:
-        return active_version(self.root.parent)
+        return active_version(self.state_dir)
 
     def _bundle(self, version: int) -> tuple[BundleManifest, dict[str, Path]]:
-        manifest = bundle_manifest(self.root.parent, version)
+        manifest = bundle_manifest(self.state_dir, version)
         directory = self.versions / str(version)
         return manifest, BundleDownload(manifest, self.versions, directory=directory).verify()
 

@@ -152,7 +152,7 @@ class CloudLink:
         self.backoff_max_s = backoff_max_s
         self.state = LinkState.DOWN
         self.limits: Limits | None = None
-        self.identity = self._load_identity()
+        self.identity = read_identity(self.state_dir)
         self._ws: ClientConnection | None = None
         self._session: ClientSession | None = None
         self._waiters: dict[str, asyncio.Queue[Any]] = {}
@@ -170,9 +170,6 @@ class CloudLink:
         self._offer_task: asyncio.Task[object] | None = None
 
     # --- identity ---------------------------------------------------------------------------
-
-    def _load_identity(self) -> DeviceIdentity:
-        return read_identity(self.state_dir)
 
     def _save_identity(self) -> None:
         path = self.state_dir / "identity.json"

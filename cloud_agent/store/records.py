@@ -125,7 +125,6 @@ class RoutingSummary:
     since: datetime
     reports: int
     devices: int
-    routes: RouteCounts
     by_adapter_version: dict[int | None, RouteCounts]
     """None: answered without an adapter (the base model)."""
     reasons: dict[str, int]
@@ -133,6 +132,11 @@ class RoutingSummary:
     cloud_tokens: int = 0
     """Tokens the cloud's model read and wrote for the escalations logged since `since` (of
     the same devices): what the requests that reached the cloud cost."""
+
+    @property
+    def routes(self) -> RouteCounts:
+        """In all, whatever the adapter."""
+        return sum(self.by_adapter_version.values(), RouteCounts())
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -497,7 +497,6 @@ class Store(JobStore, RolloutStore):
             since=since,
             reports=int(reports),
             devices=int(devices),
-            routes=sum(versions.values(), RouteCounts()),
             by_adapter_version=versions,
             reasons={reason: int(count) for reason, count in reasons},
             cloud_tokens=int(tokens or 0),
