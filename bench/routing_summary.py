@@ -62,7 +62,7 @@ async def fill(store: Store, devices: int, days: float, now: datetime) -> int:
     return periods * devices
 
 
-async def from_bodies(store: Store, since: datetime) -> tuple[int, Counter[str]]:
+async def from_bodies(store: Store, since: datetime) -> tuple[int, Counter[str], Counter[str]]:
     """The baseline: every report of the window read, its message summed in Python."""
     routes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -75,7 +75,7 @@ async def from_bodies(store: Store, since: datetime) -> tuple[int, Counter[str]]
             reports += 1
             routes.update(body["routes"])
             reasons.update(body["reasons"])
-    return reports, routes
+    return reports, routes, reasons
 
 
 async def timed(work: Callable[[], Awaitable[T]], repeat: int) -> tuple[float, T]:
@@ -103,10 +103,12 @@ async def main_async(args: argparse.Namespace) -> None:
             for label, since in (("last day", now - timedelta(days=1)),
                                  ("all", now - timedelta(days=args.days + 1))):  # fmt: skip
                 ours, summary = await timed(partial(store.routing_summary, since), args.repeat)
-                base, (reports, routes) = await timed(partial(from_bodies, store, since),
-                                                      args.repeat)  # fmt: skip
+                base, (reports, routes, reasons) = await timed(
+                    partial(from_bodies, store, since), args.repeat
+                )
                 assert summary.reports == reports, (summary.reports, reports)
                 assert summary.routes.total == sum(routes.values())
+                assert summary.reasons == dict(reasons)  # all 8 reasons: within the top 20
                 print(f"{label:<10} {reports:>10,} {ours * 1000:>12.1f} {base * 1000:>10.1f} "
                       f"{ours / base:>6.2f}x")  # fmt: skip
         finally:
