@@ -34,7 +34,11 @@ def register(subparsers: Any) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", type=Path, help=f"TOML file; {ENV_PREFIX}* variables win")
-        p.add_argument("--cloud", dest="cloud_url", help="cloud URL, e.g. ws://127.0.0.1:8765/v1")
+        p.add_argument(
+            "--cloud",
+            dest="cloud_url",
+            help="cloud URL, e.g. ws://127.0.0.1:8765/v1 (default: the one the device enrolled at)",
+        )
         p.add_argument("--state-dir", type=Path, help="device key, identity and outbox")
         p.add_argument("--model", dest="model_path", type=Path, help="GGUF model file")
 
@@ -92,7 +96,13 @@ def _config(args: argparse.Namespace) -> EdgeConfig:
         )  # fmt: skip
         if (value := getattr(args, key, None)) is not None
     ]
-    return load_config(EdgeConfig, args.config, prefix=ENV_PREFIX, overrides=options)
+    config = load_config(EdgeConfig, args.config, prefix=ENV_PREFIX, overrides=options)
+    if config.cloud_url is None:
+        # An enrolled device connects to the cloud it enrolled with unless told otherwise.
+        from edge_agent.link import read_identity
+
+        config.cloud_url = read_identity(config.state_dir).cloud_url
+    return config
 
 
 def _link(config: EdgeConfig, token: str | None = None) -> Any:
@@ -298,8 +308,16 @@ def _chat(args: argparse.Namespace) -> int:
             await agent.stop()
 
     print("edgeloop edge chat: type a message, /help for commands, Ctrl-D to quit", file=sys.stderr)
+    if config.cloud_url is None:
+        print(_NO_CLOUD, file=sys.stderr)
     asyncio.run(run())
     return 0
+
+
+_NO_CLOUD = (
+    "no cloud: none configured (--cloud) and none enrolled with; everything is answered on the "
+    "device"
+)
 
 
 async def _send_what_waits(agent: EdgeAgent, seconds: float) -> int:
@@ -358,6 +376,8 @@ def _serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+        if config.cloud_url is None:
+            print(_NO_CLOUD, file=sys.stderr)
         print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
         try:
             await server.serve(sockets=[listener])

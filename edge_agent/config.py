@@ -16,7 +16,8 @@ class EdgeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     cloud_url: str | None = None
-    """The cloud agent, e.g. ws://127.0.0.1:8765/v1 (none: the device answers everything)."""
+    """The cloud agent, e.g. ws://127.0.0.1:8765/v1; none: the one the device enrolled at, and
+    for a device not enrolled, no cloud (the device answers everything)."""
     state_dir: Path = Path(".edgeloop/edge")
     """Device key, identity, outbox."""
     model_path: Path | None = None

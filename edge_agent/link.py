@@ -89,25 +89,30 @@ class LinkState(StrEnum):
 
 @dataclass
 class DeviceIdentity:
-    """What enrollment gave the device: its id, and the cloud's key it pinned (base64)."""
+    """What enrollment gave the device: its id, the cloud's key it pinned (base64), and the URL
+    it enrolled at (the cloud to connect to when none is configured)."""
 
     device_id: str | None
     server_key: str | None
+    cloud_url: str | None = None
+    """None in identities written before edgeloop kept it."""
 
 
 def read_identity(state_dir: Path) -> DeviceIdentity:
-    """The identity the cloud gave a device at enrollment (its id, the server's key it pinned);
-    none before it. A file that is there but unreadable is an error, not a reason to act as a
-    new device (it is written whole, by rename, so only something outside edgeloop damages
-    it)."""
+    """The identity the cloud gave a device at enrollment (its id, the server's key it pinned,
+    where it enrolled); none before it. A file that is there but unreadable is an error, not a
+    reason to act as a new device (it is written whole, by rename, so only something outside
+    edgeloop damages it)."""
     path = state_dir / "identity.json"
     if not path.exists():
         return DeviceIdentity(None, None)
     try:
         data = json.loads(path.read_text())
-        identity = DeviceIdentity(data["device_id"], data["server_key"])
+        identity = DeviceIdentity(data["device_id"], data["server_key"], data.get("cloud_url"))
         if not all(isinstance(v, str) for v in (identity.device_id, identity.server_key)):
             raise ValueError("device_id and server_key must be strings")
+        if identity.cloud_url is not None:
+            check_endpoint(identity.cloud_url)
         return identity
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EdgeAgentError(
@@ -175,7 +180,8 @@ class CloudLink:
         path = self.state_dir / "identity.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"device_id": self.identity.device_id,
-                                   "server_key": self.identity.server_key}))  # fmt: skip
+                                   "server_key": self.identity.server_key,
+                                   "cloud_url": self.identity.cloud_url}))  # fmt: skip
         tmp.replace(path)
 
     @property
@@ -299,7 +305,7 @@ class CloudLink:
         for event in session.events_received():
             match event:
                 case EnrollmentCompleted(device_id=device_id, server_key=server_key):
-                    self.identity = DeviceIdentity(device_id, server_key)
+                    self.identity = DeviceIdentity(device_id, server_key, self.url)
                     self._save_identity()
                 case Welcomed(welcome=welcome):
                     self.state, self.limits = LinkState.UP, welcome.limits

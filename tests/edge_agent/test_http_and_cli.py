@@ -299,6 +299,13 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
     assert shown["cloud_url"] == cloud.url
     assert shown["server_key"] == cloud.service.signing_key.verify_key().b64()
     assert shown["outbox"] == {"waiting": {}, "oldest_waiting_s": None, "dropped": {}}
+    # Where it enrolled is kept with its identity: that is its cloud when none is named.
+    alone = await asyncio.to_thread(edge_cli, ["status", "--state-dir", str(tmp_path / "dev")])
+    assert json.loads(alone.stdout)["cloud_url"] == cloud.url
+    elsewhere = await asyncio.to_thread(
+        edge_cli, ["status", *state[2:], "--cloud", "ws://127.0.0.1:1/v1"]
+    )
+    assert json.loads(elsewhere.stdout)["cloud_url"] == "ws://127.0.0.1:1/v1"
     (tmp_path / "dev" / "identity.json").write_text("{")  # damaged: said so, not read as new
     damaged = await asyncio.to_thread(edge_cli, ["status", *state])
     assert damaged.returncode != 0 and "identity.json is damaged" in damaged.stderr
@@ -357,11 +364,13 @@ async def test_enroll_says_why_it_failed(cloud: Cloud, tmp_path: Path) -> None:
 
 
 async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
-    state = await enrolled_from_the_shell(cloud, tmp_path)
+    await enrolled_from_the_shell(cloud, tmp_path)
     lines = ["/good", "Which tent for a windy ridge?", "/good", "/bad Ask for the Ridge 2."]
     script = "\n".join([*lines, "/shout", "/help", ""])
-    chat = await asyncio.to_thread(edge_cli, ["chat", *state], script)
+    # No --cloud: the device connects to the cloud it enrolled with.
+    chat = await asyncio.to_thread(edge_cli, ["chat", "--state-dir", str(tmp_path / "dev")], script)
     assert chat.returncode == 0, chat.stderr
+    assert "no cloud" not in chat.stderr
     out = chat.stdout
     assert "nothing to rate yet" in out  # /good before any answer
     assert "positive feedback queued" in out
@@ -370,6 +379,12 @@ async def test_chat_rates_the_last_answer(cloud: Cloud, tmp_path: Path) -> None:
     assert "kept in the outbox" not in out  # acknowledged before the chat ended
     summary = await cloud.service.store.feedback_summary()
     assert (summary.positive, summary.negative, summary.corrections) == (1, 1, 1)
+
+
+def test_chat_without_a_cloud_says_everything_stays_on_the_device(tmp_path: Path) -> None:
+    chat = edge_cli(["chat", "--state-dir", str(tmp_path / "dev")], "/help\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "no cloud: none configured (--cloud) and none enrolled with" in chat.stderr
 
 
 async def test_chat_answers_with_the_conversation_until_a_new_one_starts(

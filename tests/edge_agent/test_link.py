@@ -13,7 +13,7 @@ from cloud_agent.backends import ScriptedBackend
 from cloud_agent.service import CloudService
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import EdgeAgentError
-from edge_agent.link import CloudLink, CloudUnavailable, LinkState
+from edge_agent.link import CloudLink, CloudUnavailable, DeviceIdentity, LinkState, read_identity
 from edge_agent.outbox import Outbox
 from protocol import ChatMessage, Escalate, Feedback, InvalidMessage, Result
 from tests.cloud_fixtures import Cloud, make_config
@@ -42,6 +42,7 @@ async def test_the_link_enrolls_once_and_authenticates_after_a_restart(
     link = await enrolled_link(cloud, tmp_path / "dev")
     device_id = link.identity.device_id
     assert device_id is not None and link.identity.server_key
+    assert read_identity(tmp_path / "dev").cloud_url == cloud.url  # where it enrolled
     await link.stop()
     again = CloudLink(cloud.url, tmp_path / "dev")  # no token any more
     again.start()
@@ -76,6 +77,14 @@ async def test_a_link_that_can_never_connect_says_why_at_start(tmp_path: Path) -
     (tmp_path / "dev" / "identity.json").write_text('{"device_id": "dev_1"')
     with pytest.raises(EdgeAgentError, match="identity.json is damaged"):
         CloudLink("ws://127.0.0.1:9/v1", tmp_path / "dev", enrollment_token="elt_" + "x" * 20)
+    (tmp_path / "dev" / "identity.json").write_text(
+        '{"device_id": "dev_1", "server_key": "k", "cloud_url": "http://cloud.example/v1"}'
+    )
+    with pytest.raises(EdgeAgentError, match="identity.json is damaged.*ws://"):
+        read_identity(tmp_path / "dev")
+    # Written before identities kept the cloud's URL: still read, with none.
+    (tmp_path / "dev" / "identity.json").write_text('{"device_id": "dev_1", "server_key": "k"}')
+    assert read_identity(tmp_path / "dev") == DeviceIdentity("dev_1", "k", None)
 
 
 async def test_a_link_that_is_down_says_so_at_once(tmp_path: Path) -> None:
