@@ -37,6 +37,7 @@ from edge_agent.privacy import (
     StreamRestorer,
 )
 from edge_agent.router import (
+    SMALL_TALK,
     Coverage,
     IntentIndex,
     RouteDecision,
@@ -77,6 +78,7 @@ __all__ = [
     "choose_settings",
     "Coverage",
     "IntentIndex",
+    "SMALL_TALK",
     "RouteDecision",
     "Router",
     "Target",

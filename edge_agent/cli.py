@@ -82,7 +82,12 @@ def register(subparsers: Any) -> None:
     calibrate.set_defaults(func=_calibrate)
 
     for p in (chat, serve, calibrate):
-        p.add_argument("--intents", type=Path, help="JSON object: intent name -> example list")
+        p.add_argument(
+            "--intents",
+            type=Path,
+            help="JSON object: intent name -> example list, answered on the device (default: "
+            "greetings, thanks, goodbyes and questions about the assistant)",
+        )
 
 
 def _config(args: argparse.Namespace) -> EdgeConfig:
@@ -160,17 +165,18 @@ def _status(args: argparse.Namespace) -> int:
 
 def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
     from edge_agent.privacy import Redactor
-    from edge_agent.router import IntentIndex, Router
+    from edge_agent.router import SMALL_TALK, IntentIndex, Router
 
     intents = IntentIndex()
+    table: Any = SMALL_TALK
     if intents_file is not None:
         table = read_json(intents_file)
         if not isinstance(table, dict) or not all(
             isinstance(v, list) and all(isinstance(x, str) for x in v) for v in table.values()
         ):
             raise InputFileError(f"{intents_file}: expected an object of intent -> example list")
-        for name, examples in table.items():
-            intents.add(name, examples)
+    for name, examples in table.items():
+        intents.add(name, examples)
     router = Router(intents, redactor=Redactor(phone_regions=config.phone_regions))
     saved = config.state_dir / "router.json"
     if saved.exists():

@@ -27,6 +27,7 @@ from edge_agent.privacy import PlaceholderMap, Redactor
 __all__ = [
     "Coverage",
     "IntentIndex",
+    "SMALL_TALK",
     "RouteDecision",
     "Router",
     "Target",
@@ -90,6 +91,21 @@ def _similarity(
         return 2 * len(x & y) / (len(x) + len(y)) if x and y else 0.0
 
     return 0.5 * dice(a[0], b[0]) + 0.5 * dice(a[1], b[1])
+
+
+SMALL_TALK: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "greet": ("hello", "hi", "hey there", "good morning", "good afternoon", "good evening",
+                  "hello, can you help me", "hey, how are you"),
+        "thanks": ("thank you", "thanks a lot", "thanks, that helps", "cheers", "great, thanks",
+                   "ok great", "nice one"),
+        "goodbye": ("bye", "goodbye", "see you later", "i'm done", "thanks, bye", "no thanks"),
+        "about_assistant": ("are you a robot", "what's your name", "who are you"),
+    }
+)  # fmt: skip
+"""Intents every assistant has, whatever its app: the device answers them itself. `edgeloop
+edge chat` and `serve` use them when no intents file is given; an app adds them with
+`agent.intent(name, examples)` next to its own."""
 
 
 class IntentIndex:

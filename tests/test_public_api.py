@@ -29,7 +29,7 @@ PINNED = {
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
         "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",
         "choose_settings", "Coverage", "IntentIndex", "RouteDecision", "Router", "Target",
-        "calibrate", "difficulty",
+        "calibrate", "difficulty", "SMALL_TALK",
     },
     "cloud_agent": set(),
 }  # fmt: skip

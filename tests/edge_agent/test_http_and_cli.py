@@ -284,13 +284,16 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
     assert "enrolled as dev_" in enrolled.stdout
     since = datetime.now(UTC)
     chat = await asyncio.to_thread(
-        edge_cli, ["chat", *state], "Explain how to layer for ski touring versus resort skiing.\n"
+        edge_cli,
+        ["chat", *state],
+        "Explain how to layer for ski touring versus resort skiing.\nThanks a lot!\n",
     )
     assert chat.returncode == 0, chat.stderr
     assert "[cloud; cloud: intent.unknown" in chat.stdout
-    # The chat reported its route before it ended; the cloud counts it.
+    assert "[device; local: intent.thanks" in chat.stdout  # small talk, without an intents file
+    # The chat reported its routes before it ended; the cloud counts them.
     routing = await cloud.service.store.routing_summary(since)
-    assert (routing.devices, routing.routes.cloud, routing.routes.total) == (1, 1, 1)
+    assert (routing.devices, routing.routes.cloud, routing.routes.total) == (1, 1, 2)
     status = await asyncio.to_thread(edge_cli, ["status", *state])
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.privacy import Policy, Redactor
-from edge_agent.router import Coverage, IntentIndex, Router, Target, calibrate
+from edge_agent.router import SMALL_TALK, Coverage, IntentIndex, Router, Target, calibrate
 from examples.kiosk.intents import KIOSK_INTENTS
 from shared.pii import PiiKind
 
@@ -25,6 +25,21 @@ def test_app_intents_stay_local_and_say_which_intent(router: Router) -> None:
     decision = router.decide("Could you show my cart?")
     assert decision.target is Target.LOCAL and decision.intent == "cart_show"
     assert decision.reasons == ("intent.cart_show",) and decision.scores["intent"] >= 0.5
+
+
+def test_small_talk_stays_on_the_device_and_takes_no_store_question(workload_path: Path) -> None:
+    intents = IntentIndex()
+    for name, examples in SMALL_TALK.items():
+        intents.add(name, examples)
+    router = Router(intents)
+    rows = [json.loads(line) for line in workload_path.read_text().splitlines() if line]
+    decisions = [(row, router.decide(row["text"])) for row in rows]
+    # Kept for an intent, not for the personal data it carries.
+    kept = [row for row, d in decisions if d.intent and d.reasons[0] == f"intent.{d.intent}"]
+    assert {row["class"] for row in kept} == {"local_simple"}, [r["text"] for r in kept]
+    assert {router.decide(t).intent for t in ("Hi there!", "Thanks, bye", "Who are you?")} == {
+        "greet", "goodbye", "about_assistant",
+    }  # fmt: skip
 
 
 def test_open_hard_questions_go_to_the_cloud_with_the_cues_that_fired(router: Router) -> None:
