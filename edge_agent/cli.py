@@ -315,15 +315,20 @@ def _chat(args: argparse.Namespace) -> int:
 
     print("edgeloop edge chat: type a message, /help for commands, Ctrl-D to quit", file=sys.stderr)
     if config.cloud_url is None:
-        print(_NO_CLOUD, file=sys.stderr)
+        print(_no_cloud(config), file=sys.stderr)
     asyncio.run(run())
     return 0
 
 
-_NO_CLOUD = (
-    "no cloud: none configured (--cloud) and none enrolled with; everything is answered on the "
-    "device"
-)
+def _no_cloud(config: EdgeConfig) -> str:
+    from edge_agent.link import read_identity
+
+    if read_identity(config.state_dir).device_id is not None:
+        # Enrolled by an edgeloop that did not keep the URL with the identity.
+        why = "this device's identity does not say where it enrolled: name it with --cloud"
+    else:
+        why = "none configured (--cloud) and none enrolled with"
+    return f"no cloud: {why}; everything is answered on the device"
 
 
 async def _send_what_waits(agent: EdgeAgent, seconds: float) -> int:
@@ -383,7 +388,7 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, setattr, server, "should_exit", True)
         if config.cloud_url is None:
-            print(_NO_CLOUD, file=sys.stderr)
+            print(_no_cloud(config), file=sys.stderr)
         print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
         try:
             await server.serve(sockets=[listener])

@@ -388,6 +388,10 @@ def test_chat_without_a_cloud_says_everything_stays_on_the_device(tmp_path: Path
     chat = edge_cli(["chat", "--state-dir", str(tmp_path / "dev")], "/help\n")
     assert chat.returncode == 0, chat.stderr
     assert "no cloud: none configured (--cloud) and none enrolled with" in chat.stderr
+    # Enrolled by an edgeloop that did not keep the cloud's URL with the identity.
+    (tmp_path / "dev" / "identity.json").write_text('{"device_id": "dev_1", "server_key": "k"}')
+    chat = edge_cli(["chat", "--state-dir", str(tmp_path / "dev")], "/help\n")
+    assert "does not say where it enrolled: name it with --cloud" in chat.stderr
 
 
 async def test_chat_answers_with_the_conversation_until_a_new_one_starts(
