@@ -38,7 +38,7 @@ JobKind = Literal["answer", "evaluate", "relabel", "distill"]
 JOB_KINDS: tuple[JobKind, ...] = ("answer", "evaluate", "relabel", "distill")
 LORA_PARAMS = ("steps", "rank", "alpha", "learning_rate", "batch_size", "seed")
 """Parameters of a distill job that set the LoRA training (`LoraSettings`)."""
-DISTILL_PARAMS = frozenset({*LORA_PARAMS, "min_gain", "labels"})
+DISTILL_PARAMS = frozenset({*LORA_PARAMS, "min_gain", "min_gain_over_incumbent", "labels"})
 _INTEGERS = frozenset({"steps", "rank", "batch_size", "seed"})
 
 
@@ -65,7 +65,7 @@ def _check_distill_params(params: dict[str, Any]) -> None:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if key in _INTEGERS and not (number and isinstance(value, int)):
             raise JobSpecError(f"distill parameter {key} must be an integer, not {value!r}")
-        if key in ("alpha", "learning_rate", "min_gain") and not number:
+        if key in ("alpha", "learning_rate", "min_gain", "min_gain_over_incumbent") and not number:
             raise JobSpecError(f"distill parameter {key} must be a number, not {value!r}")
     labels = params.get("labels")
     if labels is not None and not (isinstance(labels, str) and Path(labels).is_file()):
@@ -78,7 +78,11 @@ def _check_distill_params(params: dict[str, Any]) -> None:
 
     try:  # the ranges, as the cycle will check them
         lora = LoraSettings(**{k: params[k] for k in LORA_PARAMS if k in params})
-        DistillConfig(lora=lora, min_gain=params.get("min_gain", 0.1))
+        DistillConfig(
+            lora=lora,
+            min_gain=params.get("min_gain", 0.1),
+            min_gain_over_incumbent=params.get("min_gain_over_incumbent", 0.0),
+        )
     except DistillSettingsError as exc:
         raise JobSpecError(f"distill parameters: {exc}") from None
 

@@ -425,6 +425,7 @@ class CloudService:
         config = DistillConfig(
             lora=lora,
             min_gain=float(params.get("min_gain", 0.1)),
+            min_gain_over_incumbent=float(params.get("min_gain_over_incumbent", 0.0)),
             expectations=expectations_from_workload(Path(labels)) if labels else {},
             canary_share=self.config.rollout.canary_share,
             phone_regions=self.config.phone_regions,

@@ -65,8 +65,8 @@ def register(subparsers: Any) -> None:
 
     status = sub.add_parser(
         "status",
-        help="this device's enrollment, active adapter and outbox as JSON (reads its state "
-        "only; the cloud need not be reachable)",
+        help="this device's enrollment and cloud, active adapter and outbox as JSON (reads its "
+        "state only; the cloud need not be reachable)",
     )
     common(status)
     status.set_defaults(func=_status)

@@ -48,7 +48,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout-share", type=float, default=0.2)
     parser.add_argument(
-        "--min-gain", type=float, default=0.1, help="held-out accuracy gain needed to publish"
+        "--min-gain",
+        type=float,
+        default=0.1,
+        help="held-out accuracy gain over the base model needed to publish",
+    )
+    parser.add_argument(
+        "--min-gain-over-incumbent",
+        type=float,
+        default=0.0,
+        help="held-out accuracy gain needed over the adapter on offer now, if any (default 0: "
+        "no worse)",
     )
     parser.add_argument("--canary-share", type=float, help="default: the cloud's rollout config")
     parser.add_argument("--dry-run", action="store_true", help="train and measure, do not publish")
@@ -77,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         lora=lora,
         heldout_share=args.heldout_share,
         min_gain=args.min_gain,
+        min_gain_over_incumbent=args.min_gain_over_incumbent,
         expectations=expectations_from_workload(args.labels) if args.labels else {},
         canary_share=(
             config.rollout.canary_share if args.canary_share is None else args.canary_share

@@ -3,7 +3,10 @@
 `distill` reads the store, trains on CPU (or a GPU), exports the adapter, measures it with
 llama.cpp against the base on the held-out set and on simple prompts, and publishes a signed
 bundle (adapter + router coverage) only when the adapter is better by `min_gain` and simple
-prompts did not regress. Every figure is recorded with the adapter, published or not.
+prompts did not regress. From the second cycle on, the adapter the devices are offered now (the
+incumbent) is measured on the same held-out questions, and the new one must not fall behind it:
+each turn of the loop replaces an adapter only with a better one. Every figure is recorded with
+the adapter, published or not.
 """
 
 from __future__ import annotations
@@ -32,12 +35,21 @@ from cloud_agent.distill.evaluate import (
 )
 from cloud_agent.distill.export import export_gguf_lora
 from cloud_agent.distill.train import DistillSettingsError, LoraSettings, load_base, train_lora
+from cloud_agent.errors import CloudAgentError
 from cloud_agent.store import Store
+from protocol import BundleManifest
 from shared.keys import SigningKey
 from shared.llama import default_model_path, file_sha256
 from shared.pii import check_phone_regions
 
-__all__ = ["DistillConfig", "DistillResult", "distill", "train_and_measure"]
+__all__ = [
+    "DistillConfig",
+    "DistillResult",
+    "Incumbent",
+    "distill",
+    "incumbent",
+    "train_and_measure",
+]
 
 log = logging.getLogger("edgeloop.cloud.distill")
 
@@ -51,7 +63,12 @@ class DistillConfig:
     min_examples: int = 8
     """Fewer training examples than this: no training (nothing worth shipping)."""
     min_gain: float = 0.1
-    """Publish only if held-out fact accuracy rises by at least this much (absolute)."""
+    """Publish only if held-out fact accuracy rises by at least this much (absolute) over the
+    base model."""
+    min_gain_over_incumbent: float = 0.0
+    """...and by at least this much over the adapter the devices are offered now, when there
+    is one (0: no worse than it). The held-out questions are split off by a hash of the
+    question and the seed, so with the same seed and share it did not train on them either."""
     max_simple_regressions: int = 0
     """Simple prompts allowed to lose their answer or start reciting facts."""
     coverage_min_accuracy: float = 0.75
@@ -75,6 +92,10 @@ class DistillConfig:
         for bad, problem in (
             (not 0.0 <= self.heldout_share < 1.0, f"heldout_share {self.heldout_share}: 0 to 1"),
             (not -1.0 <= self.min_gain <= 1.0, f"min_gain {self.min_gain}: -1 to 1"),
+            (
+                not -1.0 <= self.min_gain_over_incumbent <= 1.0,
+                f"min_gain_over_incumbent {self.min_gain_over_incumbent}: -1 to 1",
+            ),
             (
                 not 0.0 < self.canary_share <= 1.0,
                 f"canary_share {self.canary_share}: above 0, at most 1",
@@ -103,6 +124,26 @@ class DistillResult:
     coverage: list[tuple[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Incumbent:
+    """The bundle the devices are offered now, which a new adapter must not fall behind."""
+
+    version: int
+    adapter: Path | None
+    """Its adapter file; None for a bundle without one (a rollback to the base model)."""
+
+
+async def incumbent(store: Store, base_model_sha256: str) -> Incumbent | None:
+    """The newest bundle on offer (in canary or to every device) for that base model."""
+    for record, _ in (await store.offers()).bundles:
+        if record.base_model_sha256 != base_model_sha256:
+            continue
+        files = BundleManifest.model_validate_json(record.manifest).files
+        adapter = next((f.name for f in files if f.kind == "adapter"), None)
+        return Incumbent(record.version, record.directory / adapter if adapter else None)
+    return None
+
+
 Progress = Callable[[str], None]
 Paraphraser = Callable[[list[Example]], Awaitable[list[Example]]]
 
@@ -120,9 +161,14 @@ def base_answers(base: Path, prompts: tuple[str, ...], max_tokens: int) -> list[
 
 
 def train_and_measure(
-    dataset: Dataset, config: DistillConfig, work_dir: Path, progress: Progress = log.info
+    dataset: Dataset,
+    config: DistillConfig,
+    work_dir: Path,
+    progress: Progress = log.info,
+    current: Incumbent | None = None,
 ) -> DistillResult:
-    """Train, export and measure (blocking; runs in a worker thread). Does not publish."""
+    """Train, export and measure (blocking; runs in a worker thread) against the base and the
+    `current` bundle's adapter. Does not publish."""
     work_dir.mkdir(parents=True, exist_ok=True)
     base = config.base_path
     started = time.perf_counter()
@@ -140,12 +186,18 @@ def train_and_measure(
     )
     del model, trained
     train_s = time.perf_counter() - started
-    progress("evaluating base and adapter with llama.cpp on held-out questions")
+    rival = current.adapter if current is not None else None
+    against = f"the base and version {current.version}" if current and rival else "the base"
+    progress(f"evaluating the adapter against {against} with llama.cpp on held-out questions")
     evaluator = GreedyModel(base)
     try:
         tokens = config.eval_max_tokens
         before = score(evaluator, dataset.heldout, tokens)
         simple_before = [evaluator.answer(p, max_tokens=tokens) for p in config.simple_prompts]
+        offered = before  # a bundle on offer without an adapter: the base model
+        if rival is not None:
+            evaluator.set_adapter(rival)
+            offered = score(evaluator, dataset.heldout, tokens)
         evaluator.set_adapter(adapter)
         after = score(evaluator, dataset.heldout, tokens)
         seen = score(evaluator, dataset.train, tokens)
@@ -156,7 +208,8 @@ def train_and_measure(
         "heldout": [
             {"question": b.example.question, "before": b.answer, "after": a.answer,
              "correct_before": b.correct, "correct_after": a.correct}
-            for b, a in zip(before, after, strict=True)
+            | ({"incumbent": o.answer, "correct_incumbent": o.correct} if current else {})
+            for b, a, o in zip(before, after, offered, strict=True)
         ],
         "simple": [
             {"prompt": p, "before": b, "after": a}
@@ -184,6 +237,9 @@ def train_and_measure(
         "adapter_share_of_base": round(adapter.stat().st_size / base_size, 4),
         "train_seconds": round(train_s, 1),
     }
+    if current is not None:
+        metrics["incumbent_version"] = float(current.version)
+        metrics["heldout_accuracy_incumbent"] = round(accuracy(offered), 4)
     passed, reason = gate(metrics, config)
     return DistillResult(passed, reason, metrics, None, adapter, covered)
 
@@ -197,10 +253,21 @@ def gate(metrics: dict[str, float], config: DistillConfig) -> tuple[bool, str]:
         return False, f"held-out accuracy gain {gain:+.2f} below the margin {config.min_gain:.2f}"
     if metrics["simple_regressions"] > config.max_simple_regressions:
         return False, f"{metrics['simple_regressions']:.0f} simple prompt(s) regressed"
-    return True, (
+    reason = (
         f"held-out accuracy {metrics['heldout_accuracy_before']:.0%} -> "
         f"{metrics['heldout_accuracy_after']:.0%}"
     )
+    if "heldout_accuracy_incumbent" in metrics:
+        offered, version = metrics["heldout_accuracy_incumbent"], metrics["incumbent_version"]
+        over = metrics["heldout_accuracy_after"] - offered
+        if over < config.min_gain_over_incumbent:
+            return False, (
+                f"held-out accuracy {metrics['heldout_accuracy_after']:.0%} against "
+                f"{offered:.0%} for version {version:.0f}, on offer now: gain {over:+.2f} below "
+                f"the margin {config.min_gain_over_incumbent:.2f}"
+            )
+        reason += f" ({offered:.0%} for version {version:.0f}, on offer now)"
+    return True, reason
 
 
 async def distill(
@@ -244,7 +311,17 @@ async def distill(
             {"train_examples": float(len(dataset.train))},
         )
     cycle_dir = work_dir / f"cycle-{int(time.time() * 1000)}"
-    result = await asyncio.to_thread(train_and_measure, dataset, config, cycle_dir, progress)
+    base_sha256 = await asyncio.to_thread(file_sha256, config.base_path)
+    current = await incumbent(store, base_sha256)
+    if current is not None and current.adapter is not None and not current.adapter.is_file():
+        # Checked before training: an adapter that cannot be compared cannot be replaced.
+        raise CloudAgentError(
+            f"the adapter of version {current.version}, on offer now, is missing "
+            f"({current.adapter}): the new one cannot be measured against it"
+        )
+    result = await asyncio.to_thread(
+        train_and_measure, dataset, config, cycle_dir, progress, current
+    )
     dataset.save(cycle_dir / "dataset.jsonl")
     if not result.published:
         progress(f"not published: {result.reason}")
@@ -259,7 +336,7 @@ async def distill(
         bundles_dir,
         name="edgeloop-adapter",
         version=version,
-        base_model_sha256=file_sha256(config.base_path),
+        base_model_sha256=base_sha256,
         files={
             "adapter.gguf": (result.adapter_path, "adapter"),
             "coverage.json": (cycle_dir / "coverage.json", "coverage"),

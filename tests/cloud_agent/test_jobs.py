@@ -92,6 +92,8 @@ async def test_bad_job_submissions_are_refused_with_a_reason(cloud: Cloud) -> No
         ({"steps": 0}, "steps 0: at least 1"),
         ({"alpha": -1}, "alpha -1: above 0"),
         ({"min_gain": 3}, "min_gain 3: -1 to 1"),
+        ({"min_gain_over_incumbent": "some"}, "min_gain_over_incumbent must be a number"),
+        ({"min_gain_over_incumbent": -2}, "min_gain_over_incumbent -2: -1 to 1"),
         ({"labels": "/nowhere/labels.jsonl"}, "not a file on the cloud's machine"),
     ],
 )

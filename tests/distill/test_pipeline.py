@@ -12,6 +12,7 @@ from cloud_agent.distill.dataset import Example, expectations_from_workload
 from cloud_agent.distill.evaluate import expectation, key_values, simple_regressions
 from cloud_agent.distill.pipeline import DistillConfig, distill, gate
 from cloud_agent.distill.train import LoraSettings
+from cloud_agent.errors import CloudAgentError
 from cloud_agent.store import NewInteraction, Store
 from cloud_agent.store.store import sqlite_url
 from edge_agent.updates import verify_offer
@@ -30,6 +31,20 @@ def test_the_gate_publishes_only_a_clear_improvement_without_regressions() -> No
     )  # fmt: skip
     assert gate({**FIGURES, "simple_regressions": 1.0}, config)[0] is False
     assert gate({**FIGURES, "heldout_examples": 0.0}, config)[0] is False
+
+
+def test_the_gate_replaces_the_adapter_on_offer_only_with_one_as_good() -> None:
+    config = DistillConfig(min_gain=0.2)
+    offered = {**FIGURES, "incumbent_version": 3.0, "heldout_accuracy_incumbent": 0.7}
+    assert gate(offered, config) == (
+        False,
+        "held-out accuracy 60% against 70% for version 3, on offer now: gain -0.10 below the "
+        "margin 0.00",
+    )
+    assert gate({**offered, "heldout_accuracy_incumbent": 0.6}, config) == (
+        True, "held-out accuracy 10% -> 60% (60% for version 3, on offer now)",
+    )  # fmt: skip
+    assert gate(offered, DistillConfig(min_gain=0.2, min_gain_over_incumbent=-0.1))[0] is True
 
 
 def test_expectations_and_regressions_are_measured_on_key_values() -> None:
@@ -101,8 +116,26 @@ async def test_a_cycle_trains_measures_and_publishes_a_signed_bundle(
         "adapter.gguf": "adapter", "coverage.json": "coverage",
     }  # fmt: skip
     assert manifest.metrics["heldout_accuracy_after"] == result.metrics["heldout_accuracy_after"]
+    assert "incumbent_version" not in manifest.metrics  # nothing was on offer before it
     coverage = json.loads((record.directory / "coverage.json").read_text())["examples"]
     assert coverage and all(isinstance(q, str) and 0.0 <= a <= 1.0 for q, a in coverage)
+
+    # The next cycle is measured against version 1, on offer now, on the same held-out
+    # questions: greedy decoding with the same adapter file gives the same answers.
+    again = await distill(
+        store, config=config, work_dir=tmp_path / "work", bundles_dir=tmp_path / "bundles",
+        signing_key=key, publish=False,
+    )  # fmt: skip
+    assert again.metrics["incumbent_version"] == 1.0
+    assert again.metrics["heldout_accuracy_incumbent"] == result.metrics["heldout_accuracy_after"]
+    assert again.metrics["heldout_accuracy_before"] == result.metrics["heldout_accuracy_before"]
+    # An adapter on offer that cannot be measured cannot be replaced: said before training.
+    (record.directory / "adapter.gguf").unlink()
+    with pytest.raises(CloudAgentError, match="adapter of version 1, on offer now, is missing"):
+        await distill(
+            store, config=config, work_dir=tmp_path / "work", bundles_dir=tmp_path / "bundles",
+            signing_key=key,
+        )  # fmt: skip
 
 
 async def test_too_little_data_trains_nothing(tmp_path: Path) -> None:
