@@ -6,8 +6,9 @@ directory, the packaged SmolLM2 model as the LLM, no knowledge file unless one i
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -114,6 +115,36 @@ class RolloutConfig(_Section):
     """How often replicas re-read rollouts (PostgreSQL also notifies them at once)."""
 
 
+class AutoDistillConfig(_Section):
+    after_examples: int | None = Field(None, ge=1)
+    """Submit a distill job by itself once this many answers that could teach the next adapter
+    (facts quoted, answers rated up or corrected) have come in since the last distill job, and
+    none is waiting or running. None (the default): only when asked (`edgeloop distill`, a
+    distill job). Needs the distill extra."""
+    check_s: float = Field(600.0, gt=0)
+    """How often that count is taken."""
+    params: dict[str, Any] = {}
+    """The jobs' parameters, as a distill job takes them (steps, min_gain,
+    min_gain_over_incumbent, labels, ...)."""
+
+    @model_validator(mode="after")
+    def _runnable(self) -> AutoDistillConfig:
+        # Checked at start rather than at the first cycle, perhaps days later.
+        if self.after_examples is None and not self.params:
+            return self  # off: nothing to check (and nothing of the jobs' code to import)
+        from cloud_agent.jobs import JobSpecError, job_items_from_rows
+
+        try:
+            job_items_from_rows("distill", [self.params])
+        except JobSpecError as exc:
+            raise ValueError(str(exc)) from None
+        if self.after_examples is not None and not all(
+            importlib.util.find_spec(name) for name in ("torch", "peft", "transformers")
+        ):
+            raise ValueError("distilling needs the distill extra (pip install 'edgeloop[distill]')")
+        return self
+
+
 class CloudConfig(_Section):
     server_id: str = "edgeloop-cloud"
     """Id of this service in proofs and logs; replicas of one cluster share it."""
@@ -172,6 +203,7 @@ class CloudConfig(_Section):
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
     rollout: RolloutConfig = RolloutConfig()
+    auto_distill: AutoDistillConfig = AutoDistillConfig()
     event_loop: EventLoopChoice = "auto"
     """The event loop `edgeloop cloud serve` runs on: `auto` takes uvloop when it is installed
     (it is with the cloud extra, except on Windows), `asyncio` the standard library's."""

@@ -22,6 +22,7 @@ import uvicorn
 
 from cloud_agent.admin import build_admin_app
 from cloud_agent.agent import CloudAgent
+from cloud_agent.autodistill import DistillTrigger
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig, EventLoopChoice
@@ -181,8 +182,8 @@ class CloudService:
         self.draining = False
         self._uvicorn: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[None] | None = None
-        self._learner: asyncio.Task[None] | None = None
-        self._retention: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
+        """What runs on a timer (purge, learning from other replicas, distilling when due)."""
 
     @classmethod
     async def create(
@@ -218,10 +219,15 @@ class CloudService:
     async def _start(self) -> None:
         if (days := self.config.retention_days) is not None:
             await self._purge(days)
-            self._retention = asyncio.create_task(self._purge_hourly(days))
+            self._background.append(asyncio.create_task(self._purge_hourly(days)))
         await self._learn_from_store()
         if self.agent.skill is not None:
-            self._learner = asyncio.create_task(self._learn_from_replicas())
+            self._background.append(asyncio.create_task(self._learn_from_replicas()))
+        if (due := self.config.auto_distill).after_examples is not None:
+            trigger = DistillTrigger(
+                self.store, after_examples=due.after_examples, params=due.params
+            )
+            self._background.append(asyncio.create_task(self._distill_when_due(trigger)))
         self.server.recorder.start()
         host, port = self.config.host, self.config.port
         try:
@@ -392,17 +398,21 @@ class CloudService:
             except StoreError as exc:
                 log.warning("retention: purge failed (%s); trying again in an hour", exc)
 
+    async def _distill_when_due(self, trigger: DistillTrigger) -> None:
+        while True:
+            try:
+                await trigger.check()
+            except StoreError as exc:
+                log.warning("auto distill: could not check (%s); trying again later", exc)
+            await asyncio.sleep(self.config.auto_distill.check_s)
+
     async def stop(self) -> None:
         """Graceful: stop accepting, drain in-flight work, close everything."""
         self.draining = True
-        if self._retention is not None:
-            self._retention.cancel()
-            await asyncio.gather(self._retention, return_exceptions=True)
-            self._retention = None
-        if self._learner is not None:
-            self._learner.cancel()
-            await asyncio.gather(self._learner, return_exceptions=True)
-            self._learner = None
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
         await self.feed.stop()
         await self.server.shutdown(self.config.shutdown_grace_s)
         await self.jobs.stop()

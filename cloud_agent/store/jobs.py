@@ -60,8 +60,12 @@ class JobStore:
         kind: str,
         items: list[dict[str, Any]],
         params: dict[str, Any] | None = None,
+        *,
+        job_id: str | None = None,
     ) -> str:
-        job_id = f"job_{secrets.token_hex(8)}"
+        """A queued job and its items; its id. `job_id` names it (IntegrityError when a job has
+        that id: replicas submitting the same scheduled job store it once)."""
+        job_id = job_id or f"job_{secrets.token_hex(8)}"
         async with self._tx() as s:
             s.add(
                 t.Job(
@@ -146,6 +150,14 @@ class JobStore:
             if job is None:
                 return None
             return await _record(s, job)
+
+    async def latest_job(self: _Transactional, kind: str) -> JobRecord | None:
+        """The job of `kind` submitted last."""
+        async with self._tx() as s:
+            job = await s.scalar(
+                select(t.Job).where(t.Job.kind == kind).order_by(t.Job.created_at.desc()).limit(1)
+            )
+            return None if job is None else await _record(s, job)
 
     async def list_jobs(self: _Transactional, limit: int = 100) -> list[JobRecord]:
         async with self._tx() as s:

@@ -24,7 +24,19 @@ from typing import Any
 import pydantic_core
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Table, create_engine, delete, event, func, insert, select, tuple_, update
+from sqlalchemy import (
+    Table,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.engine import URL, Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -584,6 +596,27 @@ class Store(JobStore, RolloutStore):
                     )  # fmt: skip
 
         return dict(zip(items, await self._insert_once(t.StatusReport, rows, deploy), strict=True))
+
+    async def count_training_candidates(self, since: datetime | None = None) -> int:
+        """Answered escalations that could teach the next adapter, new since `since`: answers
+        quoted from a knowledge fact logged since then, and answers rated up or corrected
+        since then: what the distillation dataset trusts, before it leaves out duplicates and
+        follow-ups."""
+        i, f = t.Interaction, t.Feedback
+        rated = select(f.request_id).where(
+            f.device_id == i.device_id,
+            f.request_id == i.request_id,
+            or_(f.rating == "positive", f.correction.is_not(None)),
+        )
+        quoted = i.backend == "knowledge"
+        if since is not None:
+            rated = rated.where(f.created_at >= since)
+            quoted = and_(quoted, i.created_at >= since)
+        query = (
+            select(func.count()).select_from(i).where(i.status == "ok", or_(quoted, rated.exists()))
+        )
+        async with self._tx() as s:
+            return int(await s.scalar(query) or 0)
 
     async def feedback_summary(self) -> FeedbackSummary:
         async with self._tx() as s:

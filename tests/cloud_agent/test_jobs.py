@@ -9,9 +9,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from cloud_agent.autodistill import DistillTrigger
 from cloud_agent.backends import ScriptedBackend
+from cloud_agent.config import CloudConfig
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
+from cloud_agent.store import NewInteraction, Store, tables
 from cloud_agent.store.store import sqlite_url
 from shared.cli import main
 from tests.cloud_fixtures import Cloud
@@ -165,3 +169,60 @@ def test_the_cli_submits_lists_and_shows_jobs(
     assert listed["id"] == job_id and listed["total"] == 80 and listed["status"] == "queued"
     assert main(["cloud", "jobs", "show", *data, "job_missing"]) == 1
     assert sqlite_url(tmp_path / "cloud.db").endswith("cloud.db")
+
+
+async def test_a_distill_job_is_submitted_by_itself_once_enough_new_examples_came_in(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(sqlite_url(tmp_path / "cloud.db"))
+    try:
+        token = await store.create_enrollment_token()
+        await store.enroll_device(token, "dev_a", "A" * 43)
+
+        async def quoted(n: int) -> None:
+            await store.record_interaction(
+                NewInteraction(
+                    device_id="dev_a", request_id=f"q{n}", status="ok", backend="knowledge",
+                    messages=[{"role": "user", "content": f"question {n}"}], placeholders=[],
+                    answer="a fact",
+                )
+            )  # fmt: skip
+
+        trigger = DistillTrigger(store, after_examples=2, params={"steps": 3})
+        await quoted(1)
+        assert await trigger.check() is None  # one new example of the two it waits for
+        await quoted(2)
+        first = await trigger.check()
+        assert first is not None
+        job = await store.get_job(first)
+        assert job is not None and job.kind == "distill"
+        assert job.params == {"source": "auto", "new_examples": 2}
+        assert await store.job_items(first) == [
+            {"idx": 0, "status": "pending", "input": {"steps": 3}, "output": None, "error": None}
+        ]
+        # One cycle at a time: nothing more while it waits or runs, whatever comes in.
+        await quoted(3)
+        await quoted(4)
+        assert await trigger.check() is None
+        async with store.engine.begin() as conn:  # the cycle ran
+            await conn.execute(
+                update(tables.Job).where(tables.Job.id == first).values(status="done")
+            )
+        # Counted since that job was submitted: two new ones make the next cycle due, once,
+        # whichever replica asks first.
+        twin = DistillTrigger(store, after_examples=2, params={"steps": 3})
+        second = await trigger.check()
+        assert second is not None and second != first
+        assert await twin.check() is None
+        assert [j.id for j in await store.list_jobs()].count(second) == 1
+    finally:
+        await store.close()
+
+
+def test_a_bad_auto_distill_setting_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="distill parameter steps must be an integer"):
+        CloudConfig.model_validate(
+            {"auto_distill": {"after_examples": 5, "params": {"steps": "x"}}}
+        )
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        CloudConfig.model_validate({"auto_distill": {"after_examples": 0}})

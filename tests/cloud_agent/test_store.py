@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import (
@@ -195,6 +196,47 @@ async def test_reports_and_update_statuses_are_stored_once(store: Store) -> None
     )
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is False
     assert await store.add_update_status("dev_a", "idk_u", 3, "applied", None, {}) is True
+
+
+async def test_training_candidates_are_counted_since_a_moment(store: Store) -> None:
+    await enrolled(store)
+
+    def answered(request_id: str, backend: str, status: str = "ok") -> NewInteraction:
+        return NewInteraction(
+            device_id="dev_a", request_id=request_id, status=status, backend=backend,
+            messages=[{"role": "user", "content": f"question {request_id}"}], placeholders=[],
+            answer="an answer",
+        )  # fmt: skip
+
+    # Quoted from a fact, answered by the LLM and rated up, corrected, rated down, unrated,
+    # and a quoted fact that failed.
+    for request_id, backend in (("q1", "knowledge"), ("q2", "llm"), ("q3", "llm"),
+                                ("q4", "llm"), ("q5", "llm")):  # fmt: skip
+        await store.record_interaction(answered(request_id, backend))
+    await store.record_interaction(answered("q6", "knowledge", status="error"))
+    await store.add_feedback("dev_a", "idk_2", "q2", "positive")
+    await store.add_feedback("dev_a", "idk_3", "q3", "negative", "The right answer.")
+    await store.add_feedback("dev_a", "idk_4", "q4", "negative")
+    assert await store.count_training_candidates() == 3
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    assert await store.count_training_candidates(later) == 0
+    async with store.engine.begin() as conn:  # a rating given after that moment
+        await conn.execute(
+            update(tables.Feedback).where(tables.Feedback.request_id == "q2")
+            .values(created_at=later + timedelta(seconds=1))
+        )  # fmt: skip
+    assert await store.count_training_candidates(later) == 1
+
+
+async def test_a_named_job_is_stored_once_and_the_latest_is_found_by_kind(store: Store) -> None:
+    assert await store.latest_job("distill") is None
+    first = await store.create_job("distill", [{}], {"source": "auto"}, job_id="job_auto_1")
+    assert first == "job_auto_1"
+    with pytest.raises(IntegrityError):
+        await store.create_job("distill", [{}], job_id="job_auto_1")
+    await store.create_job("answer", [{"question": "hi?"}])
+    latest = await store.latest_job("distill")
+    assert latest is not None and (latest.id, latest.status) == ("job_auto_1", "queued")
 
 
 async def test_interactions_keep_the_redacted_prompt_facts_and_feedback(store: Store) -> None:
