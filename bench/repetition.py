@@ -1,11 +1,11 @@
 """Answers stopped where they start going round in circles, against answers decoded to the
 token limit, on the workload's requests the models phrase themselves.
 
-Small models decoded greedily often repeat a sentence until `max_tokens` ("Check the bike
-before you leave." again and again). `RepetitionGuard` ends an answer once a sentence of 12
-characters or more completes for the third time. This plays the dev workload's `cloud_complex`
-and `local_simple` requests (store facts are quoted from the knowledge file and cost no model
-tokens) on the packaged SmolLM2 model, each request twice in a row, guard off then on:
+Small models decoded greedily often repeat a sentence until `max_tokens` ("Check the bike before you
+leave." again and again). `RepetitionGuard` ends an answer once a sentence of 12 characters or more
+completes for the third time (a shorter one for the eighth). This plays the dev workload's
+`cloud_complex` and `local_simple` requests (store facts are quoted from the knowledge file and cost
+no model tokens) on the packaged SmolLM2 model, each request twice in a row, guard off then on:
 
 - cloud: `LlamaCppBackend` under the cloud's system prompt, 256 tokens at most (the edge's
   `cloud_max_tokens`);

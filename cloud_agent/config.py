@@ -57,8 +57,9 @@ class BackendConfig(_Section):
     threads: int | None = Field(None, ge=1, le=512)
     """CPU threads for `llama_cpp`; default: llama.cpp's choice."""
     stop_repetition: bool = True
-    """For `llama_cpp`: end an answer once a sentence of it comes round for the third time (small
-    models decoded greedily loop until the token limit); false decodes to the limit."""
+    """For `llama_cpp`: end an answer once a sentence of it comes round for the third time (a
+    short one for the eighth; small models decoded greedily loop until the token limit); false
+    decodes to the limit."""
     base_url: str | None = None
     """Server URL for `openai`, e.g. http://127.0.0.1:8000 (the path /v1/... is added)."""
     model: str | None = None

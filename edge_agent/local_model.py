@@ -8,8 +8,9 @@
 - Loaded with `shared.llama.open_llama`, which keeps llama.cpp's fast path except on CPUs that
   advertise AMX but fault on it.
 - Decoding is greedy and stops early when the answer starts going round in circles (a sentence
-  completed for the third time, `shared.llama.RepetitionGuard`; `stop_repetition=False` lets it
-  run to the token limit), as small models decoded greedily often do.
+  completed for the third time, a short one for the eighth, `shared.llama.RepetitionGuard`;
+  `stop_repetition=False` lets it run to the token limit), as small models decoded greedily often
+  do.
 - Every generation reports a confidence: the geometric mean of the probabilities the model gave
   the tokens it chose (1.0 = certain), read from the logits of each step.
 - LoRA adapters load, switch and unload at run time without reloading the base model

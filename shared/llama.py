@@ -283,19 +283,24 @@ _SENTENCE_END = re.compile(r"[.!?]+|\n")
 
 class RepetitionGuard:
     """Notices output caught in a loop: a sentence (or line) of at least `min_chars` characters
-    completed for the `times`-th time.
+    completed for the `times`-th time, or a shorter one for the `short_times`-th.
 
     Small models decoded greedily often fall into repeating one or two sentences until the
     token limit ("Check the bike before you leave." over and over); every token after the
     second repetition is time and cost for nothing. Sentences are compared with case and
-    runs of whitespace ignored; short ones ("Yes.", "1.") never count.
+    runs of whitespace ignored. Short ones ("Yes.", "1.") come round in answers that are not
+    looping (a list's numbers, list after list), so they need more copies: on the dev
+    workload's open requests, "Exquisite." and "P.S." repeated to the token limit.
     """
 
-    def __init__(self, *, times: int = 3, min_chars: int = 12) -> None:
+    def __init__(self, *, times: int = 3, min_chars: int = 12, short_times: int = 8) -> None:
         if times < 2:
             raise ValueError("times must be at least 2")
+        if short_times < times:
+            raise ValueError("short_times must be at least times")
         self.times = times
         self.min_chars = min_chars
+        self.short_times = short_times
         self._seen: dict[str, int] = {}
         self._partial = ""
         """The output since the last sentence end."""
@@ -308,10 +313,10 @@ class RepetitionGuard:
         for end in _SENTENCE_END.finditer(text):
             sentence = " ".join(text[start : end.end()].split()).lower()
             start = end.end()
-            if len(sentence) < self.min_chars:
-                continue
+            if not sentence:
+                continue  # a blank line
             seen = self._seen[sentence] = self._seen.get(sentence, 0) + 1
-            if seen >= self.times:
+            if seen >= (self.times if len(sentence) >= self.min_chars else self.short_times):
                 self._partial = ""
                 # `_partial` holds no sentence end, so every match ends inside `piece`.
                 return start - (len(text) - len(piece))

@@ -2,9 +2,10 @@
 
 Prompts are formatted with the model's own chat template and decoded as the device decodes
 (`shared.llama.Decoding`): greedy at temperature 0, and stopped once the answer goes round in
-circles (a sentence completed for the third time; `stop_repetition=False` lets it run to
-`max_tokens`), which the small default model often does. Token counts are exact. A conversation
-too long for the context window loses its oldest turns first (`ChatTemplate.fitted`).
+circles (a sentence completed for the third time, a short one for the eighth;
+`stop_repetition=False` lets it run to `max_tokens`), which the small default model often does.
+Token counts are exact. A conversation too long for the context window loses its oldest turns first
+(`ChatTemplate.fitted`).
 
 llama.cpp blocks while it decodes, so each call runs in a worker thread, one at a time per
 model (a `Llama` object is not thread-safe). Streaming hands tokens to the event loop as they

@@ -52,15 +52,25 @@ def test_lines_without_punctuation_count_as_sentences() -> None:
     assert end is not None and text[:end].count("[Your Position]") == 3
 
 
-def test_short_or_distinct_sentences_never_stop_an_answer() -> None:
-    assert cut("Yes. " * 50 + "1. 2. 3. " * 20) is None
+def test_distinct_sentences_never_stop_an_answer_and_short_ones_need_eight_copies() -> None:
     varied = " ".join(f"Step {n}: check item number {n} on the list." for n in range(40))
     assert cut(varied) is None
+    lists = "1. Tent. 2. Stove. 3. Mat for it.\n" * 7  # "1." seven times: lists, not a loop
+    assert cut(lists) is None
+    text = "Great tent. " + "Exquisite. " * 50
+    end = cut(text)
+    assert end is not None and text[:end].count("Exquisite.") == 8
+    signed = "Best regards.\n\nP.S.\n\n" + "P.S.\n\n" * 30  # blank lines are no sentences
+    end = cut(signed)
+    assert end is not None and signed[:end].count("P.") == 8  # "P." and "S." are sentences
+    assert cut("Yes. " * 10, short_times=20) is None
 
 
 def test_fewer_than_two_copies_is_refused() -> None:
     with pytest.raises(ValueError):
         RepetitionGuard(times=1)
+    with pytest.raises(ValueError):
+        RepetitionGuard(times=4, short_times=3)
 
 
 @given(st.lists(st.integers(0, len(LOOP) * 2), max_size=12))
