@@ -1,9 +1,9 @@
 """The loop turning by itself: a distill job once enough new training material has come in.
 
-Every `distill_check_s` the service asks `DistillTrigger.check`: it counts the answers that could
-teach the next adapter (facts quoted, answers rated up or corrected) since the last distill job
-was submitted, and submits one when there are at least `distill_after_examples` of them and no
-distill job is waiting or running. The job runs as any distill job does (in the scheduler's
+Every `auto_distill.check_s` the service asks `DistillTrigger.check`: it counts the answers that
+could teach the next adapter (facts quoted, answers rated up or corrected) since the last distill
+job was submitted, and submits one when there are at least `auto_distill.after_examples` of them
+and no distill job is waiting or running. The job runs as any distill job does (in the scheduler's
 offline lane, gated against the base model and the adapter on offer now, so a cycle publishes
 only an improvement). Replicas sharing a store submit it once: its id is derived from the
 last job's.

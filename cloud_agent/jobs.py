@@ -22,13 +22,16 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cloud_agent.agent import CloudAgent
 from cloud_agent.backends.base import ChatTurn
 from cloud_agent.errors import CloudAgentError
 from cloud_agent.evaluation import contains_expected
 from cloud_agent.store import Store
+
+if TYPE_CHECKING:
+    from cloud_agent.distill.pipeline import DistillConfig
 
 __all__ = ["JOB_KINDS", "JobRunner", "JobSpecError", "job_items_from_rows"]
 
@@ -73,18 +76,30 @@ def _check_distill_params(params: dict[str, Any]) -> None:
             f"distill parameter labels {labels!r}: not a file on the cloud's machine "
             "(the path of a labelled workload, JSON lines)"
         )
-    from cloud_agent.distill.pipeline import DistillConfig
-    from cloud_agent.distill.train import DistillSettingsError, LoraSettings
+    from cloud_agent.distill.train import DistillSettingsError
 
     try:  # the ranges, as the cycle will check them
-        lora = LoraSettings(**{k: params[k] for k in LORA_PARAMS if k in params})
-        DistillConfig(
-            lora=lora,
-            min_gain=params.get("min_gain", 0.1),
-            min_gain_over_incumbent=params.get("min_gain_over_incumbent", 0.0),
-        )
+        distill_config(params)
     except DistillSettingsError as exc:
         raise JobSpecError(f"distill parameters: {exc}") from None
+
+
+def distill_config(params: dict[str, Any], **settings: Any) -> DistillConfig:
+    """A cycle's settings from a distill job's parameters (`DISTILL_PARAMS`, checked); the
+    `settings` are what the job does not say (expectations, the cloud's canary share and phone
+    regions). Raises `DistillSettingsError` for a value out of range."""
+    from cloud_agent.distill.pipeline import DistillConfig
+    from cloud_agent.distill.train import LoraSettings
+
+    lora = LoraSettings(progress=False, **{k: params[k] for k in LORA_PARAMS if k in params})
+    return DistillConfig(
+        lora=lora,
+        min_gain=params.get("min_gain", DistillConfig.min_gain),
+        min_gain_over_incumbent=params.get(
+            "min_gain_over_incumbent", DistillConfig.min_gain_over_incumbent
+        ),
+        **settings,
+    )
 
 
 def job_items_from_rows(kind: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

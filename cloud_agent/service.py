@@ -27,7 +27,7 @@ from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.errors import KnowledgeError, StoreError
-from cloud_agent.jobs import LORA_PARAMS, JobRunner
+from cloud_agent.jobs import JobRunner, distill_config
 from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
@@ -426,16 +426,12 @@ class CloudService:
 
     async def _distill_job(self, params: dict[str, Any]) -> dict[str, Any]:
         """A `distill` job: one cycle with `params` over this cloud's store and key."""
-        from cloud_agent.distill import DistillConfig, distill
+        from cloud_agent.distill import distill
         from cloud_agent.distill.dataset import expectations_from_workload
-        from cloud_agent.distill.train import LoraSettings
 
-        lora = LoraSettings(progress=False, **{k: params[k] for k in LORA_PARAMS if k in params})
         labels = params.get("labels")
-        config = DistillConfig(
-            lora=lora,
-            min_gain=float(params.get("min_gain", 0.1)),
-            min_gain_over_incumbent=float(params.get("min_gain_over_incumbent", 0.0)),
+        config = distill_config(
+            params,
             expectations=expectations_from_workload(Path(labels)) if labels else {},
             canary_share=self.config.rollout.canary_share,
             phone_regions=self.config.phone_regions,
