@@ -8,15 +8,15 @@ so nothing is lost when a runner dies.
 from __future__ import annotations
 
 import secrets
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from cloud_agent.store import tables as t
+from cloud_agent.store.database import Transactions, now
 
 __all__ = ["ClaimedItem", "JobRecord", "JobStore"]
 
@@ -44,19 +44,11 @@ class ClaimedItem:
     input: dict[str, Any]
 
 
-class _Transactional(Protocol):
-    def _tx(self) -> AbstractAsyncContextManager[AsyncSession]: ...
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class JobStore:
+class JobStore(Transactions):
     """Offline jobs: submit, claim, complete, inspect."""
 
     async def create_job(
-        self: _Transactional,
+        self,
         kind: str,
         items: list[dict[str, Any]],
         params: dict[str, Any] | None = None,
@@ -69,7 +61,7 @@ class JobStore:
         async with self._tx() as s:
             s.add(
                 t.Job(
-                    id=job_id, kind=kind, status="queued", created_at=_now(), total=len(items),
+                    id=job_id, kind=kind, status="queued", created_at=now(), total=len(items),
                     done=0, failed=0, params=dict(params or {}),
                 )
             )  # fmt: skip
@@ -81,15 +73,15 @@ class JobStore:
         return job_id
 
     async def claim_job_items(
-        self: _Transactional, runner_id: str, limit: int, lease: timedelta = timedelta(minutes=10)
+        self, runner_id: str, limit: int, lease: timedelta = timedelta(minutes=10)
     ) -> list[ClaimedItem]:
         """Take up to `limit` pending items, oldest job first; stale claims are retaken."""
-        now = _now()
+        started = now()
         claimed: list[ClaimedItem] = []
         async with self._tx() as s:
             await s.execute(
                 update(t.JobItem)
-                .where(t.JobItem.status == "running", t.JobItem.claimed_at < now - lease)
+                .where(t.JobItem.status == "running", t.JobItem.claimed_at < started - lease)
                 .values(status="pending", claimed_by=None, claimed_at=None)
             )
             rows = (
@@ -109,7 +101,7 @@ class JobStore:
                         t.JobItem.idx == idx,
                         t.JobItem.status == "pending",
                     )  # fmt: skip
-                    .values(status="running", claimed_by=runner_id, claimed_at=now)
+                    .values(status="running", claimed_by=runner_id, claimed_at=started)
                 )
                 if result.rowcount:  # type: ignore[attr-defined]
                     claimed.append(ClaimedItem(job_id, idx, kind, dict(item_input)))
@@ -121,7 +113,7 @@ class JobStore:
         return claimed
 
     async def finish_job_item(
-        self: _Transactional,
+        self,
         job_id: str,
         idx: int,
         *,
@@ -142,16 +134,16 @@ class JobStore:
             await s.execute(update(t.Job).where(t.Job.id == job_id).values({column: column + 1}))
             job = await s.get(t.Job, job_id)
             if job is not None and job.done + job.failed >= job.total:
-                job.status, job.finished_at = "done", _now()
+                job.status, job.finished_at = "done", now()
 
-    async def get_job(self: _Transactional, job_id: str) -> JobRecord | None:
+    async def get_job(self, job_id: str) -> JobRecord | None:
         async with self._tx() as s:
             job = await s.get(t.Job, job_id)
             if job is None:
                 return None
             return await _record(s, job)
 
-    async def latest_job(self: _Transactional, kind: str) -> JobRecord | None:
+    async def latest_job(self, kind: str) -> JobRecord | None:
         """The job of `kind` submitted last."""
         async with self._tx() as s:
             job = await s.scalar(
@@ -159,14 +151,14 @@ class JobStore:
             )
             return None if job is None else await _record(s, job)
 
-    async def list_jobs(self: _Transactional, limit: int = 100) -> list[JobRecord]:
+    async def list_jobs(self, limit: int = 100) -> list[JobRecord]:
         async with self._tx() as s:
             jobs = (
                 await s.scalars(select(t.Job).order_by(t.Job.created_at.desc()).limit(limit))
             ).all()
             return [await _record(s, j) for j in jobs]
 
-    async def job_items(self: _Transactional, job_id: str) -> list[dict[str, Any]]:
+    async def job_items(self, job_id: str) -> list[dict[str, Any]]:
         async with self._tx() as s:
             rows = (
                 await s.scalars(

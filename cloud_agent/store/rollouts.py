@@ -13,14 +13,13 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
 
 from cloud_agent.store import tables as t
-from cloud_agent.store.jobs import _Transactional
+from cloud_agent.store.database import Transactions, now
 from protocol import BundleManifest, UpdateOffer
 
 __all__ = ["AdapterRecord", "Offers", "RolloutHealth", "RolloutStore", "canary_cohort"]
@@ -84,10 +83,6 @@ class RolloutHealth:
     feedback_negative: int
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def canary_cohort(version: int, device_ids: Sequence[str], share: float) -> list[str]:
     """The devices offered bundle `version` first: `share` of them (at least one), ranked by a
     hash of version and device id, so each bundle picks a different, stable cohort."""
@@ -109,7 +104,7 @@ def _record(adapter: t.Adapter, rollout: t.Rollout) -> AdapterRecord:
     )
 
 
-async def _offers(store: _Transactional) -> Offers:
+async def _offers(store: Transactions) -> Offers:
     async with store._tx() as s:
         rows = await s.execute(
             select(t.Adapter, t.Rollout)
@@ -120,15 +115,15 @@ async def _offers(store: _Transactional) -> Offers:
         return Offers(tuple((_record(a, r), frozenset(r.canary)) for a, r in rows))
 
 
-class RolloutStore:
+class RolloutStore(Transactions):
     """Adapters, rollouts and per-device deployment state."""
 
-    async def next_adapter_version(self: _Transactional) -> int:
+    async def next_adapter_version(self) -> int:
         async with self._tx() as s:
             return int(await s.scalar(select(func.max(t.Adapter.version))) or 0) + 1
 
     async def add_adapter(
-        self: _Transactional,
+        self,
         offer: UpdateOffer,
         *,
         directory: Path,
@@ -136,7 +131,7 @@ class RolloutStore:
         state: str = "canary",
     ) -> int:
         manifest = BundleManifest.model_validate_json(offer.manifest)
-        now = _now()
+        published = now()
         async with self._tx() as s:
             s.add(
                 t.Adapter(
@@ -152,12 +147,12 @@ class RolloutStore:
             s.add(
                 t.Rollout(
                     version=manifest.version, state=state, canary_share=canary_share,
-                    canary=canary, reason=None, created_at=now, updated_at=now,
+                    canary=canary, reason=None, created_at=published, updated_at=published,
                 )
             )  # fmt: skip
         return manifest.version
 
-    async def get_adapter(self: _Transactional, version: int) -> AdapterRecord | None:
+    async def get_adapter(self, version: int) -> AdapterRecord | None:
         async with self._tx() as s:
             row = (
                 await s.execute(
@@ -168,7 +163,7 @@ class RolloutStore:
             ).first()
             return _record(*row) if row else None
 
-    async def list_rollouts(self: _Transactional) -> list[dict[str, Any]]:
+    async def list_rollouts(self) -> list[dict[str, Any]]:
         async with self._tx() as s:
             rows = (await s.scalars(select(t.Rollout).order_by(t.Rollout.version.desc()))).all()
             return [
@@ -182,29 +177,27 @@ class RolloutStore:
                 for r in rows
             ]
 
-    async def set_rollout_state(
-        self: _Transactional, version: int, state: str, reason: str | None = None
-    ) -> bool:
+    async def set_rollout_state(self, version: int, state: str, reason: str | None = None) -> bool:
         """Move a rollout to `state`; False if there is no such rollout or nothing changed."""
         async with self._tx() as s:
             result: Any = await s.execute(
                 update(t.Rollout)
                 .where(t.Rollout.version == version, t.Rollout.state != state)
-                .values(state=state, reason=reason, updated_at=_now())
+                .values(state=state, reason=reason, updated_at=now())
             )
             return bool(result.rowcount)
 
-    async def offers(self: _Transactional) -> Offers:
+    async def offers(self) -> Offers:
         """The bundles on offer now: one query, whatever the number of devices asking."""
         return await _offers(self)
 
     async def offer_for(
-        self: _Transactional, device_id: str, base_model_sha256: str | None = None
+        self, device_id: str, base_model_sha256: str | None = None
     ) -> AdapterRecord | None:
         """The newest bundle this device should run now (its cohort and base model permitting)."""
         return (await _offers(self)).for_device(device_id, base_model_sha256)
 
-    async def rollout_health(self: _Transactional, version: int) -> RolloutHealth | None:
+    async def rollout_health(self, version: int) -> RolloutHealth | None:
         async with self._tx() as s:
             rollout = await s.get(t.Rollout, version)
             if rollout is None:

@@ -25,7 +25,7 @@ from cloud_agent.store import (
     Store,
     tables,
 )
-from cloud_agent.store import store as store_module
+from cloud_agent.store.interactions import SqliteBatchInsert
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import INTERACTIONS, Base
 
@@ -319,7 +319,7 @@ async def test_sqlite_batches_stay_within_an_old_sqlite_parameter_limit(tmp_path
     # as chunks of 32 rows, in order.
     store = await Store.open(sqlite_url(tmp_path / "old.db"))
     try:
-        store._sqlite_interactions = store_module._SqliteBatchInsert(
+        store._sqlite_interactions = SqliteBatchInsert(
             INTERACTIONS, store.engine.dialect, max_variables=999
         )
         rows = [NewInteraction(device_id="dev_a", request_id=f"req_{i}", placeholders=[],

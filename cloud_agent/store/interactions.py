@@ -1,0 +1,334 @@
+"""Store operations for the interaction log (a part of `Store`): escalations written in
+batches off the request path, read back for the admin API and distillation.
+
+On SQLite the batches go through a synchronous connection on a thread of their own
+(`SqliteLog`), each as a few multi-row inserts (`SqliteBatchInsert`); on PostgreSQL through the
+async engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, and_, create_engine, func, insert, or_, select, tuple_, update
+from sqlalchemy.engine import URL, Dialect
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from cloud_agent.store import tables as t
+from cloud_agent.store.database import (
+    Transactions,
+    mapped_errors,
+    now,
+    set_sqlite_pragmas_on_connect,
+    to_json,
+)
+from cloud_agent.store.records import InteractionRecord, NewInteraction, SessionEvent
+
+__all__ = ["InteractionStore", "SqliteBatchInsert", "SqliteLog"]
+
+
+class InteractionStore(Transactions):
+    """The interaction log and the session events written with it."""
+
+    def __init__(self, engine: AsyncEngine, *, lock_timeout_s: float = 15.0) -> None:
+        super().__init__(engine)
+        sqlite = engine.dialect.name == "sqlite"
+        self._sqlite_interactions = (
+            SqliteBatchInsert.for_dialect(t.INTERACTIONS, engine.dialect) if sqlite else None
+        )
+        self._log = (
+            SqliteLog(engine.url, lock_timeout_s)
+            if sqlite and engine.url.database not in (None, "", ":memory:")
+            else None
+        )
+
+    async def record_interaction(self, it: NewInteraction) -> None:
+        await self.record_interactions([it])
+
+    async def record_interactions(
+        self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
+    ) -> None:
+        """Store many interactions and session events in one transaction (the server writes
+        them in batches: one commit, and one fsync, for hundreds of records)."""
+        sessions = sessions or []
+        if not batch and not sessions:
+            return
+        created = now()
+        rows = [
+            {
+                "device_id": it.device_id,
+                "request_id": it.request_id,
+                "session_id": it.session_id,
+                "created_at": created,
+                "prompt": {"messages": it.messages, "placeholders": it.placeholders},
+                "answer": it.answer,
+                "status": it.status,
+                "error_name": it.error_name,
+                "intent": it.intent,
+                "route_reasons": list(it.route_reasons),
+                "priority": it.priority,
+                "latency_ms": it.latency_ms,
+                "prompt_tokens": it.prompt_tokens,
+                "completion_tokens": it.completion_tokens,
+                "backend": it.backend,
+                "model": it.model,
+                "fact_ids": list(it.fact_ids),
+            }
+            for it in batch
+        ]
+        started = [e for e in sessions if e.kind == "started"]
+        ended = [e for e in sessions if e.kind == "ended"]
+        # The insert's parameters are built here, on the event loop: the writing thread then
+        # holds the GIL only briefly.
+        inserts = (
+            self._sqlite_interactions.statements(rows)
+            if self._sqlite_interactions is not None
+            else None
+        )
+
+        def write(s: Session) -> None:
+            if started:
+                s.execute(
+                    insert(t.Session),
+                    [{"id": e.session_id, "device_id": e.device_id, "server_id": e.server_id or "",
+                      "started_at": e.at} for e in started],
+                )  # fmt: skip
+                s.execute(
+                    update(t.Device),
+                    [{"id": e.device_id, "last_seen_at": e.at, "adapter_version": e.adapter_version,
+                      "base_model_sha256": e.base_model_sha256} for e in started],
+                )  # fmt: skip
+            if inserts is not None:
+                connection = s.connection()
+                for sql, params in inserts:
+                    connection.exec_driver_sql(sql, params)
+            elif rows:
+                # PostgreSQL (asyncpg: no worker thread, no GIL hand-overs): a Core insert on
+                # the table; the ORM's bulk path costs a fifth more per row.
+                s.execute(insert(t.INTERACTIONS), rows)
+            if ended:
+                s.execute(
+                    update(t.Session),
+                    [{"id": e.session_id, "ended_at": e.at, "close_code": e.close_code}
+                     for e in ended],
+                )  # fmt: skip
+
+        if self._log is not None:
+            await self._log.write(write)
+        else:
+            async with self._tx() as session:
+                await session.run_sync(write)
+
+    async def list_interactions(
+        self,
+        *,
+        limit: int = 100,
+        device_id: str | None = None,
+        status: str | None = None,
+        request_id: str | None = None,
+        rated_only: bool = False,
+        rated_since: datetime | None = None,
+        before_id: int | None = None,
+        keys: Collection[tuple[str, str]] | None = None,
+    ) -> list[InteractionRecord]:
+        """Newest first, each with the latest feedback on it (if any); `rated_only` keeps those
+        that have feedback, `rated_since` those with feedback stored since then. `before_id`
+        pages back: the interactions older than the one with that id (the last `id` of the
+        previous page). `keys` keeps those with these (device id, request id) pairs."""
+        async with self._tx() as s:
+            query = select(t.Interaction).order_by(t.Interaction.id.desc()).limit(limit)
+            if before_id is not None:
+                query = query.where(t.Interaction.id < before_id)
+            if device_id is not None:
+                query = query.where(t.Interaction.device_id == device_id)
+            if status is not None:
+                query = query.where(t.Interaction.status == status)
+            if request_id is not None:
+                query = query.where(t.Interaction.request_id == request_id)
+            if keys is not None:
+                pair = tuple_(t.Interaction.device_id, t.Interaction.request_id)
+                query = query.where(pair.in_(list(keys)))
+            if rated_only or rated_since is not None:
+                feedback = select(t.Feedback.request_id).where(
+                    t.Feedback.device_id == t.Interaction.device_id,
+                    t.Feedback.request_id == t.Interaction.request_id,
+                )
+                if rated_since is not None:
+                    feedback = feedback.where(t.Feedback.created_at >= rated_since)
+                query = query.where(feedback.exists())
+            rows = (await s.scalars(query)).all()
+            # The feedback on those rows, joined against the same query rather than listed by
+            # id: a list of tens of thousands of ids exceeds the drivers' parameter limits.
+            page = query.with_only_columns(
+                t.Interaction.device_id, t.Interaction.request_id
+            ).subquery()
+            fb_rows = (
+                await s.scalars(
+                    select(t.Feedback)
+                    .join(
+                        page,
+                        (t.Feedback.device_id == page.c.device_id)
+                        & (t.Feedback.request_id == page.c.request_id),
+                    )
+                    .order_by(t.Feedback.created_at)
+                )
+            ).all()
+            ratings = {(f.device_id, f.request_id): f for f in fb_rows}
+            out = []
+            for r in rows:
+                fb = ratings.get((r.device_id, r.request_id))
+                out.append(
+                    InteractionRecord(
+                        id=r.id,
+                        device_id=r.device_id,
+                        request_id=r.request_id,
+                        created_at=r.created_at,
+                        messages=list(r.prompt.get("messages", [])),
+                        placeholders=list(r.prompt.get("placeholders", [])),
+                        answer=r.answer,
+                        status=r.status,
+                        error_name=r.error_name,
+                        intent=r.intent,
+                        route_reasons=list(r.route_reasons),
+                        latency_ms=r.latency_ms,
+                        prompt_tokens=r.prompt_tokens,
+                        completion_tokens=r.completion_tokens,
+                        backend=r.backend,
+                        model=r.model,
+                        fact_ids=list(r.fact_ids),
+                        rating=fb.rating if fb else None,
+                        correction=fb.correction if fb else None,
+                    )
+                )
+            return out
+
+    async def count_training_candidates(self, since: datetime | None = None) -> int:
+        """Answered escalations that could teach the next adapter, new since `since`: answers
+        quoted from a knowledge fact logged since then, and answers rated up or corrected
+        since then: what the distillation dataset trusts, before it leaves out duplicates and
+        follow-ups."""
+        i, f = t.Interaction, t.Feedback
+        rated = select(f.request_id).where(
+            f.device_id == i.device_id,
+            f.request_id == i.request_id,
+            or_(f.rating == "positive", f.correction.is_not(None)),
+        )
+        quoted = i.backend == "knowledge"
+        if since is not None:
+            rated = rated.where(f.created_at >= since)
+            quoted = and_(quoted, i.created_at >= since)
+        query = (
+            select(func.count()).select_from(i).where(i.status == "ok", or_(quoted, rated.exists()))
+        )
+        async with self._tx() as s:
+            return int(await s.scalar(query) or 0)
+
+
+class SqliteBatchInsert:
+    """Many rows into one SQLite table as a few multi-row ``INSERT ... VALUES (...), (...)``
+    statements, driver-level.
+
+    SQLite runs on a thread beside the event loop (`SqliteLog`), and Python's sqlite3 releases
+    the GIL around every row an executemany steps through; with the event loop busy on the
+    other side, each of those hand-overs costs more than the insert itself (the interaction log
+    took a third of the server's CPU per request in `bench/cloud_roundtrip.py`). One statement
+    per chunk hands the GIL over once per chunk. Chunks have power-of-two sizes, so a handful of
+    statement texts cover every batch and stay in sqlite3's statement cache. Values are bound as
+    the dialect's own bind processors would bind them (JSON columns as JSON text)."""
+
+    def __init__(self, table: Table, dialect: Dialect, max_variables: int) -> None:
+        columns = [c for c in table.columns if not c.primary_key]
+        quote = dialect.identifier_preparer.quote
+        head = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) VALUES "
+        )
+        row = "(" + ", ".join("?" * len(columns)) + ")"
+        self.fields = [
+            (c.key, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns
+        ]
+        """Each column's row key and how its value is bound (None: as it is)."""
+        self.chunk = 1
+        while self.chunk * 2 * len(columns) <= max_variables and self.chunk < 256:
+            self.chunk *= 2
+        """Most rows per statement: a power of two, within SQLite's limit on parameters."""
+        self._sql = {2**k: head + ", ".join([row] * 2**k) for k in range(self.chunk.bit_length())}
+
+    @classmethod
+    def for_dialect(cls, table: Table, dialect: Dialect) -> SqliteBatchInsert:
+        # Up to 999 parameters per statement before SQLite 3.32, 32766 since.
+        version = getattr(dialect.dbapi, "sqlite_version_info", (3, 32, 0))
+        return cls(table, dialect, 32766 if version >= (3, 32, 0) else 999)
+
+    def statements(self, rows: list[dict[str, Any]]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The statements, with their parameters, that insert `rows` in order."""
+        out = []
+        start = 0
+        while start < len(rows):
+            size = self.chunk
+            while size > len(rows) - start:
+                size //= 2
+            chunk = rows[start : start + size]
+            # Column by column, then interleaved row by row: a few comprehensions per chunk
+            # rather than a Python step per value.
+            columns = [_bound(key, convert, chunk) for key, convert in self.fields]
+            out.append(
+                (self._sql[size], tuple(itertools.chain.from_iterable(zip(*columns, strict=True))))
+            )
+            start += size
+        return out
+
+
+class SqliteLog:
+    """Writes the interaction log's batches to a SQLite file: each batch's whole transaction in
+    one call to a thread of its own, over a synchronous connection to the same file.
+
+    Through aiosqlite a batch took five trips to its worker thread (cursor, execute, close,
+    commit, and the pool's rollback), and in each trip the worker and the busy event loop hand
+    the GIL back and forth: in `bench.cloud_roundtrip`, 0.46 voluntary context switches per
+    round trip. With one trip per batch, about half as many."""
+
+    def __init__(self, url: URL, lock_timeout_s: float) -> None:
+        self._engine = create_engine(
+            url.set(drivername="sqlite"),
+            json_serializer=to_json,
+            connect_args={"timeout": lock_timeout_s, "check_same_thread": False},
+        )
+        set_sqlite_pragmas_on_connect(self._engine, lock_timeout_s)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-log")
+
+    async def write(self, work: Callable[[Session], None]) -> None:
+        """Run `work` in one transaction on the log's thread."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._run, work)
+
+    def _run(self, work: Callable[[Session], None]) -> None:
+        with mapped_errors(), Session(self._engine) as session, session.begin():
+            work(session)
+
+    async def close(self) -> None:
+        """Wait for a batch being written, then close the connection."""
+        await asyncio.to_thread(self._thread.shutdown)
+        self._engine.dispose()
+
+
+def _bound(key: str, convert: Callable[[Any], Any] | None, rows: list[dict[str, Any]]) -> list[Any]:
+    """Column `key` of `rows`, converted for binding. Rows of a batch share some values (its
+    timestamp): each object is converted once."""
+    values = [row[key] for row in rows]
+    if convert is None:
+        return values
+    seen: dict[int, Any] = {}
+    for i, value in enumerate(values):
+        bound = seen.get(id(value), _MISSING)
+        if bound is _MISSING:
+            bound = seen[id(value)] = convert(value)
+        values[i] = bound
+    return values
+
+
+_MISSING = object()
