@@ -38,6 +38,7 @@ from edge_agent.privacy import (
 )
 from edge_agent.router import (
     SMALL_TALK,
+    SMALL_TALK_REPLIES,
     Coverage,
     IntentIndex,
     RouteDecision,
@@ -79,6 +80,7 @@ __all__ = [
     "Coverage",
     "IntentIndex",
     "SMALL_TALK",
+    "SMALL_TALK_REPLIES",
     "RouteDecision",
     "Router",
     "Target",

@@ -8,6 +8,8 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -85,8 +87,9 @@ def register(subparsers: Any) -> None:
         p.add_argument(
             "--intents",
             type=Path,
-            help="JSON object: intent name -> example list, answered on the device (default: "
-            "greetings, thanks, goodbyes and questions about the assistant)",
+            help="JSON object: intent name -> example list, or -> {examples, reply, privacy}; "
+            "answered on the device, with the reply when given (default: greetings, thanks, "
+            "goodbyes and questions about the assistant, with replies)",
         )
 
 
@@ -163,28 +166,73 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _router(config: EdgeConfig, intents_file: Path | None) -> Any:
-    from edge_agent.privacy import Redactor
-    from edge_agent.router import SMALL_TALK, IntentIndex, Router
+@dataclass(frozen=True, slots=True)
+class _Intent:
+    """One intent the device answers itself: its example utterances, and the reply it gives
+    (None: the local model answers)."""
 
-    intents = IntentIndex()
-    table: Any = SMALL_TALK
-    if intents_file is not None:
-        table = read_json(intents_file)
-        if not isinstance(table, dict) or not all(
-            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in table.values()
+    name: str
+    examples: tuple[str, ...]
+    reply: str | None = None
+    local_only: bool = False
+
+
+def _intents(path: Path | None) -> list[_Intent]:
+    """The intents of a `--intents` file, or small talk with its replies.
+
+    The file is a JSON object of intent names, each to a list of example utterances or to an
+    object with `examples`, and optionally `reply` (the device answers with it) and `privacy`
+    ("local_only": such requests never leave the device)."""
+    from edge_agent.router import SMALL_TALK, SMALL_TALK_REPLIES
+
+    if path is None:
+        return [
+            _Intent(name, tuple(ex), SMALL_TALK_REPLIES.get(name))
+            for name, ex in SMALL_TALK.items()
+        ]
+    table = read_json(path)
+    if not isinstance(table, dict):
+        raise InputFileError(f"{path}: expected an object of intent names")
+    out = []
+    for name, spec in table.items():
+        where = f"{path}: intent {name!r}"
+        if isinstance(spec, list):
+            spec = {"examples": spec}
+        if not isinstance(spec, dict) or set(spec) - {"examples", "reply", "privacy"}:
+            raise InputFileError(
+                f"{where}: expected a list of examples or an object of examples, reply and privacy"
+            )
+        examples, reply = spec.get("examples"), spec.get("reply")
+        privacy = spec.get("privacy", "normal")
+        if (
+            not isinstance(examples, list)
+            or not examples
+            or not all(isinstance(x, str) and x.strip() for x in examples)
         ):
-            raise InputFileError(f"{intents_file}: expected an object of intent -> example list")
-    for name, examples in table.items():
-        intents.add(name, examples)
-    router = Router(intents, redactor=Redactor(phone_regions=config.phone_regions))
+            raise InputFileError(f"{where}: examples must be a non-empty list of texts")
+        if reply is not None and not (isinstance(reply, str) and reply.strip()):
+            raise InputFileError(f"{where}: reply must be a text")
+        if privacy not in ("normal", "local_only"):
+            raise InputFileError(f"{where}: privacy is 'normal' or 'local_only', not {privacy!r}")
+        out.append(_Intent(name, tuple(examples), reply, privacy == "local_only"))
+    return out
+
+
+def _router(config: EdgeConfig, intents: list[_Intent]) -> Any:
+    from edge_agent.privacy import Redactor
+    from edge_agent.router import IntentIndex, Router
+
+    index = IntentIndex()
+    for intent in intents:
+        index.add(intent.name, intent.examples, local_only=intent.local_only)
+    router = Router(index, redactor=Redactor(phone_regions=config.phone_regions))
     saved = config.state_dir / "router.json"
     if saved.exists():
         router.threshold = float(json.loads(saved.read_text())["threshold"])
     return router
 
 
-def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
+def _agent(config: EdgeConfig, intents: list[_Intent]) -> Any:
     from edge_agent.agent import EdgeAgent
     from edge_agent.local_model import LocalModel
     from protocol import BaseModelRef
@@ -196,14 +244,25 @@ def _agent(config: EdgeConfig, intents_file: Path | None = None) -> Any:
     agent = EdgeAgent(
         model,
         link=link,
-        router=_router(config, intents_file),
+        router=_router(config, []),
         deadline_ms=config.deadline_ms,
         report_every_s=config.report_every_s,
     )
+    for intent in intents:
+        agent.intent(
+            intent.name,
+            intent.examples,
+            None if intent.reply is None else _replying(intent.reply),
+            privacy="local_only" if intent.local_only else "normal",
+        )
     # Signed adapter bundles from the cloud: the committed one is restored now, new ones are
     # verified, hot-swapped and reported as the cloud offers them.
     agent.enable_updates(config.state_dir)
     return agent
+
+
+def _replying(reply: str) -> Callable[[str], str]:
+    return lambda _text: reply
 
 
 def _share(value: str) -> float:
@@ -223,7 +282,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     texts = [row["text"] for row in read_jsonl(args.workload, required=("text",))]
     if not texts:
         raise InputFileError(f"{args.workload}: no requests to calibrate on")
-    router = _router(config, args.intents)
+    router = _router(config, _intents(args.intents))
     threshold = calibrate(router, texts, args.target_local_share)
     local = sum(router.decide(t).local for t in texts) / len(texts)
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -275,9 +334,10 @@ Ctrl-D quits; feedback not yet acknowledged stays in the outbox and is sent next
 
 def _chat(args: argparse.Namespace) -> int:
     config = _config(args)
+    intents = _intents(args.intents)
 
     async def run() -> None:
-        agent = _agent(config, args.intents)
+        agent = _agent(config, intents)
         await agent.start()
         if agent.link is not None:
             await agent.link.wait_up(5)
@@ -374,9 +434,10 @@ def _serve(args: argparse.Namespace) -> int:
     # Bound before the model loads: a port in use is a one-line error naming the setting.
     listener = listen(config.host, config.port, key="port")
     port = listener.getsockname()[1]
+    intents = _intents(args.intents)
 
     async def run() -> None:
-        agent = _agent(config, args.intents)
+        agent = _agent(config, intents)
         await agent.start()
         if agent.link is not None:
             # As `chat` does: the first requests find the cloud, if it is there to be found.

@@ -28,6 +28,7 @@ __all__ = [
     "Coverage",
     "IntentIndex",
     "SMALL_TALK",
+    "SMALL_TALK_REPLIES",
     "RouteDecision",
     "Router",
     "Target",
@@ -97,15 +98,27 @@ SMALL_TALK: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         "greet": ("hello", "hi", "hey there", "good morning", "good afternoon", "good evening",
                   "hello, can you help me", "hey, how are you"),
-        "thanks": ("thank you", "thanks a lot", "thanks, that helps", "cheers", "great, thanks",
-                   "ok great", "nice one"),
+        "thanks": ("thanks", "thank you", "thanks a lot", "thanks, that helps", "cheers",
+                   "great, thanks", "ok great", "nice one"),
         "goodbye": ("bye", "goodbye", "see you later", "i'm done", "thanks, bye", "no thanks"),
         "about_assistant": ("are you a robot", "what's your name", "who are you"),
     }
 )  # fmt: skip
 """Intents every assistant has, whatever its app: the device answers them itself. `edgeloop
-edge chat` and `serve` use them when no intents file is given; an app adds them with
-`agent.intent(name, examples)` next to its own."""
+edge chat` and `serve` use them, with `SMALL_TALK_REPLIES`, when no intents file is given; an
+app adds them with `agent.intent(name, examples, handler)` next to its own."""
+
+SMALL_TALK_REPLIES: Mapping[str, str] = MappingProxyType(
+    {
+        "greet": "Hello! How can I help you today?",
+        "thanks": "You're welcome! Anything else I can help with?",
+        "goodbye": "Goodbye, and have a good day!",
+        "about_assistant": "I'm the assistant on this device: I answer what I can here and ask "
+        "the cloud for the rest.",
+    }
+)
+"""What the device says to small talk, whatever its app: a small model left to answer a
+greeting itself chats about whatever comes to it."""
 
 
 class IntentIndex:

@@ -29,7 +29,7 @@ PINNED = {
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",
         "PlaceholderMap", "Policy", "Redaction", "Redactor", "RuntimeSettings", "StreamRestorer",
         "choose_settings", "Coverage", "IntentIndex", "RouteDecision", "Router", "Target",
-        "calibrate", "difficulty", "SMALL_TALK",
+        "calibrate", "difficulty", "SMALL_TALK", "SMALL_TALK_REPLIES",
     },
     "cloud_agent": set(),
 }  # fmt: skip

@@ -18,11 +18,16 @@ import pytest
 import uvicorn
 
 from cloud_agent.backends import ScriptedBackend
+from edge_agent import SMALL_TALK, SMALL_TALK_REPLIES
 from edge_agent.agent import EdgeAgent
+from edge_agent.cli import _agent, _intents
+from edge_agent.config import EdgeConfig
 from edge_agent.http import build_openai_app
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
+from edge_agent.router import Target
+from shared.errors import InputFileError
 from tests.cloud_fixtures import Cloud, recall
 
 pytestmark = pytest.mark.slow
@@ -291,6 +296,7 @@ async def test_enroll_then_chat_from_the_terminal(cloud: Cloud, tmp_path: Path) 
     assert chat.returncode == 0, chat.stderr
     assert "[cloud; cloud: intent.unknown" in chat.stdout
     assert "[device; local: intent.thanks" in chat.stdout  # small talk, without an intents file
+    assert SMALL_TALK_REPLIES["thanks"] in chat.stdout
     # The chat reported its routes before it ended; the cloud counts them.
     routing = await cloud.service.store.routing_summary(since)
     assert (routing.devices, routing.routes.cloud, routing.routes.total) == (1, 1, 2)
@@ -405,3 +411,53 @@ async def test_chat_answers_with_the_conversation_until_a_new_one_starts(
     assert "[new conversation]" in chat.stdout and chat.stdout.count("[cloud;") == 3
     rows = sorted(await cloud.service.store.list_interactions(), key=lambda r: r.id)
     assert [len([m for m in r.messages if m["role"] != "system"]) for r in rows] == [1, 3, 1]
+
+
+async def test_an_intents_file_gives_the_device_its_replies_and_privacy(tmp_path: Path) -> None:
+    intents = tmp_path / "intents.json"
+    intents.write_text(json.dumps({
+        "hours": {"examples": ["when do you open", "opening hours"], "reply": "We open at 9."},
+        "account": {"examples": ["show my saved addresses"], "privacy": "local_only"},
+        "cart_show": ["show my cart", "what's in my basket"],
+    }))  # fmt: skip
+    agent = _agent(EdgeConfig(state_dir=tmp_path / "dev"), _intents(intents))
+    hours = await agent.ask("When do you open?")
+    assert (hours.text, hours.decision.intent) == ("We open at 9.", "hours")
+    account = await agent.ask("show my saved addresses", max_tokens=4)
+    assert account.decision.target is Target.LOCAL_ONLY
+    cart = await agent.ask("show my cart", max_tokens=4)
+    assert cart.decision.intent == "cart_show" and cart.tokens > 0  # no reply: the model's
+
+
+async def test_without_an_intents_file_the_device_replies_to_small_talk(tmp_path: Path) -> None:
+    agent = _agent(EdgeConfig(state_dir=tmp_path / "dev"), _intents(None))
+    assert set(SMALL_TALK_REPLIES) == set(SMALL_TALK)
+    for text, intent in (
+        ("hello", "greet"),
+        ("thanks a lot", "thanks"),
+        ("who are you", "about_assistant"),
+    ):
+        reply = await agent.ask(text)
+        assert (reply.decision.intent, reply.text) == (intent, SMALL_TALK_REPLIES[intent])
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ([["hello"]], "expected an object of intent names"),
+        ({"greet": "hello"}, "intent 'greet': expected a list of examples or an object"),
+        ({"greet": {"examples": ["hi"], "answer": "Hi!"}}, "intent 'greet': expected"),
+        ({"greet": []}, "intent 'greet': examples must be a non-empty list of texts"),
+        ({"greet": {"reply": "Hi!"}}, "intent 'greet': examples must be"),
+        ({"greet": {"examples": ["hi", 3]}}, "intent 'greet': examples must be"),
+        ({"greet": {"examples": ["hi"], "reply": ""}}, "intent 'greet': reply must be a text"),
+        ({"greet": {"examples": ["hi"], "privacy": "secret"}}, "privacy is 'normal' or"),
+    ],
+)
+def test_a_bad_intents_file_is_refused_naming_the_intent(
+    tmp_path: Path, table: object, says: str
+) -> None:
+    intents = tmp_path / "intents.json"
+    intents.write_text(json.dumps(table))
+    with pytest.raises(InputFileError, match=says):
+        _intents(intents)
