@@ -10,6 +10,13 @@ kiosk verifies, hot-swaps and reports it. Then the workload is played again, and
 before/after table is printed. Last, the workload is played a third time with every request
 sent to the cloud, as a kiosk without a model of its own would: what the cloud costs when the
 device answers nothing, against which the kiosk's saving is stated (`--no-cloud-only` skips it).
+
+`--turns N` turns the loop N times, playing the workload before each cycle and once after the
+last. The cloud's knowledge base then starts with the first of N parts of the store's facts
+and gains the next part before each later turn, as a store adds to its knowledge base over
+time: what the customers ask about the facts still missing, the cloud cannot answer yet, and
+each turn has new facts to move onto the device. Each cycle's adapter must do at least as well
+as the one on offer before it replaces it.
 """
 
 from __future__ import annotations
@@ -30,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from cloud_agent.config import CloudConfig
-from cloud_agent.distill import DistillConfig, distill
+from cloud_agent.distill import DistillConfig, DistillResult, distill
 from cloud_agent.distill.dataset import Example, expectations_from_workload
 from cloud_agent.distill.paraphrase import paraphrase
 from cloud_agent.distill.train import LoraSettings
 from cloud_agent.evaluation import contains_expected
-from cloud_agent.knowledge import load_facts
+from cloud_agent.knowledge import Fact, load_facts
 from cloud_agent.service import CloudService
 from cloud_agent.store import RoutingSummary
 from edge_agent import EdgeAgent, Target
@@ -169,12 +176,14 @@ async def play(
 
 
 def table(
-    before: Pass,
-    after: Pass,
-    extra: dict[str, Any],
+    passes: list[Pass],
+    cycles: list[dict[str, Any]],
     cloud_only: Pass | None = None,
     reported: RoutingSummary | None = None,
 ) -> str:
+    """The passes side by side (before the first cycle, then after each), what each cycle
+    published, and the saving against a cloud-only kiosk."""
+
     def frac(ok_n: tuple[int, int]) -> str:
         ok, n = ok_n
         return f"{ok}/{n} ({ok / n:.0%})" if n else "-"
@@ -183,40 +192,55 @@ def table(
         p50, p95 = p.latency(cloud=cloud)
         return "-" if p50 != p50 else f"{p50:.0f} / {p95:.0f} ms"
 
-    saved = 1 - after.cloud_tokens / before.cloud_tokens if before.cloud_tokens else 0.0
+    def tokens(p: Pass) -> str:
+        before = passes[0].cloud_tokens
+        if p is passes[0] or not before:
+            return f"{p.cloud_tokens:,}"
+        return f"{p.cloud_tokens:,} ({1 - p.cloud_tokens / before:.0%} fewer)"
+
+    last = "one cycle" if len(cycles) == 1 else f"{len(cycles)} turns"
+    then = "the cycle" if len(cycles) == 1 else last
+    heads = ["before"] + (
+        ["after one cycle"]
+        if len(cycles) == 1
+        else [f"after turn {k}" for k in range(1, len(passes))]
+    )
     lines = [
-        ("", "before", "after one cycle"),
-        ("answered on the device", f"{before.share_on_device():.1%}",
-         f"{after.share_on_device():.1%}"),
-        ("cloud tokens", f"{before.cloud_tokens:,}",
-         f"{after.cloud_tokens:,} ({saved:.0%} fewer)"),
-        ("fact accuracy, cloud answers", frac(before.fact_accuracy(cloud=True)),
-         frac(after.fact_accuracy(cloud=True))),
-        ("fact accuracy, device answers", frac(before.fact_accuracy(cloud=False)),
-         frac(after.fact_accuracy(cloud=False))),
-        ("raw PII values seen by the cloud", str(before.raw_pii_at_cloud),
-         str(after.raw_pii_at_cloud)),
-        ("requests sent to the cloud", str(before.cloud_requests()),
-         str(after.cloud_requests())),
-        ("latency p50 / p95, device", lat(before, False), lat(after, False)),
-        ("latency p50 / p95, cloud", lat(before, True), lat(after, True)),
-    ]  # fmt: skip
-    width = [max(len(row[i]) for row in lines) for i in range(3)]
-    out = [f"  {a:<{width[0]}}  {b:>{width[1]}}  {c:>{width[2]}}" for a, b, c in lines]
-    out.insert(1, "  " + "-" * (sum(width) + 4))
+        ("", *heads),
+        ("answered on the device", *(f"{p.share_on_device():.1%}" for p in passes)),
+        ("cloud tokens", *map(tokens, passes)),
+        ("fact accuracy, cloud answers", *(frac(p.fact_accuracy(cloud=True)) for p in passes)),
+        ("fact accuracy, device answers", *(frac(p.fact_accuracy(cloud=False)) for p in passes)),
+        ("raw PII values seen by the cloud", *(str(p.raw_pii_at_cloud) for p in passes)),
+        ("requests sent to the cloud", *(str(p.cloud_requests()) for p in passes)),
+        ("latency p50 / p95, device", *(lat(p, False) for p in passes)),
+        ("latency p50 / p95, cloud", *(lat(p, True) for p in passes)),
+    ]
+    width = [max(len(row[i]) for row in lines) for i in range(len(heads) + 1)]
+    out = [
+        "  "
+        + "  ".join(
+            f"{cell:<{width[i]}}" if i == 0 else f"{cell:>{width[i]}}" for i, cell in enumerate(row)
+        )
+        for row in lines
+    ]
+    out.insert(1, "  " + "-" * (sum(width) + 2 * len(heads)))
     out.append("")
-    out.append(f"  adapter: {extra['adapter']}")
-    if "adapter_bytes" in extra:
-        out.append(
-            f"  ({extra['heldout_examples']:.0f} held-out questions, trained on "
-            f"{extra['train_examples']:.0f} examples, {extra['simple_regressions']:.0f} "
-            "regressions on simple requests)"
-        )
-        out.append(
-            f"  adapter file {extra['adapter_bytes'] / 1e6:.1f} MB = "
-            f"{extra['adapter_share_of_base']:.1%} of the base model file; "
-            f"training {extra['train_seconds']:.0f} s"
-        )
+    for k, extra in enumerate(cycles, 1):
+        name = "adapter" if len(cycles) == 1 else f"turn {k}, adapter"
+        out.append(f"  {name}: {extra['adapter']}")
+        if "adapter_bytes" in extra:
+            out.append(
+                f"  ({extra['heldout_examples']:.0f} held-out questions, trained on "
+                f"{extra['train_examples']:.0f} examples, {extra['simple_regressions']:.0f} "
+                "regressions on simple requests)"
+            )
+            out.append(
+                f"  adapter file {extra['adapter_bytes'] / 1e6:.1f} MB = "
+                f"{extra['adapter_share_of_base']:.1%} of the base model file; "
+                f"training {extra['train_seconds']:.0f} s"
+            )
+    after = passes[-1]
     if cloud_only is not None:
         sent = cloud_only.cloud_requests()
         fewer = 1 - after.cloud_requests() / sent if sent else 0.0
@@ -224,12 +248,12 @@ def table(
             1 - after.cloud_tokens / cloud_only.cloud_tokens if cloud_only.cloud_tokens else 0.0
         )
         out.append(
-            f"  cloud only (every request sent, to the same cloud after the cycle): {sent} "
+            f"  cloud only (every request sent, to the same cloud after {then}): {sent} "
             f"requests, {cloud_only.cloud_tokens:,} cloud tokens, fact accuracy "
             f"{frac(cloud_only.fact_accuracy(cloud=True))}"
         )
         out.append(
-            f"  against it, the kiosk after one cycle sends {fewer:.0%} fewer requests and uses "
+            f"  against it, the kiosk after {last} sends {fewer:.0%} fewer requests and uses "
             f"{cheaper:.0%} fewer cloud tokens"
         )
     if reported is not None:
@@ -242,11 +266,32 @@ def table(
             "  on the device, as the cloud sees it from the kiosk's routing reports: "
             + ", ".join(views)
         )
+    corrected = sum(p.corrections for p in passes)
     out.append(
-        f"  {before.corrections} answers corrected by a store associate; "
-        f"whole demo {extra['wall_seconds']:.0f} s (--json writes every figure)"
+        f"  {corrected} answers corrected by a store associate; "
+        f"whole demo {cycles[-1]['wall_seconds']:.0f} s (--json writes every figure)"
     )
     return "\n".join(out)
+
+
+def knowledge_stages(facts: list[Fact], turns: int) -> list[list[Fact]]:
+    """The knowledge base as it grows over `turns` turns: the facts in their order, in `turns`
+    near-equal parts, each stage holding the parts up to its own."""
+    if not 1 <= turns <= len(facts):
+        raise ValueError(f"turns must be from 1 to {len(facts)} (the number of facts)")
+    ends = [round(len(facts) * k / turns) for k in range(1, turns + 1)]
+    return [facts[:end] for end in ends]
+
+
+def write_knowledge(path: Path, facts: list[Fact]) -> None:
+    """A knowledge file holding `facts`, replaced whole (written beside, then renamed, as the
+    cloud's watch asks)."""
+    text = "# Northwind Outfitters — store knowledge base\n\n" + "".join(
+        f"- [{f.id}] {f.text}\n" for f in facts
+    )
+    partial = path.with_suffix(".part")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 async def run_demo(
@@ -258,16 +303,30 @@ async def run_demo(
     corrections: bool = True,
     compare_cloud_only: bool = True,
     json_path: Path | None = None,
+    turns: int = 1,
 ) -> dict[str, Any]:
+    """Play, distil and apply `turns` times, then play once more (and once all to the cloud).
+
+    With more than one turn, the cloud's knowledge base grows between turns: it starts with
+    the first of `turns` parts of the store's facts and gains the next part before each later
+    turn (`knowledge_stages`), as a store adds to its knowledge base over time, so each turn of
+    the loop has new facts to move onto the device."""
     started = time.perf_counter()
     demo_started = datetime.now(UTC)
     workload = load_workload(workload_path)
+    stages = knowledge_stages(load_facts(DEFAULT_KB), turns)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    knowledge = DEFAULT_KB
+    if turns > 1:
+        knowledge = work_dir / "northwind-kb.md"
+        write_knowledge(knowledge, stages[0])
     config = CloudConfig.model_validate(
         {
             "data_dir": work_dir / "cloud",
             "port": 0,
             "admin_port": 0,
-            "knowledge": DEFAULT_KB,
+            "knowledge": knowledge,
+            "knowledge_watch": False,  # the demo reloads it itself when it grows
             "store_name": "Northwind Outfitters",
             "backend": {"n_ctx": 1024},
             "rollout": {"canary_share": 0.1},
@@ -277,6 +336,8 @@ async def run_demo(
     service = await CloudService.create(config)
     await service.start()
     agent: EdgeAgent | None = None
+    passes: list[Pass] = []
+    results: list[DistillResult] = []
     try:
         say("starting the kiosk (SmolLM2-135M Q4_1 on the device) and enrolling it")
         profile = DeviceProfile.detect()
@@ -304,14 +365,6 @@ async def run_demo(
         if not await link.wait_up(15):
             raise RuntimeError("the kiosk could not reach the cloud")
 
-        say(f"pass 1: playing {len(workload)} requests from {workload_path.name}")
-        facts = load_facts(DEFAULT_KB) if corrections else []
-        before = await play(
-            "pass 1", agent, service, workload, {f.id: f.text for f in facts} or None
-        )
-        say(f"pass 1: {before.corrections} thumbs-down answers corrected by a store associate")
-
-        say("distilling: dataset from the cloud's answers and the ratings, LoRA training")
         dconfig = DistillConfig(
             lora=LoraSettings(steps=steps, progress=sys.stderr.isatty()),
             expectations=expectations_from_workload(workload_path),
@@ -325,53 +378,75 @@ async def run_demo(
                 train, backend=service.backend, scheduler=service.scheduler, per_question=1
             )
 
-        result = await distill(
-            service.store, config=dconfig, work_dir=work_dir / "distill",
-            bundles_dir=service.bundles_dir, signing_key=service.signing_key, progress=say,
-            paraphraser=more_wordings if paraphrases else None,
-        )  # fmt: skip
-        if result.published:
-            await service.published()
-            assert agent.updater is not None
-            await asyncio.wait_for(agent.updater.applied.wait(), 120)
-            say(f"the kiosk verified, hot-swapped and reported bundle {result.version}")
-        else:
-            say(f"no bundle published: {result.reason}")
+        for turn, known in enumerate(stages, 1):
+            if turn > 1:
+                write_knowledge(knowledge, known)
+                changes = await service.reload_knowledge()
+                say(f"the store adds {len(changes['added'])} facts to its knowledge base")
+            name = f"pass {turn}"
+            say(f"{name}: playing {len(workload)} requests from {workload_path.name}")
+            # A thumbs-down on a store fact reaches a store associate, who types the right
+            # answer from the knowledge base as it stands (rows name their fact).
+            fixes = {f.id: f.text for f in known} if corrections else None
+            played = await play(name, agent, service, workload, fixes)
+            passes.append(played)
+            say(f"{name}: {played.corrections} thumbs-down answers corrected by a store associate")
 
-        say("pass 2: playing the workload again")
-        after = await play("pass 2", agent, service, workload)
-        # The cloud's own view of the two passes, from the routing reports of the kiosk, one
-        # per adapter it answered with.
+            say("distilling: dataset from the cloud's answers and the ratings, LoRA training")
+            result = await distill(
+                service.store, config=dconfig,
+                work_dir=work_dir / ("distill" if turns == 1 else f"distill-{turn}"),
+                bundles_dir=service.bundles_dir, signing_key=service.signing_key, progress=say,
+                paraphraser=more_wordings if paraphrases else None,
+            )  # fmt: skip
+            results.append(result)
+            if result.published:
+                assert agent.updater is not None
+                agent.updater.applied.clear()
+                await service.published()
+                await asyncio.wait_for(agent.updater.applied.wait(), 120)
+                say(f"the kiosk verified, hot-swapped and reported bundle {result.version}")
+            else:
+                say(f"no bundle published: {result.reason}")
+
+        name = f"pass {turns + 1}"
+        say(f"{name}: playing the workload again")
+        passes.append(await play(name, agent, service, workload))
+        # The cloud's own view of the passes, from the routing reports of the kiosk, one per
+        # adapter it answered with.
         await agent.send_report()
         await link.wait_outbox_empty(30)
         reported = await service.store.routing_summary(demo_started)
         cloud_only = None
         if compare_cloud_only:
             # Last, so that nothing it sends trains the adapter or the cloud's index.
-            say("pass 3: the workload again, every request sent to the cloud (unrated)")
+            name = f"pass {turns + 2}"
+            say(f"{name}: the workload again, every request sent to the cloud (unrated)")
             cloud_only = await play(
-                "pass 3", agent, service, workload, override=Target.CLOUD, rate=False
+                name, agent, service, workload, override=Target.CLOUD, rate=False
             )
     finally:
         if agent is not None:
             await agent.stop()
         await service.stop()
 
-    extra = {
-        "adapter": result.reason,
-        **{k: v for k, v in result.metrics.items()},
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    figures = {
-        "before": before.figures(),
-        "after": after.figures(),
-        "distill": extra,
+    wall = round(time.perf_counter() - started, 1)
+    cycles = [{"adapter": r.reason, **r.metrics, "wall_seconds": wall} for r in results]
+    figures: dict[str, Any] = {
+        "before": passes[0].figures(),
+        "after": passes[-1].figures(),
+        "distill": cycles[-1],
         "reported_routing": reported.as_dict(),
     }
+    if turns > 1:
+        figures["turns"] = [
+            {"knowledge_facts": len(known), "played": p.figures(), "distill": cycle}
+            for known, p, cycle in zip(stages, passes, cycles, strict=False)
+        ]
     if cloud_only is not None:
         figures["cloud_only"] = cloud_only.figures()
     print()
-    print(table(before, after, extra, cloud_only, reported))
+    print(table(passes, cycles, cloud_only, reported))
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2))
     return figures
@@ -390,6 +465,7 @@ def _run(args: argparse.Namespace) -> int:
                 corrections=not args.no_corrections,
                 compare_cloud_only=not args.no_cloud_only,
                 json_path=args.json,
+                turns=args.turns,
             )
         )
     finally:
@@ -411,6 +487,11 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--steps", type=int, default=80, help="LoRA training steps")
+    parser.add_argument(
+        "--turns", type=int, choices=range(1, 6), default=1, metavar="N",
+        help="turns of the loop (default 1); with more, the cloud's knowledge base starts with "
+        "part of the store's facts and gains the next part before each later turn",
+    )  # fmt: skip
     parser.add_argument(
         "--no-paraphrases", action="store_true", help="train on the observed wordings only"
     )

@@ -67,3 +67,37 @@ async def test_the_demo_plays_learns_and_reports(
     assert f"adapter: {figures['distill']['adapter']}" in out
     assert f"{figures['distill']['heldout_examples']:.0f} held-out questions" in out
     assert "cloud only (every request sent" in out and "fewer cloud tokens" in out
+
+
+async def test_with_two_turns_the_knowledge_grows_and_each_turn_is_measured(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [json.loads(line) for line in DEFAULT_WORKLOAD.read_text().splitlines()]
+    picked, facts = [], set()
+    for row in rows:  # one question on each fact, and a few of the other kinds
+        if row["class"] == "learnable_fact" and row["fact"] not in facts:
+            facts.add(row["fact"])
+            picked.append(row)
+    for kind, n in (("local_simple", 2), ("private", 2), ("cloud_complex", 1)):
+        picked += [r for r in rows if r["class"] == kind][:n]
+    workload = tmp_path / "slice.jsonl"
+    workload.write_text("\n".join(json.dumps(r) for r in picked))
+    figures = await run_demo(
+        workload, work_dir=tmp_path / "demo", steps=4, paraphrases=False,
+        compare_cloud_only=False, turns=2,
+    )  # fmt: skip
+    first, second = figures["turns"]
+    assert (first["knowledge_facts"], second["knowledge_facts"]) == (10, 20)
+    assert figures["before"] == first["played"] and "cloud_only" not in figures
+
+    def right(played: dict[str, list[int]]) -> int:
+        return played["fact_accuracy_cloud"][0] + played["fact_accuracy_device"][0]
+
+    # The first turn's cloud knows half of the store's facts; the questions on the other half
+    # are answered right only once the knowledge base has them.
+    assert right(first["played"]) <= 12 < right(second["played"])
+    reported = figures["reported_routing"]
+    assert reported["routes"]["total"] == 3 * len(picked)
+    out = capsys.readouterr().out
+    assert "after turn 1" in out and "after turn 2" in out
+    assert "turn 1, adapter:" in out and "turn 2, adapter:" in out
