@@ -178,6 +178,7 @@ async def play(
 def table(
     passes: list[Pass],
     cycles: list[dict[str, Any]],
+    wall_seconds: float,
     cloud_only: Pass | None = None,
     reported: RoutingSummary | None = None,
 ) -> str:
@@ -269,7 +270,7 @@ def table(
     corrected = sum(p.corrections for p in passes)
     out.append(
         f"  {corrected} answers corrected by a store associate; "
-        f"whole demo {cycles[-1]['wall_seconds']:.0f} s (--json writes every figure)"
+        f"whole demo {wall_seconds:.0f} s (--json writes every figure)"
     )
     return "\n".join(out)
 
@@ -431,11 +432,11 @@ async def run_demo(
         await service.stop()
 
     wall = round(time.perf_counter() - started, 1)
-    cycles = [{"adapter": r.reason, **r.metrics, "wall_seconds": wall} for r in results]
+    cycles = [{"adapter": r.reason, **r.metrics} for r in results]
     figures: dict[str, Any] = {
         "before": passes[0].figures(),
         "after": passes[-1].figures(),
-        "distill": cycles[-1],
+        "distill": {**cycles[-1], "wall_seconds": wall},
         "reported_routing": reported.as_dict(),
     }
     if turns > 1:
@@ -446,7 +447,7 @@ async def run_demo(
     if cloud_only is not None:
         figures["cloud_only"] = cloud_only.figures()
     print()
-    print(table(passes, cycles, cloud_only, reported))
+    print(table(passes, cycles, wall, cloud_only, reported))
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2))
     return figures
