@@ -57,7 +57,14 @@ from cloud_agent.recorder import InteractionRecorder, Record
 from cloud_agent.service import CloudService, event_loop_factory, settle_heap
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
-from protocol.messages import ChatMessage, Escalate, Result, decode
+from protocol.messages import (
+    Escalate,
+    Result,
+    decode,
+)
+from protocol.parts import (
+    ChatMessage,
+)
 from shared import SigningKey
 
 

@@ -61,18 +61,12 @@ from protocol.events import (
 )
 from protocol.messages import (
     MESSAGE_ADAPTER,
-    PLACEHOLDER,
     Ack,
     Auth,
-    BaseModelRef,
-    BundleFile,
-    BundleManifest,
     Cancel,
     Challenge,
-    ChatMessage,
     Chunk,
     Delta,
-    DeviceResources,
     Enroll,
     Enrolled,
     Error,
@@ -81,18 +75,26 @@ from protocol.messages import (
     Fetch,
     Goodbye,
     Hello,
-    Limits,
     Message,
     Report,
     Result,
-    RouteCounts,
     UpdateOffer,
     UpdateStatus,
-    Usage,
     Welcome,
     decode,
     encode,
     make_error,
+)
+from protocol.parts import (
+    PLACEHOLDER,
+    BaseModelRef,
+    BundleFile,
+    BundleManifest,
+    ChatMessage,
+    DeviceResources,
+    Limits,
+    RouteCounts,
+    Usage,
 )
 from protocol.server import DEFAULT_LIMITS, ServerSession, ServerState
 from protocol.session import DEFAULT_MAX_MESSAGE_BYTES

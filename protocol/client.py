@@ -42,29 +42,31 @@ from protocol.events import (
 from protocol.messages import (
     Ack,
     Auth,
-    BaseModelRef,
     Cancel,
-    Capability,
     Challenge,
     Chunk,
     Delta,
-    DeviceResources,
     Enroll,
     Enrolled,
-    EnrollmentToken,
     Error,
     Escalate,
     Fetch,
     Goodbye,
     Hello,
-    Limits,
     Message,
     Result,
-    ShortText,
     UpdateOffer,
     Welcome,
     encode,
     make_error,
+)
+from protocol.parts import (
+    BaseModelRef,
+    Capability,
+    DeviceResources,
+    EnrollmentToken,
+    Limits,
+    ShortText,
 )
 from protocol.session import DEFAULT_MAX_MESSAGE_BYTES, Flight, Session
 from shared.keys import SigningKey

@@ -14,15 +14,10 @@ from protocol.errors import ErrorCode
 from protocol.messages import (
     Ack,
     Auth,
-    BaseModelRef,
-    BundleFile,
-    BundleManifest,
     Cancel,
     Challenge,
-    ChatMessage,
     Chunk,
     Delta,
-    DeviceResources,
     Enroll,
     Enrolled,
     Escalate,
@@ -30,16 +25,23 @@ from protocol.messages import (
     Fetch,
     Goodbye,
     Hello,
-    Limits,
     Message,
     Report,
     Result,
-    RouteCounts,
     UpdateOffer,
     UpdateStatus,
-    Usage,
     Welcome,
     make_error,
+)
+from protocol.parts import (
+    BaseModelRef,
+    BundleFile,
+    BundleManifest,
+    ChatMessage,
+    DeviceResources,
+    Limits,
+    RouteCounts,
+    Usage,
 )
 
 SHA = "ab" * 32

@@ -13,7 +13,13 @@ from typing import Any
 
 from protocol.auth import SUBPROTOCOL, SUPPORTED_VERSIONS
 from protocol.errors import ErrorCode, error_info
-from protocol.messages import MESSAGE_ADAPTER, MESSAGE_TYPES, BundleManifest
+from protocol.messages import (
+    MESSAGE_ADAPTER,
+    MESSAGE_TYPES,
+)
+from protocol.parts import (
+    BundleManifest,
+)
 
 __all__ = [
     "SCHEMA_DIR",

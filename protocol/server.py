@@ -45,14 +45,16 @@ from protocol.messages import (
     Fetch,
     Goodbye,
     Hello,
-    Limits,
     Message,
     Report,
     Result,
-    ServerCapability,
     UpdateStatus,
     Welcome,
     make_error,
+)
+from protocol.parts import (
+    Limits,
+    ServerCapability,
 )
 from protocol.session import Flight, Session
 from shared.errors import SignatureError
