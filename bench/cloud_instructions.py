@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         print("valgrind is not installed (Debian: apt install valgrind)", file=sys.stderr)
         return 2
     chosen = [(name, kind) for name, kind in SERVERS if kind == "echo" or kind in args.servers]
-    runs = [(kind, n) for _, kind in chosen for n in (args.short, args.long)]
+    runs: list[tuple[str, int]] = [(kind, n) for _, kind in chosen for n in (args.short, args.long)]
     with ThreadPoolExecutor(max_workers=min(len(runs), os.cpu_count() or 1)) as pool:
-        totals = dict(zip(runs, pool.map(lambda run: count(*run, args.loop), runs), strict=True))
+        totals = dict(
+            zip(runs, pool.map(lambda run: count(run[0], run[1], args.loop), runs), strict=True)
+        )
     # Each connection makes n // CONNECTIONS round trips.
     span = (args.long // CONNECTIONS - args.short // CONNECTIONS) * CONNECTIONS
     per = {kind: (totals[kind, args.long] - totals[kind, args.short]) / span for _, kind in chosen}

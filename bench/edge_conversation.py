@@ -33,11 +33,11 @@ QUESTIONS = (
 async def play(agent: EdgeAgent, history: list[Turn], *, keep: bool) -> list[tuple[int, float]]:
     """(prompt tokens, seconds to the first piece) per turn of the fixed conversation."""
     llm = agent.model._llm
-    llm.reset()
+    llm.reset()  # type: ignore[no-untyped-call]
     out = []
     for k, question in enumerate(QUESTIONS):
         if not keep:
-            llm.reset()  # the next prompt is evaluated whole
+            llm.reset()  # type: ignore[no-untyped-call]  # the next prompt is evaluated whole
         started = time.perf_counter()
         stream = agent.stream(question, history=history[: 2 * k])
         first = None
@@ -53,7 +53,7 @@ async def main_async(args: argparse.Namespace) -> None:
     model = LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096))
     agent = EdgeAgent(model, local_max_tokens=args.tokens)
     history: list[Turn] = []
-    model._llm.reset()
+    model._llm.reset()  # type: ignore[no-untyped-call]
     for question in QUESTIONS:
         reply = await agent.ask(question, history=history)
         history += [Turn("user", question), Turn("assistant", reply.text)]

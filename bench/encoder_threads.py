@@ -80,7 +80,7 @@ def training() -> Iterator[None]:
         weights = torch.randn(768, 768, requires_grad=True)
         batch = torch.randn(256, 768)
         while not stop.is_set():
-            (batch @ weights).square().mean().backward()
+            (batch @ weights).square().mean().backward()  # type: ignore[no-untyped-call]
 
     trainer = threading.Thread(target=train)
     trainer.start()
@@ -96,10 +96,10 @@ def _children(commands: list[list[str]]) -> Iterator[None]:
     """Child processes running `commands`, each of which prints "ready" once it is busy."""
     children = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
     try:
-        for child in children:
+        for child, command in zip(children, commands, strict=True):
             assert child.stdout is not None
             if child.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"{child.args[-1]!r} ended before it was ready")
+                raise RuntimeError(f"{command[-1]!r} ended before it was ready")
         yield
     finally:
         for child in children:

@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 from protocol import Delta, decode, encode
 from protocol.examples import EXAMPLES
@@ -51,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     for tag, message in messages.items():
         frame = encode(message)
         obj = json.loads(frame)
-        ours_dec = best_of(lambda f=frame: decode(f, max_bytes=1 << 20), args.seconds, args.repeat)
-        plain_dec = best_of(lambda f=frame: json.loads(f), args.seconds, args.repeat)
-        ours_enc = best_of(lambda m=message: encode(m), args.seconds, args.repeat)
+        ours_dec = best_of(partial(decode, frame, max_bytes=1 << 20), args.seconds, args.repeat)
+        plain_dec = best_of(partial(json.loads, frame), args.seconds, args.repeat)
+        ours_enc = best_of(partial(encode, message), args.seconds, args.repeat)
         plain_enc = best_of(
-            lambda o=obj: json.dumps(o, separators=(",", ":")), args.seconds, args.repeat
+            partial(json.dumps, obj, separators=(",", ":")), args.seconds, args.repeat
         )
         dec_ratios.append(ours_dec / plain_dec)
         enc_ratios.append(ours_enc / plain_enc)

@@ -123,10 +123,10 @@ async def main_async(args: argparse.Namespace) -> None:
     common = dict(capacity=args.capacity, service=args.service, load=args.load, seed=args.seed)
     jobs = int(2 * args.seconds * args.capacity / args.service)  # outlasts the online period
     secs = args.seconds
-    alone, _ = await run(Scheduler, seconds=secs, jobs=0, online=True, **common)  # type: ignore[arg-type]
-    _, offline_alone = await run(Scheduler, seconds=secs, jobs=jobs, online=False, **common)  # type: ignore[arg-type]
-    ours, ours_offline = await run(Scheduler, seconds=secs, jobs=jobs, online=True, **common)  # type: ignore[arg-type]
-    fifo, fifo_offline = await run(Fifo, seconds=secs, jobs=jobs, online=True, **common)  # type: ignore[arg-type]
+    alone, _ = await run(Scheduler, seconds=secs, jobs=0, online=True, **common)
+    _, offline_alone = await run(Scheduler, seconds=secs, jobs=jobs, online=False, **common)
+    ours, ours_offline = await run(Scheduler, seconds=secs, jobs=jobs, online=True, **common)
+    fifo, fifo_offline = await run(Fifo, seconds=secs, jobs=jobs, online=True, **common)
     base_p99 = pct(alone, 0.99)
     print(
         f"capacity {args.capacity}, service {args.service * 1000:.0f} ms +-50%, online load "

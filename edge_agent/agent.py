@@ -163,7 +163,7 @@ class EdgeAgent:
         self.deadline_ms = deadline_ms
         self.cloud_max_tokens = cloud_max_tokens
         self.local_max_tokens = local_max_tokens
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, Handler | str] = {}
         self._busy = False
         self._backpressure_until = 0.0
         self.report_every_s = report_every_s
@@ -192,13 +192,14 @@ class EdgeAgent:
         self,
         name: str,
         examples: Iterable[str],
-        handler: Handler | None = None,
+        handler: Handler | str | None = None,
         *,
         privacy: Literal["normal", "local_only"] = "normal",
     ) -> None:
-        """Register an app intent. With a `handler`, matching requests run it on the device;
-        without, the local model answers them. `privacy="local_only"` keeps them on the
-        device whatever else the router sees."""
+        """Register an app intent. With a `handler`, matching requests run it on the device
+        (a string is the reply itself: `agent.intent("greet", ["hi"], "Hello!")`); without,
+        the local model answers them. `privacy="local_only"` keeps them on the device whatever
+        else the router sees."""
         self.router.intents.add(name, examples, local_only=privacy == "local_only")
         if handler is not None:
             self._handlers[name] = handler
@@ -395,7 +396,7 @@ class EdgeAgent:
         handler = self._handlers.get(decision.intent or "") if decision.local else None
         fallback: str | None = None
         if handler is not None:
-            result = handler(text)
+            result = handler if isinstance(handler, str) else handler(text)
             body = await result if inspect.isawaitable(result) else result
             yield body
             yield reply(body, 0, from_cloud=False)

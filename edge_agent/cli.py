@@ -8,7 +8,6 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -252,17 +251,13 @@ def _agent(config: EdgeConfig, intents: list[_Intent]) -> Any:
         agent.intent(
             intent.name,
             intent.examples,
-            None if intent.reply is None else _replying(intent.reply),
+            intent.reply,
             privacy="local_only" if intent.local_only else "normal",
         )
     # Signed adapter bundles from the cloud: the committed one is restored now, new ones are
     # verified, hot-swapped and reported as the cloud offers them.
     agent.enable_updates(config.state_dir)
     return agent
-
-
-def _replying(reply: str) -> Callable[[str], str]:
-    return lambda _text: reply
 
 
 def _share(value: str) -> float:

@@ -106,7 +106,7 @@ SMALL_TALK: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )  # fmt: skip
 """Intents every assistant has, whatever its app: the device answers them itself. `edgeloop
 edge chat` and `serve` use them, with `SMALL_TALK_REPLIES`, when no intents file is given; an
-app adds them with `agent.intent(name, examples, handler)` next to its own."""
+app adds them with `agent.intent(name, examples, reply)` next to its own."""
 
 SMALL_TALK_REPLIES: Mapping[str, str] = MappingProxyType(
     {

@@ -20,6 +20,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
 from protocol import (
     SUBPROTOCOL,
@@ -27,7 +28,6 @@ from protocol import (
     AckReceived,
     AuthRequested,
     ClientSession,
-    CloseCode,
     CloseFrame,
     DeviceCredentials,
     EnrollmentCompleted,
@@ -172,8 +172,8 @@ async def run_handshake(port: int = 0) -> list[tuple[str, str, float]]:
         server.handler,
         "127.0.0.1",
         port,
-        subprotocols=[SUBPROTOCOL],
-        max_size=1 << 20,  # type: ignore[list-item]
+        subprotocols=[Subprotocol(SUBPROTOCOL)],
+        max_size=1 << 20,
     ) as ws_server:
         bound = next(iter(ws_server.sockets)).getsockname()[1]
         url = f"ws://127.0.0.1:{bound}/v1"
@@ -233,7 +233,6 @@ async def run_handshake(port: int = 0) -> list[tuple[str, str, float]]:
             refused(DeviceCredentials(device_id, SigningKey.generate())),
         )
         await step("unsupported protocol version", refused(creds, versions=("9.0",)))
-        assert CloseCode.UNSUPPORTED_VERSION == 4001
     return rows
 
 

@@ -359,8 +359,7 @@ async def run_demo(
             model, link=link, cloud_max_tokens=64, local_max_tokens=40, report_every_s=None
         )
         for name, examples in KIOSK_INTENTS.items():
-            reply = KIOSK_REPLIES.get(name)
-            agent.intent(name, examples, (lambda _text, r=reply: r) if reply else None)
+            agent.intent(name, examples, KIOSK_REPLIES.get(name))
         agent.enable_updates(state)
         await agent.start()
         if not await link.wait_up(15):

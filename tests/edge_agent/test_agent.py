@@ -197,6 +197,16 @@ async def test_no_raw_personal_value_from_the_workload_leaves_the_device(
     await agent.stop()
 
 
+async def test_an_intent_given_a_string_replies_with_it_on_the_device(model: LocalModel) -> None:
+    agent = EdgeAgent(model, local_max_tokens=8)
+    agent.intent("greet", ["hello", "hi"], "Hello! How can I help?")
+    reply = await agent.ask("hello")
+    assert (reply.text, reply.decision.intent, reply.from_cloud) == (
+        "Hello! How can I help?", "greet", False
+    )  # fmt: skip
+    assert reply.tokens == 0  # the model was not asked
+
+
 def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel) -> None:
     agent = EdgeAgent(model, local_max_tokens=8)
     agent.intent("greet", ["hello", "hi"], handler=lambda text: "Hello! How can I help?")
