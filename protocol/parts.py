@@ -25,6 +25,7 @@ __all__ = [
     "RouteCounts",
     "Usage",
 ]
+
 # --- constrained scalars ------------------------------------------------------------------
 
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
