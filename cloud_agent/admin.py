@@ -130,12 +130,7 @@ def build_admin_app(service: CloudService) -> Starlette:
             status=status,
             before_id=before,
         )
-        out = []
-        for row in rows:
-            item = asdict(row)
-            item["created_at"] = row.created_at.isoformat()
-            out.append(item)
-        return _json(out)
+        return _json([row.as_dict() for row in rows])
 
     async def feedback_summary(request: Request) -> Response:
         return _json(asdict(await service.store.feedback_summary()))

@@ -60,6 +60,24 @@ def register(subparsers: Any) -> None:
     common(devices)
     devices.set_defaults(func=_devices)
 
+    interactions = sub.add_parser(
+        "interactions",
+        help="list escalations the cloud answered as JSON, newest first: the redacted "
+        "conversation, the answer, the route reasons, tokens, facts and the feedback on it",
+    )
+    common(interactions)
+    interactions.add_argument(
+        "--limit", type=_page_size, default=20, help="how many (default 20, up to 1000)"
+    )
+    interactions.add_argument("--device", help="one device's only")
+    interactions.add_argument(
+        "--status", type=_status, help="how they ended: ok, error or cancelled"
+    )
+    interactions.add_argument(
+        "--before", type=int, metavar="ID", help="older than this id (the next page)"
+    )
+    interactions.set_defaults(func=_interactions)
+
     jobs = sub.add_parser("jobs", help="offline jobs: submit, list, show")
     jobs_sub = jobs.add_subparsers(title="jobs commands", metavar="COMMAND", required=True)
     submit = jobs_sub.add_parser(
@@ -284,6 +302,37 @@ def _devices(args: argparse.Namespace) -> int:
     ]
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _interactions(args: argparse.Namespace) -> int:
+    rows = asyncio.run(
+        _with_store(
+            _config(args),
+            lambda s: s.list_interactions(
+                limit=args.limit, device_id=args.device, status=args.status, before_id=args.before
+            ),
+        )
+    )
+    print(json.dumps([row.as_dict() for row in rows], indent=2))
+    return 0
+
+
+def _status(text: str) -> str:
+    from cloud_agent.store import INTERACTION_STATUSES
+
+    if text not in INTERACTION_STATUSES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(INTERACTION_STATUSES)}")
+    return text
+
+
+def _page_size(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= size <= 1000:
+        raise argparse.ArgumentTypeError("must be 1 to 1000")
+    return size
 
 
 def _routing(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -214,6 +214,10 @@ class InteractionRecord:
         """Whether the question was asked after earlier turns (an answer among them): its
         words may ask for something only together with those turns ("And on Sundays?")."""
         return any(m.get("role") == "assistant" for m in self.messages)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as JSON takes it (`created_at` in ISO 8601)."""
+        return asdict(self) | {"created_at": self.created_at.isoformat()}
 
 
 @dataclass(frozen=True, slots=True)

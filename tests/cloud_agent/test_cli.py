@@ -102,6 +102,49 @@ def test_routing_sums_the_fleets_reports_from_the_shell(
         assert "--hours" in capsys.readouterr().err
 
 
+def test_interactions_lists_what_the_cloud_answered_newest_first_and_pages(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cloud_agent.store import NewInteraction
+
+    data = ["--data-dir", str(tmp_path / "cloud")]
+
+    async def three_escalations() -> None:
+        (tmp_path / "cloud").mkdir()
+        store = await Store.open(sqlite_url(tmp_path / "cloud" / "cloud.db"))
+        token = await store.create_enrollment_token()
+        await store.enroll_device(token, "dev_a", "A" * 43)
+        for k, status in enumerate(("ok", "error", "ok")):
+            await store.record_interaction(
+                NewInteraction(
+                    "dev_a", f"req_{k}", [{"role": "user", "content": f"question {k}"}], [],
+                    status, answer=f"answer {k}" if status == "ok" else None,
+                    route_reasons=["intent.unknown"], fact_ids=["hotline"],
+                )
+            )  # fmt: skip
+        await store.close()
+
+    asyncio.run(three_escalations())
+    assert main(["cloud", "interactions", *data]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["request_id"] for r in rows] == ["req_2", "req_1", "req_0"]
+    assert rows[0]["answer"] == "answer 2" and rows[0]["fact_ids"] == ["hotline"]
+    assert rows[0]["messages"] == [{"role": "user", "content": "question 2"}]
+    datetime.fromisoformat(rows[0]["created_at"])
+    assert (
+        main(["cloud", "interactions", *data, "--limit", "1", "--before", str(rows[0]["id"])]) == 0
+    )
+    assert [r["request_id"] for r in json.loads(capsys.readouterr().out)] == ["req_1"]
+    assert main(["cloud", "interactions", *data, "--status", "error"]) == 0
+    assert [r["request_id"] for r in json.loads(capsys.readouterr().out)] == ["req_1"]
+    assert main(["cloud", "interactions", *data, "--device", "dev_b"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    for bad in (["--status", "failed"], ["--limit", "0"], ["--limit", "1001"]):
+        with pytest.raises(SystemExit):
+            main(["cloud", "interactions", *data, *bad])
+        assert bad[0] in capsys.readouterr().err
+
+
 def test_a_bad_environment_value_names_the_key(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
