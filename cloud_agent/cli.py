@@ -263,11 +263,17 @@ async def _reload_knowledge(service: Any) -> None:
     print(f"knowledge reloaded: {json.dumps(changes)}", file=sys.stderr, flush=True)
 
 
-async def _with_store(config: CloudConfig, action: Any) -> Any:
+async def _with_store(config: CloudConfig, action: Any, *, create: bool = False) -> Any:
+    """Run `action` on the cloud's store. Only a command that adds to the store before the
+    cloud first runs (`create`: an enrollment token, a job) makes a new one."""
     from cloud_agent.store import Store
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(config.resolved_database_url())
+    if create:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        url = config.resolved_database_url()
+    else:
+        url = config.existing_database_url()
+    store = await Store.open(url)
     try:
         return await action(store)
     finally:
@@ -280,6 +286,7 @@ def _enroll_token(args: argparse.Namespace) -> int:
         _with_store(
             config,
             lambda s: s.create_enrollment_token(timedelta(hours=args.ttl_hours), args.note),
+            create=True,
         )
     )
     print(token)
@@ -378,6 +385,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from shared.keys import SigningKey
 
     config = _config(args)
+    config.existing_database_url()  # before a key is made in a directory that is not the cloud's
     key = SigningKey.load_or_create(config.data_dir / "server.key")
     try:
         version = asyncio.run(
@@ -411,7 +419,7 @@ def _jobs_submit(args: argparse.Namespace) -> int:
         job_id: str = await store.create_job(args.kind, items, {"source": str(args.file or "")})
         return job_id
 
-    print(asyncio.run(_with_store(_config(args), submit)))
+    print(asyncio.run(_with_store(_config(args), submit, create=True)))
     return 0
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from shared.errors import ConfigError
 from shared.pii import PhoneRegions
 
 __all__ = [
@@ -32,6 +33,8 @@ EVENT_LOOPS: tuple[EventLoopChoice, ...] = get_args(EventLoopChoice)
 """The choices of `CloudConfig.event_loop`, for command lines."""
 PHONE_REGIONS = ("US", "GB", "DE", "FR")
 """Where the cloud's detector reads phone numbers written without a country code, by default."""
+DATABASE_FILE = "cloud.db"
+"""The embedded SQLite database's file name in `CloudConfig.data_dir`."""
 
 _ASYNC_DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
@@ -238,7 +241,25 @@ class CloudConfig(_Section):
             raise ValueError("tls_cert and tls_key go together")
         return self
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The embedded database's file, unless `database_url` names another database."""
+        return None if self.database_url else self.data_dir / DATABASE_FILE
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'cloud.db').resolve()}"
+        return f"sqlite+aiosqlite:///{(self.data_dir / DATABASE_FILE).resolve()}"
+
+    def existing_database_url(self) -> str:
+        """`resolved_database_url`, for a command on what the cloud has stored: an embedded
+        database that is not there is an error (a mistyped `data_dir`), not a new empty one
+        that answers every question with nothing."""
+        path = self.sqlite_path
+        if path is not None and not path.exists():
+            raise ConfigError(
+                "data_dir",
+                f"no cloud database at {path}; `edgeloop cloud serve` creates it there "
+                "(or give the cloud's --data-dir or --database-url)",
+            )
+        return self.resolved_database_url()

@@ -118,8 +118,7 @@ async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(config.resolved_database_url())
+    store = await Store.open(config.existing_database_url())
     try:
         return await distill(
             store,

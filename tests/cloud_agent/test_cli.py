@@ -145,6 +145,24 @@ def test_interactions_lists_what_the_cloud_answered_newest_first_and_pages(
         assert bad[0] in capsys.readouterr().err
 
 
+def test_commands_on_what_the_cloud_stored_refuse_a_directory_without_its_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A mistyped --data-dir answered "[]" and left an empty database (and a signing key) there.
+    typo = tmp_path / "clod"
+    for command in (["cloud", "devices"], ["cloud", "interactions"], ["cloud", "routing"],
+                    ["cloud", "rollouts"], ["cloud", "rollback", "1"], ["cloud", "revoke", "dev_a"],
+                    ["cloud", "jobs", "list"], ["distill", "--steps", "2"]):  # fmt: skip
+        assert main([*command, "--data-dir", str(typo)]) == 1, command
+        err = capsys.readouterr().err
+        assert "'data_dir'" in err and f"no cloud database at {typo}" in err, command
+        assert not typo.exists(), command
+    # Adding to the store before the cloud first runs makes it.
+    assert main(["cloud", "enroll-token", "--data-dir", str(typo)]) == 0
+    assert (typo / "cloud.db").exists()
+    assert main(["cloud", "devices", "--data-dir", str(typo)]) == 0
+
+
 def test_a_bad_environment_value_names_the_key(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -213,6 +231,8 @@ def test_rollouts_rollback_and_distill_from_the_shell(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = ["--data-dir", str(tmp_path / "cloud")]
+    assert main(["cloud", "enroll-token", *data]) == 0  # the store exists from here on
+    capsys.readouterr()
     assert main(["cloud", "rollouts", *data]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["cloud", "rollback", *data, "7"]) == 1
