@@ -19,7 +19,12 @@ from starlette.routing import Route
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobSpecError, job_items_from_rows
 from cloud_agent.rollout import rollouts as list_rollouts
-from cloud_agent.store import INTERACTION_STATUSES, MAX_ROUTING_HOURS, MAX_TOKEN_NOTE
+from cloud_agent.store import (
+    INTERACTION_STATUSES,
+    MAX_INTERACTIONS_PAGE,
+    MAX_ROUTING_HOURS,
+    MAX_TOKEN_NOTE,
+)
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -114,7 +119,7 @@ def build_admin_app(service: CloudService) -> Starlette:
     async def interactions(request: Request) -> Response:
         params = request.query_params
         try:
-            limit = min(1000, max(1, int(params.get("limit", "100"))))
+            limit = min(MAX_INTERACTIONS_PAGE, max(1, int(params.get("limit", "100"))))
             before = int(params["before"]) if "before" in params else None
         except ValueError:
             message = "limit and before must be integers"

@@ -333,12 +333,14 @@ def _status(text: str) -> str:
 
 
 def _page_size(value: str) -> int:
+    from cloud_agent.store import MAX_INTERACTIONS_PAGE
+
     try:
         size = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if not 1 <= size <= 1000:
-        raise argparse.ArgumentTypeError("must be 1 to 1000")
+    if not 1 <= size <= MAX_INTERACTIONS_PAGE:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_INTERACTIONS_PAGE}")
     return size
 
 

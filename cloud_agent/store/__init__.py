@@ -6,6 +6,7 @@ against SQLite and PostgreSQL.
 
 from cloud_agent.store.records import (
     INTERACTION_STATUSES,
+    MAX_INTERACTIONS_PAGE,
     DeviceRecord,
     FeedbackSummary,
     InteractionRecord,
@@ -22,6 +23,7 @@ from cloud_agent.store.store import MAX_ROUTING_HOURS, MAX_TOKEN_NOTE, Store
 
 __all__ = [
     "INTERACTION_STATUSES",
+    "MAX_INTERACTIONS_PAGE",
     "MAX_ROUTING_HOURS",
     "MAX_TOKEN_NOTE",
     "AdapterRecord",

@@ -25,6 +25,8 @@ class DeviceRecord:
 
 INTERACTION_STATUSES = ("ok", "error", "cancelled")
 """How an escalation can end, as stored."""
+MAX_INTERACTIONS_PAGE = 1000
+"""The most interactions one listing returns (the admin API and the CLI)."""
 
 
 @dataclass(frozen=True, slots=True)
