@@ -36,13 +36,6 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status)
 
 
-def _device(d: Any) -> dict[str, Any]:
-    out = asdict(d)
-    for key in ("created_at", "last_seen_at", "revoked_at"):
-        out[key] = out[key].isoformat() if out[key] else None
-    return out
-
-
 def _job(job: Any) -> dict[str, Any]:
     out = asdict(job)
     out["created_at"] = job.created_at.isoformat()
@@ -87,7 +80,7 @@ def build_admin_app(service: CloudService) -> Starlette:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def devices(request: Request) -> Response:
-        return _json([_device(d) for d in await service.store.list_devices()])
+        return _json([d.as_dict() for d in await service.store.list_devices()])
 
     async def revoke(request: Request) -> Response:
         device_id = request.path_params["device_id"]

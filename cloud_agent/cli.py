@@ -295,19 +295,7 @@ def _enroll_token(args: argparse.Namespace) -> int:
 
 def _devices(args: argparse.Namespace) -> int:
     rows = asyncio.run(_with_store(_config(args), lambda s: s.list_devices()))
-    out = [
-        {
-            "id": d.id,
-            "name": d.name,
-            "created_at": d.created_at.isoformat(),
-            "last_seen_at": d.last_seen_at.isoformat() if d.last_seen_at else None,
-            "revoked": d.revoked,
-            "adapter_version": d.adapter_version,
-            "privacy_violations": d.privacy_violations,
-        }
-        for d in rows
-    ]
-    print(json.dumps(out, indent=2))
+    print(json.dumps([d.as_dict() for d in rows], indent=2))
     return 0
 
 

@@ -22,6 +22,13 @@ class DeviceRecord:
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field and `revoked`, as JSON takes them (times in ISO 8601)."""
+        out = asdict(self)
+        for key in ("created_at", "last_seen_at", "revoked_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        return out | {"revoked": self.revoked}
+
 
 INTERACTION_STATUSES = ("ok", "error", "cancelled")
 """How an escalation can end, as stored."""

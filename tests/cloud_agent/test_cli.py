@@ -38,6 +38,20 @@ def test_enroll_token_devices_and_revoke_work_on_the_store(
     assert json.loads(capsys.readouterr().out) == []
     assert main(["cloud", "revoke", *data, "dev_unknown"]) == 1
 
+    async def enroll() -> None:
+        store = await Store.open(sqlite_url(tmp_path / "cloud" / "cloud.db"))
+        await store.enroll_device(token, "dev_a", "A" * 43)
+        await store.close()
+
+    asyncio.run(enroll())
+    assert main(["cloud", "revoke", *data, "dev_a"]) == 0
+    capsys.readouterr()
+    assert main(["cloud", "devices", *data]) == 0
+    [device] = json.loads(capsys.readouterr().out)
+    assert (device["id"], device["public_key"], device["revoked"]) == ("dev_a", "A" * 43, True)
+    datetime.fromisoformat(device["revoked_at"])
+    assert device["last_seen_at"] is None
+
 
 def test_purge_deletes_expired_tokens_and_needs_a_period(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
