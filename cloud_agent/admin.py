@@ -36,13 +36,6 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status_code=status)
 
 
-def _job(job: Any) -> dict[str, Any]:
-    out = asdict(job)
-    out["created_at"] = job.created_at.isoformat()
-    out["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
-    return out
-
-
 def build_admin_app(service: CloudService) -> Starlette:
     token = service.admin_token
 
@@ -205,13 +198,13 @@ def build_admin_app(service: CloudService) -> Starlette:
         return _json({"id": job_id, "total": len(items)}, 201)
 
     async def list_jobs(request: Request) -> Response:
-        return _json([_job(j) for j in await service.store.list_jobs()])
+        return _json([j.as_dict() for j in await service.store.list_jobs()])
 
     async def show_job(request: Request) -> Response:
         job = await service.store.get_job(request.path_params["job_id"])
         if job is None:
             return _json({"error": "not_found", "message": "no such job"}, 404)
-        out = _job(job)
+        out = job.as_dict()
         if request.query_params.get("items"):
             out["items"] = await service.store.job_items(job.id)
         return _json(out)

@@ -415,7 +415,7 @@ def _jobs_submit(args: argparse.Namespace) -> int:
 
 def _jobs_list(args: argparse.Namespace) -> int:
     jobs = asyncio.run(_with_store(_config(args), lambda s: s.list_jobs()))
-    print(json.dumps([_job_json(j) for j in jobs], indent=2))
+    print(json.dumps([j.as_dict() for j in jobs], indent=2))
     return 0
 
 
@@ -424,7 +424,7 @@ def _jobs_show(args: argparse.Namespace) -> int:
         job = await store.get_job(args.job_id)
         if job is None:
             return None
-        out = _job_json(job)
+        out: dict[str, Any] = job.as_dict()
         if args.items:
             out["items"] = await store.job_items(job.id)
         return out
@@ -435,12 +435,3 @@ def _jobs_show(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(out, indent=2))
     return 0
-
-
-def _job_json(job: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    out = asdict(job)
-    out["created_at"] = job.created_at.isoformat()
-    out["finished_at"] = job.finished_at.isoformat() if job.finished_at else None
-    return out

@@ -8,7 +8,7 @@ so nothing is lost when a runner dies.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -34,6 +34,11 @@ class JobRecord:
     params: dict[str, Any]
     correct: int | None = None
     """For evaluation jobs: items whose answer held every expected group."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as JSON takes it (times in ISO 8601)."""
+        finished = self.finished_at.isoformat() if self.finished_at else None
+        return asdict(self) | {"created_at": self.created_at.isoformat(), "finished_at": finished}
 
 
 @dataclass(frozen=True, slots=True)
