@@ -1,11 +1,11 @@
 """A protocol v1 session on loopback: enroll, reconnect, feedback with a lost-ack resend, refusals.
 
-This is the README's main job until the Northwind kiosk demo lands. Both ends are real: a
-websockets server and client on 127.0.0.1, each driving the sans-I/O sessions from `protocol`
-with real Ed25519 keys. The server here is deliberately small (an in-memory registry, no model);
-it shows what a vendor has to implement to speak the protocol.
+Both ends are real: a websockets server and client on 127.0.0.1, each driving the sans-I/O
+sessions from `protocol` with real Ed25519 keys. The server here is deliberately small (an
+in-memory registry, no model); it shows what a server built on `protocol` has to do.
+`examples/vendor_agent.py` is the other side of the coin: a client written without `protocol`.
 
-Run it with `edgeloop demo` or `python -m examples.handshake`.
+Run it with `python -m examples.handshake`.
 """
 
 from __future__ import annotations
