@@ -56,7 +56,7 @@ class Answer:
 
 
 @dataclass
-class Conversation:
+class Session:
     """Everything said on one connection, both ways, each frame checked against the schema."""
 
     ws: ClientConnection
@@ -108,41 +108,41 @@ class Agent:
         signature = b64url(self.key.sign(payload.encode("ascii")))
         return {"nonce": challenge["nonce"], "timestamp": timestamp, "signature": signature}
 
-    async def open(self, url: str, token: str | None = None) -> Conversation:
+    async def open(self, url: str, token: str | None = None) -> Session:
         """Connect, prove who we are (enrolling with `token` the first time) and return the
         open session."""
         ws = await connect(url, subprotocols=[Subprotocol("edgeloop.v1")], proxy=None)
-        talk = Conversation(ws, self.validator)
+        session = Session(ws, self.validator)
         hello: dict[str, Any] = {"type": "hello", "versions": ["1.0"], "sdk": SDK,
                                  "capabilities": ["stream", "feedback"]}  # fmt: skip
         if self.device_id is not None:
             hello["device_id"] = self.device_id
-        await talk.send(hello)
-        challenge = await talk.receive("challenge")
+        await session.send(hello)
+        challenge = await session.receive("challenge")
         if self.device_id is None:
             if token is None:
                 raise ValueError("a first connection needs an enrollment token")
             proof = self.proof("enroll", challenge, self.public_key)
-            await talk.send({"type": "enroll", "token": token, "public_key": self.public_key,
+            await session.send({"type": "enroll", "token": token, "public_key": self.public_key,
                              "name": "acme-agent", **proof})  # fmt: skip
-            self.device_id = (await talk.receive("enrolled"))["device_id"]
+            self.device_id = (await session.receive("enrolled"))["device_id"]
         else:
             proof = self.proof("auth", challenge, self.device_id)
-            await talk.send({"type": "auth", "device_id": self.device_id, **proof})
-        welcome = await talk.receive("welcome")
+            await session.send({"type": "auth", "device_id": self.device_id, **proof})
+        welcome = await session.receive("welcome")
         if welcome["device_id"] != self.device_id:
             raise ProtocolViolation(f"welcomed as {welcome['device_id']}, not {self.device_id}")
-        return talk
+        return session
 
-    async def ask(self, talk: Conversation, question: str) -> tuple[str, Answer]:
+    async def ask(self, session: Session, question: str) -> tuple[str, Answer]:
         """Escalate `question` with the answer streamed; returns the request id and answer."""
         request_id = f"acme_{secrets.token_hex(8)}"
-        await talk.send({"type": "escalate", "request_id": request_id,
+        await session.send({"type": "escalate", "request_id": request_id,
                          "messages": [{"role": "user", "content": question}],
                          "deadline_ms": 30_000, "max_tokens": 64, "stream": True})  # fmt: skip
         deltas: list[str] = []
         while True:
-            frame = await talk.receive("delta", "result")
+            frame = await session.receive("delta", "result")
             if frame["request_id"] != request_id:
                 raise ProtocolViolation(f"a frame for another request: {frame['request_id']}")
             if frame["type"] == "result":
@@ -153,28 +153,28 @@ class Agent:
                 raise ProtocolViolation(f"delta {frame['seq']} after {len(deltas)} deltas")
             deltas.append(frame["text"])
 
-    async def rate(self, talk: Conversation, request_id: str, rating: str) -> bool:
+    async def rate(self, session: Session, request_id: str, rating: str) -> bool:
         """Send feedback and wait for its ack; True if the cloud had it already."""
         key = f"fb_{secrets.token_hex(8)}"
-        await talk.send({"type": "feedback", "idempotency_key": key,
+        await session.send({"type": "feedback", "idempotency_key": key,
                          "request_id": request_id, "rating": rating})  # fmt: skip
-        ack = await talk.receive("ack")
+        ack = await session.receive("ack")
         if ack["idempotency_key"] != key:
             raise ProtocolViolation(f"ack for another key: {ack['idempotency_key']}")
         return bool(ack.get("duplicate", False))
 
-    async def close(self, talk: Conversation) -> None:
-        await talk.send({"type": "goodbye", "reason": "client_closing"})
-        await talk.ws.close()
+    async def close(self, session: Session) -> None:
+        await session.send({"type": "goodbye", "reason": "client_closing"})
+        await session.ws.close()
 
 
 async def run(url: str, token: str, questions: tuple[str, str]) -> dict[str, Any]:
     """The whole visit: enroll and ask, rate, leave, come back and ask again."""
     agent = Agent()
-    talk = await agent.open(url, token)
-    request_id, first = await agent.ask(talk, questions[0])
-    duplicate = await agent.rate(talk, request_id, "positive")
-    await agent.close(talk)
+    session = await agent.open(url, token)
+    request_id, first = await agent.ask(session, questions[0])
+    duplicate = await agent.rate(session, request_id, "positive")
+    await agent.close(session)
     again = await agent.open(url)
     _, second = await agent.ask(again, questions[1])
     await agent.close(again)
@@ -183,8 +183,8 @@ async def run(url: str, token: str, questions: tuple[str, str]) -> dict[str, Any
         "first": first,
         "second": second,
         "ack_duplicate": duplicate,
-        "frames_checked": len(talk.sent)
-        + len(talk.received)
+        "frames_checked": len(session.sent)
+        + len(session.received)
         + len(again.sent)
         + len(again.received),
     }

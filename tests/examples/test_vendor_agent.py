@@ -35,10 +35,10 @@ async def test_the_vendor_agent_checks_what_it_sends_and_is_refused_a_used_token
 ) -> None:
     token = await cloud.service.store.create_enrollment_token()
     agent = Agent()
-    talk = await agent.open(cloud.url, token)
+    session = await agent.open(cloud.url, token)
     with pytest.raises(jsonschema.ValidationError):
-        await talk.send({"type": "escalate", "request_id": "r1", "messages": []})
-    await agent.close(talk)
+        await session.send({"type": "escalate", "request_id": "r1", "messages": []})
+    await agent.close(session)
     with pytest.raises(ProtocolViolation, match="invalid_enrollment_token"):
         await Agent().open(cloud.url, token)
 
