@@ -156,7 +156,7 @@ class CloudAgent:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             model=completion.model,
-            backend=self.backend.name,
+            backend=completion.backend or self.backend.name,
             fact_ids=fact_ids,
             pii_kinds=pii_kinds,
         )

@@ -7,6 +7,7 @@ directory, the packaged SmolLM2 model as the LLM, no knowledge file unless one i
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
@@ -63,8 +64,10 @@ class BackendConfig(_Section):
     """For `llama_cpp`: end an answer once a sentence of it comes round for the third time (a
     short one for the eighth; small models decoded greedily loop until the token limit); false
     decodes to the limit."""
-    base_url: str | None = None
-    """Server URL for `openai`, e.g. http://127.0.0.1:8000 (the path /v1/... is added)."""
+    base_url: tuple[str, ...] | None = None
+    """Server URL for `openai`, as OpenAI's clients take it (http://127.0.0.1:8000/v1; without
+    the /v1 means the same), or a list of several servers of the same model, each a member of
+    the pool (comma-separated in the environment)."""
     model: str | None = None
     """Model name for `openai`."""
     api_key: str | None = None
@@ -72,17 +75,22 @@ class BackendConfig(_Section):
     timeout_s: float = Field(60.0, gt=0)
     """Per-call timeout for `openai`."""
     replicas: int = Field(1, ge=1, le=64)
-    """How many instances of this backend the pool holds."""
+    """How many instances of this backend the pool holds (for `openai`, of each server)."""
 
-    @field_validator("base_url")
+    @field_validator("base_url", mode="before")
     @classmethod
-    def _an_http_url(cls, url: str | None) -> str | None:
-        if url is None:
+    def _http_urls(cls, urls: object) -> tuple[str, ...] | None:
+        if urls is None:
             return None
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected an http:// or https:// URL with a host")
-        return url
+        if isinstance(urls, str):
+            urls = [url for url in re.split(r"[\s,]+", urls) if url]
+        if not isinstance(urls, list | tuple) or not urls:
+            raise ValueError("expected a URL or a list of URLs")
+        for url in urls:
+            parts = urlsplit(url) if isinstance(url, str) else None
+            if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected an http:// or https:// URL with a host, not {url!r}")
+        return tuple(urls)
 
     @model_validator(mode="after")
     def _openai_needs_url_and_model(self) -> BackendConfig:

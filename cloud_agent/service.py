@@ -87,7 +87,8 @@ def event_loop_factory(
 
 
 def build_backend(config: CloudConfig) -> LLMBackend:
-    """The configured backend, as a pool of `backend.replicas` instances."""
+    """The configured backend, as a pool of `backend.replicas` instances (of each server, for
+    an OpenAI-compatible backend given several)."""
     cfg = config.backend
     members: list[LLMBackend] = []
     for _ in range(cfg.replicas):
@@ -95,10 +96,11 @@ def build_backend(config: CloudConfig) -> LLMBackend:
             from cloud_agent.backends.openai import OpenAICompatibleBackend
 
             assert cfg.base_url is not None and cfg.model is not None
-            members.append(
+            members += (
                 OpenAICompatibleBackend(
-                    cfg.base_url, cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s
+                    url, cfg.model, api_key=cfg.api_key, timeout_s=cfg.timeout_s
                 )
+                for url in cfg.base_url
             )
         else:
             from cloud_agent.backends.llama_cpp import LlamaCppBackend

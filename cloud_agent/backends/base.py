@@ -38,6 +38,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    backend: str = ""
+    """The backend that produced it, when a pool chose one of its members (else empty: the
+    backend called)."""
 
 
 StreamItem = str | Completion

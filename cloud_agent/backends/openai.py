@@ -1,6 +1,9 @@
 """`OpenAICompatibleBackend`: any server with `/v1/chat/completions` (vLLM, xLLM, SGLang,
 Ollama, llama.cpp server, hosted APIs), over httpx, streaming with server-sent events.
 
+The server's URL may be given as OpenAI's clients take it (`http://host:8000/v1`) or without
+the version (`http://host:8000`): either way requests go to `.../v1/chat/completions`.
+
 Connection errors, timeouts, 429 and 5xx answers are retried with exponential backoff
 (`tenacity`) before any text has been produced; httpx's exceptions are mapped to ours here.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
@@ -45,6 +49,13 @@ def _map_error(exc: Exception) -> BackendError:
     return BackendError(f"backend failed ({type(exc).__name__})")
 
 
+def api_root(base_url: str) -> str:
+    """`base_url` ending in the API version's path: `http://h:8000` and `http://h:8000/v1/`
+    both give `http://h:8000/v1`; `https://h/openai/v1` stays as it is."""
+    root = base_url.rstrip("/")
+    return root if root.endswith("/v1") else f"{root}/v1"
+
+
 def _check_status(response: httpx.Response) -> None:
     if response.status_code == 429 or response.status_code >= 500:
         raise BackendUnavailable(f"backend answered HTTP {response.status_code}")
@@ -68,11 +79,12 @@ class OpenAICompatibleBackend:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.model = model
-        self.name = name or f"openai:{model}"
+        self.base_url = api_root(base_url)
+        self.name = name or f"openai:{model}@{urlsplit(self.base_url).netloc}"
         self.attempts = attempts
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
+            base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             transport=transport,
@@ -105,7 +117,7 @@ class OpenAICompatibleBackend:
             with attempt:
                 try:
                     response = await self._client.post(
-                        "/v1/chat/completions", json=self._body(request, stream=False)
+                        "chat/completions", json=self._body(request, stream=False)
                     )
                     _check_status(response)
                     data = response.json()
@@ -145,7 +157,7 @@ class OpenAICompatibleBackend:
         usage: dict[str, Any] = {}
         model = self.model
         async with aconnect_sse(
-            self._client, "POST", "/v1/chat/completions", json=self._body(request, stream=True)
+            self._client, "POST", "chat/completions", json=self._body(request, stream=True)
         ) as source:
             _check_status(source.response)
             async for sse in source.aiter_sse():

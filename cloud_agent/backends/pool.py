@@ -4,12 +4,14 @@ Each request goes to the healthy member with the fewest requests in flight (ties
 least recently). A member that fails `max_failures` times in a row with a retryable error is
 taken out of rotation; after `cooldown_s` it is probed with a one-token request and readmitted
 when that succeeds. A request that fails on one member before producing text is retried on
-another. When every member is out, the pool raises `BackendUnavailable` at once.
+another. When every member is out, the pool raises `BackendUnavailable` at once. Each
+completion names the member that produced it (`Completion.backend`), for the interaction log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ class BackendPool:
             finally:
                 member.in_flight -= 1
             self._success(member, started)
-            return result
+            return _from(member, result)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         tried: set[int] = set()
@@ -146,7 +148,7 @@ class BackendPool:
             try:
                 async for item in member.backend.stream(request):
                     produced = True
-                    yield item
+                    yield _from(member, item) if isinstance(item, Completion) else item
             except BackendError as exc:
                 self._failure(member, exc)
                 if produced or not exc.retryable or len(tried) == len(self.members):
@@ -161,3 +163,10 @@ class BackendPool:
         for task in list(self._probes):
             task.cancel()
         await asyncio.gather(*(m.backend.aclose() for m in self.members))
+
+
+def _from(member: MemberState, completion: Completion) -> Completion:
+    """`completion`, saying which member produced it (unless a pool within said already)."""
+    if completion.backend:
+        return completion
+    return dataclasses.replace(completion, backend=member.backend.name)

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cloud_agent.backends.pool import BackendPool
+from cloud_agent.cli import ENV_PREFIX
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
-from cloud_agent.service import event_loop_factory, settle_heap
+from cloud_agent.service import build_backend, event_loop_factory, settle_heap
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from shared import ConfigError, load_config
@@ -209,6 +211,27 @@ def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:
         load_config(CloudConfig, path, env={})
     path.write_text('[backend]\nkind = "openai"\nbase_url = "127.0.0.1:8000"\nmodel = "m"\n')
     with pytest.raises(ConfigError, match="backend.base_url.*http:// or https://"):
+        load_config(CloudConfig, path, env={})
+
+
+def test_an_openai_backend_may_name_several_servers_each_a_member_of_the_pool(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cloud.toml"
+    path.write_text('[backend]\nkind = "openai"\nmodel = "m"\nbase_url = "http://a:8000/v1"\n')
+    assert load_config(CloudConfig, path, env={}).backend.base_url == ("http://a:8000/v1",)
+    env = {"EDGELOOP_CLOUD__BACKEND__BASE_URL": "http://a:8000/v1, http://b:8000"}
+    config = load_config(CloudConfig, path, env=env, prefix=ENV_PREFIX)
+    pool = build_backend(
+        config.model_copy(update={"backend": config.backend.model_copy(update={"replicas": 2})})
+    )
+    assert isinstance(pool, BackendPool)
+    assert (
+        sorted(m.backend.name for m in pool.members)
+        == ["openai:m@a:8000"] * 2 + ["openai:m@b:8000"] * 2
+    )
+    path.write_text('[backend]\nkind = "openai"\nmodel = "m"\nbase_url = ["http://a", "b:1"]\n')
+    with pytest.raises(ConfigError, match="backend.base_url.*not 'b:1'"):
         load_config(CloudConfig, path, env={})
 
 

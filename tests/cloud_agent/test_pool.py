@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cloud_agent.backends import ChatRequest, ChatTurn, ScriptedBackend
+from cloud_agent.backends import ChatRequest, ChatTurn, Completion, ScriptedBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.errors import BackendResponseError, BackendUnavailable
 
@@ -21,6 +21,7 @@ async def test_requests_spread_over_members_by_load() -> None:
     pool = BackendPool([a, b])
     results = await asyncio.gather(*(pool.complete(REQUEST) for _ in range(4)))
     assert sorted(r.text for r in results) == ["a", "a", "b", "b"]
+    assert all(r.backend == r.text for r in results), "each says which member answered"
 
 
 async def test_a_failing_member_is_skipped_and_taken_out_of_rotation() -> None:
@@ -69,6 +70,7 @@ async def test_streams_fail_over_before_any_text() -> None:
     )
     items = [i async for i in pool.stream(REQUEST)]
     assert items[:2] == ["ok ", "go"]
+    assert isinstance(items[-1], Completion) and items[-1].backend == "ok"
 
 
 async def test_the_scripted_double_counts_calls_and_keeps_them_only_when_asked() -> None:

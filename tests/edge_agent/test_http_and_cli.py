@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from cloud_agent.backends import ScriptedBackend
 from edge_agent import SMALL_TALK, SMALL_TALK_REPLIES
@@ -29,32 +27,10 @@ from edge_agent.outbox import Outbox
 from edge_agent.router import Target
 from shared.errors import InputFileError
 from tests.cloud_fixtures import Cloud, recall
+from tests.edge_fixtures import serving, small_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def small_model() -> LocalModel:
-    settings = RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8)
-    return LocalModel(profile=DeviceProfile(cores=2, memory_mb=4096), settings=settings)
-
-
-@contextlib.asynccontextmanager
-async def serving(agent: EdgeAgent) -> AsyncIterator[str]:
-    """`agent`'s local endpoint on a free port of 127.0.0.1; its base URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(build_openai_app(agent), host="127.0.0.1", port=0, log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(10):
-        while not server.started:
-            await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture
