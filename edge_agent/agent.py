@@ -34,6 +34,7 @@ from protocol import (
     DeviceResources,
     Escalate,
     Feedback,
+    FinishReason,
     Report,
     Result,
     RouteCounts,
@@ -88,6 +89,8 @@ class Reply:
     confidence: float | None = None
     prompt_tokens: int = 0
     """Tokens the model read for the answer, on the device or in the cloud."""
+    finish_reason: FinishReason = "stop"
+    """`length` when the answer was cut at its token limit (as OpenAI's API says it)."""
 
 
 class ReplyStream:
@@ -432,6 +435,7 @@ class EdgeAgent:
                             tokens,
                             from_cloud=True,
                             prompt_tokens=item.usage.prompt_tokens,
+                            finish_reason=item.finish_reason,
                         )
                         return
                     piece = restorer.feed(item)
@@ -463,6 +467,7 @@ class EdgeAgent:
                     fallback_reason=fallback,
                     confidence=local.confidence,
                     prompt_tokens=local.prompt_tokens,
+                    finish_reason=local.finish_reason,
                 )
             else:
                 yield local

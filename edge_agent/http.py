@@ -148,7 +148,7 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                     "choices": [
                         {
                             "index": 0,
-                            "finish_reason": "stop",
+                            "finish_reason": reply.finish_reason if reply else "stop",
                             "message": {"role": "assistant", "content": text},
                         }
                     ],
@@ -179,7 +179,8 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
-            yield chunk({}, "stop", edgeloop=_route_info(decision, stream.reply, stream.request_id))
+            finish = stream.reply.finish_reason if stream.reply else "stop"
+            yield chunk({}, finish, edgeloop=_route_info(decision, stream.reply, stream.request_id))
             if include_usage:
                 # As OpenAI sends it when asked: a last chunk with no choices and the usage.
                 payload = {

@@ -104,7 +104,16 @@ async def test_max_tokens_caps_the_answer_and_a_bad_value_is_a_400(endpoint: str
         messages=ask,
         max_tokens=2,  # type: ignore[arg-type]
     )
-    assert short.usage is not None and 0 < short.usage.completion_tokens <= 2
+    assert short.usage is not None and short.usage.completion_tokens == 2
+    assert short.choices[0].finish_reason == "length", "cut at the limit, as OpenAI says it"
+    cut = await client.chat.completions.create(
+        model="edgeloop-edge", messages=ask, max_tokens=2, stream=True
+    )
+    assert [c.choices[0].finish_reason async for c in cut][-1] == "length"
+    greeting = await client.chat.completions.create(
+        model="edgeloop-edge", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+    )
+    assert greeting.choices[0].finish_reason == "stop", "a fixed reply is whole"
     assert short.usage.prompt_tokens > 10, "the device's prompt, chat template included"
     for bad in (0, -5, "many", 10**9):
         async with httpx.AsyncClient() as http:
