@@ -1,10 +1,11 @@
-"""Helpers: the packaged model kept small for tests, and an edge agent's local
-OpenAI-compatible endpoint served on loopback."""
+"""Helpers: the packaged model kept small for tests, an edge agent's local OpenAI-compatible
+endpoint served on loopback, and a loopback port nothing listens on."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -41,3 +42,10 @@ async def serving(agent: EdgeAgent) -> AsyncIterator[str]:
     """`agent`'s local endpoint on a free port of 127.0.0.1; its base URL (`.../v1`)."""
     async with serving_asgi(build_openai_app(agent)) as root:
         yield f"{root}/v1"
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (bound for a moment, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

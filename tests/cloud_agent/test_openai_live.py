@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from protocol import (
 from protocol.parts import ChatMessage
 from shared import SigningKey
 from tests.cloud_fixtures import make_config
-from tests.edge_fixtures import serving, small_model
+from tests.edge_fixtures import free_port, serving, small_model
 
 pytestmark = pytest.mark.slow
 
@@ -64,14 +63,6 @@ async def test_the_backend_gets_answers_from_a_real_server(edge_endpoint: str, f
     assert isinstance(last, Completion) and all(isinstance(p, str) for p in text)
     assert "".join(str(p) for p in text) == last.text == whole.text, "greedy: the same answer"
     assert last.completion_tokens == whole.completion_tokens and last.prompt_tokens > 0
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 nothing listens on (bound for a moment, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @contextlib.asynccontextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from edge_agent.link import CloudLink, CloudUnavailable, DeviceIdentity, LinkSta
 from edge_agent.outbox import Outbox
 from protocol import ChatMessage, Escalate, Feedback, InvalidMessage, Result
 from tests.cloud_fixtures import Cloud, make_config
+from tests.edge_fixtures import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -124,12 +124,6 @@ async def test_refusals_become_typed_reasons(cloud: Cloud, tmp_path: Path) -> No
         [_ async for _ in link.escalate(ask("A second question about boots for winter?", "r2"))]
     assert info.value.reason == "cloud.rate_limited"
     await link.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
