@@ -41,6 +41,7 @@ from protocol import (
 )
 from shared.ids import new_idempotency_key, new_request_id
 from shared.llama import DEVICE_SYSTEM_PROMPT
+from shared.stops import StopFilter
 
 __all__ = [
     "BlockingConversation",
@@ -64,6 +65,10 @@ MAX_HISTORY = 63
 """The most earlier turns a request may carry (an escalation holds at most 64 messages)."""
 MAX_CHARS = 65536
 """The longest text one turn may have (the protocol's limit for a message)."""
+MAX_STOPS = 4
+"""The most stop strings one request may give (as OpenAI's API allows)."""
+MAX_STOP_CHARS = 256
+"""The longest stop string."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +302,7 @@ class EdgeAgent:
         history: Sequence[Turn] = (),
         override: Target | None = None,
         max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> Reply:
         """Answer `text`, on the device or in the cloud.
 
@@ -305,12 +311,16 @@ class EdgeAgent:
         treated as in `text`: redacted when it goes to the cloud, and a value no placeholder
         stands for (a national id) keeps the request on the device. On the device, turns too
         old to fit the model's context window are left out. `max_tokens` caps this answer (by
-        default: `local_max_tokens` on the device, `cloud_max_tokens` in the cloud).
+        default: `local_max_tokens` on the device, `cloud_max_tokens` in the cloud). A
+        generated answer ends before the first of the `stop` strings (up to `MAX_STOPS`), which
+        is left out, with `finish_reason` "stop", as OpenAI's API has it; an intent handler's
+        reply is the app's own and is not cut.
 
         Raises ValueError for a blank question, a turn longer than `MAX_CHARS` characters,
-        more than `MAX_HISTORY` earlier turns, or a `max_tokens` outside 1 to `MAX_TOKENS`."""
+        more than `MAX_HISTORY` earlier turns, a `max_tokens` outside 1 to `MAX_TOKENS`, or
+        more than `MAX_STOPS` stop strings, an empty one or one over `MAX_STOP_CHARS`."""
         return await self.stream(
-            text, history=history, override=override, max_tokens=max_tokens
+            text, history=history, override=override, max_tokens=max_tokens, stop=stop
         ).collect()
 
     def stream(
@@ -320,12 +330,18 @@ class EdgeAgent:
         history: Sequence[Turn] = (),
         override: Target | None = None,
         max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> ReplyStream:
         """`ask`, piece by piece (see `ReplyStream`)."""
         if not text.strip():
             raise ValueError("the question is blank")
         if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
             raise ValueError(f"max_tokens must be from 1 to {MAX_TOKENS}, not {max_tokens}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(stops)}")
+        if any(not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string is text of 1 to {MAX_STOP_CHARS} characters")
         history = tuple(history)
         if len(history) > MAX_HISTORY:
             raise ValueError(f"a request carries at most {MAX_HISTORY} earlier turns")
@@ -336,7 +352,7 @@ class EdgeAgent:
             raise ValueError(f"a turn holds at most {MAX_CHARS} characters")
         request_id = new_request_id()
         return ReplyStream(
-            self._answer(text, history, override, max_tokens, request_id), request_id
+            self._answer(text, history, override, max_tokens, stops, request_id), request_id
         )
 
     def conversation(self, *, max_turns: int = 8) -> Conversation:
@@ -370,6 +386,7 @@ class EdgeAgent:
         history: tuple[Turn, ...],
         override: Target | None,
         max_tokens: int | None,
+        stops: tuple[str, ...],
         request_id: str,
     ) -> AsyncIterator[str | Reply | RouteDecision]:
         started = time.perf_counter()
@@ -422,28 +439,32 @@ class EdgeAgent:
                 stream=True,
             )
             restorer = StreamRestorer(mapping)
-            shown = False
+            # The stop strings apply to the answer as the user sees it, values restored. The
+            # cloud's answer is read to its end (its usage and its log stay whole).
+            shown = StopFilter(stops)
             try:
                 async for item in self.link.escalate(escalate):
                     if isinstance(item, Result):
-                        tail = restorer.flush()
+                        tail = shown.feed(restorer.flush()) + shown.flush()
                         if tail:
                             yield tail
-                        tokens = item.usage.completion_tokens
                         yield reply(
-                            Redactor.restore(item.text, mapping),
-                            tokens,
+                            shown.cut(Redactor.restore(item.text, mapping)),
+                            item.usage.completion_tokens,
                             from_cloud=True,
                             prompt_tokens=item.usage.prompt_tokens,
-                            finish_reason=item.finish_reason,
+                            finish_reason="stop" if shown.stopped else item.finish_reason,
                         )
                         return
-                    piece = restorer.feed(item)
+                    piece = shown.feed(restorer.feed(item))
                     if piece:
-                        shown = True
                         yield piece
             except CloudUnavailable as exc:
-                if shown:
+                if shown.stopped:
+                    # The answer had ended at a stop string: it is whole as shown.
+                    yield reply(shown.text, 0, from_cloud=True, finish_reason="stop")
+                    return
+                if shown.text:
                     # Part of the cloud's answer is already on screen; finish locally after it.
                     yield "\n"
                 fallback = exc.reason
@@ -458,7 +479,7 @@ class EdgeAgent:
             self._local_answers[request_id] = adapter
             while len(self._local_answers) > 1024:
                 self._local_answers.popitem(last=False)
-        async for local in self._local(text, history, max_tokens):
+        async for local in self._local(text, history, max_tokens, stops):
             if isinstance(local, Generation):
                 yield reply(
                     local.text,
@@ -473,7 +494,11 @@ class EdgeAgent:
                 yield local
 
     async def _local(
-        self, text: str, history: tuple[Turn, ...], max_tokens: int | None = None
+        self,
+        text: str,
+        history: tuple[Turn, ...],
+        max_tokens: int | None = None,
+        stops: tuple[str, ...] = (),
     ) -> AsyncIterator[str | Generation]:
         messages = [
             {"role": "system", "content": self.system_prompt},
@@ -481,7 +506,7 @@ class EdgeAgent:
             {"role": "user", "content": text},
         ]
         async for item in self.model.stream(
-            messages, max_tokens or self.local_max_tokens, trim_history=True
+            messages, max_tokens or self.local_max_tokens, trim_history=True, stop=stops
         ):
             yield item
 
@@ -508,15 +533,27 @@ class Conversation:
         return tuple(self.turns[-2 * self.max_turns :]) if self.max_turns else ()
 
     async def ask(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        override: Target | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> Reply:
-        return await self.stream(text, override=override, max_tokens=max_tokens).collect()
+        return await self.stream(
+            text, override=override, max_tokens=max_tokens, stop=stop
+        ).collect()
 
     def stream(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        override: Target | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> ReplyStream:
         inner = self.agent.stream(
-            text, history=self.history, override=override, max_tokens=max_tokens
+            text, history=self.history, override=override, max_tokens=max_tokens, stop=stop
         )
         return ReplyStream(self._remember(text, inner), inner.request_id)
 
@@ -555,9 +592,12 @@ class BlockingEdgeAgent:
         history: Sequence[Turn] = (),
         override: Target | None = None,
         max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> Reply:
         return self._call(
-            self.agent.ask(text, history=history, override=override, max_tokens=max_tokens)
+            self.agent.ask(
+                text, history=history, override=override, max_tokens=max_tokens, stop=stop
+            )
         )
 
     def feedback(self, request_id: str, rating: Rating, correction: str | None = None) -> None:
@@ -586,10 +626,15 @@ class BlockingConversation:
         return self.conversation.turns
 
     def ask(
-        self, text: str, *, override: Target | None = None, max_tokens: int | None = None
+        self,
+        text: str,
+        *,
+        override: Target | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
     ) -> Reply:
         return self._blocking._call(
-            self.conversation.ask(text, override=override, max_tokens=max_tokens)
+            self.conversation.ask(text, override=override, max_tokens=max_tokens, stop=stop)
         )
 
     def clear(self) -> None:

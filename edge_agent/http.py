@@ -3,7 +3,8 @@
 `/v1/chat/completions` (plain and SSE streaming) and `/v1/models`, so apps in any language on
 the device, and the official OpenAI client, use the edge agent unchanged. The conversation's
 earlier user and assistant turns go along with its last user message (`EdgeAgent.ask`'s
-`history`). The route taken is in the ``X-Edgeloop-Route`` header and in an extra ``edgeloop``
+`history`), as do `max_tokens` and `stop` (the device decodes greedily: sampling options change
+nothing). The route taken is in the ``X-Edgeloop-Route`` header and in an extra ``edgeloop``
 field of the completion, with the `request_id` that `/v1/feedback` rates the answer by (not an
 OpenAI endpoint: the user's thumbs up or down, and a correction, go through the device's outbox
 to the cloud, which learns from them and watches its adapters' rollouts by them).
@@ -117,10 +118,24 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
             return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            return _error(400, "stop must be a string or a list of strings")
+        if body.get("n", 1) != 1:
+            return _error(400, "n must be 1: the device gives one answer")
+        response_format = body.get("response_format")
+        if response_format is not None and (
+            not isinstance(response_format, dict) or response_format.get("type") != "text"
+        ):
+            return _error(400, "response_format: only text answers are supported")
         created = int(time.time())
         try:
-            # Checks the range of max_tokens and the size of the conversation.
-            stream = agent.stream(turns[-1].text, history=turns[:-1], max_tokens=limit)
+            # Checks the range of max_tokens, the stop strings and the conversation's size.
+            stream = agent.stream(turns[-1].text, history=turns[:-1], max_tokens=limit, stop=stop)
         except ValueError as exc:
             return _error(400, str(exc))
         decision = await stream.start()

@@ -180,8 +180,9 @@ class LocalModel:
         self,
         messages: Sequence[dict[str, str]],
         max_tokens: int,
-        stop: threading.Event,
+        halt: threading.Event,
         trim_history: bool = False,
+        stop_strings: Sequence[str] = (),
     ) -> Iterator[str | Generation]:
         """Decode greedily; yields text pieces, then one `Generation`. Holds the model."""
         import llama_cpp
@@ -203,13 +204,13 @@ class LocalModel:
             decoding = Decoding(
                 self._llm,
                 prompt,
-                stops=stops,
+                stops=[*stops, *stop_strings],
                 max_tokens=max_tokens,
                 repetition=RepetitionGuard() if self.stop_repetition else None,
             )
             logprob_sum = 0.0
             for token, piece in decoding:
-                if stop.is_set():
+                if halt.is_set():
                     break
                 if token is not None:
                     # The logits the token was chosen from: read before the next step.
@@ -233,8 +234,12 @@ class LocalModel:
         max_tokens: int | None = None,
         *,
         trim_history: bool = False,
+        stop: Sequence[str] = (),
     ) -> AsyncIterator[str | Generation]:
         """Text pieces as they are decoded, then one `Generation`.
+
+        The answer ends before the first of the `stop` strings, as OpenAI's API has it
+        (`finish_reason` "stop"); decoding stops there.
 
         A conversation too long for the context window raises `ContextTooLong`; with
         `trim_history`, its oldest turns are left out until the prompt leaves room for the
@@ -243,7 +248,7 @@ class LocalModel:
         limit = max_tokens or self.settings.max_tokens
         try:
             async for item in iterate_in_thread(
-                lambda stop: self._steps(messages, limit, stop, trim_history)
+                lambda halt: self._steps(messages, limit, halt, trim_history, stop)
             ):
                 yield item
         except (RuntimeError, ValueError) as exc:

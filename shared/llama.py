@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shared.errors import EdgeloopError
+from shared.stops import first_stop, held_back
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -382,7 +383,7 @@ class Decoding:
                 yield token, self.text[sent:]
                 return
             self.text = text
-            ready = len(text) - self._held(text)
+            ready = len(text) - held_back(text, self.stops)
             yield token, text[sent:ready]
             sent = max(sent, ready)
             if self.count >= self.max_tokens:
@@ -391,18 +392,11 @@ class Decoding:
         if len(self.text) > sent:
             yield None, self.text[sent:]
 
-    def _held(self, text: str) -> int:
-        """Length of the longest end of `text` that begins a stop string."""
-        for size in range(min(len(text), max(map(len, self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(text[-size:]) for s in self.stops):
-                return size
-        return 0
-
     def _end(self, text: str, piece: str) -> int | None:
         """Where the answer ends in `text` (the answer so far, `piece` last), if it does."""
-        ends = [text.index(s) for s in self.stops if s in text]
-        if ends:
-            return min(ends)
+        end = first_stop(text, self.stops)
+        if end is not None:
+            return end
         if self.repetition is not None:
             keep = self.repetition.feed(piece)
             if keep is not None:

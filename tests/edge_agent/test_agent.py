@@ -138,6 +138,42 @@ async def test_placeholders_go_out_and_values_come_back_in_the_stream(
     await agent.stop()
 
 
+@pytest.mark.cloud(backend=ScriptedBackend(echo_placeholders))
+async def test_stop_strings_end_the_answer_wherever_it_is_given(
+    cloud: Cloud, model: LocalModel, tmp_path: Path
+) -> None:
+    agent = await make_agent(cloud, model, tmp_path)
+    # In the cloud: the stop string is in the answer as the user sees it (the card number put
+    # back), split over the stream's deltas; the cloud saw only "<CARD_1> for".
+    text = (
+        "My card 4111 1111 1111 1111 was declined at checkout, explain why and compare my options"
+    )
+    stream = agent.stream(text, stop=["zzz", "1111 for"])
+    shown = "".join([piece async for piece in stream])
+    reply = stream.reply
+    assert reply is not None and reply.from_cloud
+    assert shown == reply.text == "Noted 4111 1111 1111 " and reply.finish_reason == "stop"
+    assert reply.tokens == 4, "the cloud's answer was read to its end: its usage is whole"
+    async with asyncio.timeout(5):
+        while not (rows := await cloud.service.store.list_interactions()):
+            await asyncio.sleep(0.01)
+    assert rows[0].answer == "Noted <CARD_1> for you."
+    # On the device: decoding stops at the stop string, the answer greedy up to it.
+    question = "Update my phone number to (212) 555-0187"
+    whole = await agent.ask(question, max_tokens=24)
+    assert not whole.from_cloud and len(whole.text.split()) > 3
+    stop = whole.text.split()[2]
+    cut = await agent.ask(question, max_tokens=24, stop=stop)
+    assert cut.text == whole.text[: whole.text.index(stop)] and cut.finish_reason == "stop"
+    assert cut.tokens < whole.tokens, "the device stopped decoding there"
+    # An intent handler's reply is the app's own text: not cut.
+    assert (await agent.ask("Show my cart", stop=["2"])).text == "Your cart has 2 items."
+    for bad in (["a", "b", "c", "d", "e"], [""], ["x" * 257]):
+        with pytest.raises(ValueError, match="stop"):
+            agent.stream(question, stop=bad)
+    await agent.stop()
+
+
 @pytest.mark.cloud(backend=ScriptedBackend(hang=True))
 async def test_when_the_cloud_is_too_slow_the_device_answers_and_says_why(
     cloud: Cloud, model: LocalModel, tmp_path: Path

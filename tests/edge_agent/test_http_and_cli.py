@@ -124,6 +124,55 @@ async def test_max_tokens_caps_the_answer_and_a_bad_value_is_a_400(endpoint: str
     await client.close()
 
 
+async def test_stop_strings_end_the_answer_and_options_the_device_cannot_honour_are_a_400(
+    endpoint: str,
+) -> None:
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
+    ask = [{"role": "user", "content": "Which socks keep feet dry on a long hike?"}]
+    whole = await client.chat.completions.create(
+        model="edgeloop-edge",
+        messages=ask,
+        max_tokens=24,  # type: ignore[arg-type]
+    )
+    text = whole.choices[0].message.content
+    assert text is not None and len(text.split()) > 3
+    stop = text.split()[2]
+    for form in (stop, ["zzz", stop]):  # one string, or a list, as OpenAI takes it
+        cut = await client.chat.completions.create(
+            model="edgeloop-edge",
+            messages=ask,
+            max_tokens=24,  # type: ignore[arg-type]
+            stop=form,
+        )
+        assert cut.choices[0].message.content == text[: text.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    streamed = await client.chat.completions.create(
+        model="edgeloop-edge", messages=ask, max_tokens=24, stop=[stop], stream=True
+    )
+    chunks = [chunk async for chunk in streamed]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[: text.index(stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    plain = await client.chat.completions.create(
+        model="edgeloop-edge", messages=ask, max_tokens=24, response_format={"type": "text"}
+    )
+    assert plain.choices[0].message.content == text
+    await client.close()
+    refused = (
+        ({"stop": 5}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"n": 2}, "n must be 1"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+    )
+    async with httpx.AsyncClient() as http:
+        for extra, says in refused:
+            response = await http.post(
+                f"{endpoint}/chat/completions", json={"messages": ask, **extra}
+            )
+            assert response.status_code == 400, extra
+            assert says in response.json()["error"]["message"], extra
+
+
 async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint: str) -> None:
     client = openai.AsyncOpenAI(base_url=endpoint, api_key="unused", max_retries=0)
     long = [{"role": "user", "content": "Which tent? " + "tent " * 1500}]
