@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -28,6 +30,7 @@ from protocol import SUBPROTOCOL, SUPPORTED_VERSIONS, check_endpoint, sign_proof
 from protocol.schema import json_schema
 from shared.ids import new_idempotency_key, new_request_id
 from shared.keys import SigningKey
+from shared.net import tls_client_context
 
 __all__ = ["ConformanceReport", "register", "run_conformance"]
 
@@ -112,10 +115,13 @@ def _brief(frame: dict[str, Any]) -> str:
 
 
 class Kit:
-    def __init__(self, url: str, token: str | None, timeout: float) -> None:
+    def __init__(
+        self, url: str, token: str | None, timeout: float, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.url = url
         self.token = token
         self.timeout = timeout
+        self.tls = tls
         self.validator = jsonschema.Draft202012Validator(json_schema())
         self.key = SigningKey.generate()
         self.device_id: str | None = None
@@ -129,12 +135,15 @@ class Kit:
         self.peers.clear()
 
     async def open(self) -> Peer:
+        # No `ssl` at all for the system's CAs: websockets refuses ssl=None for a wss:// URL.
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": self.tls}
         ws = await connect(
             self.url,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             proxy=None,
             max_size=None,
             open_timeout=self.timeout,
+            **tls,
         )
         if ws.subprotocol != SUBPROTOCOL:
             await ws.close()
@@ -355,9 +364,11 @@ class Kit:
 
 
 async def run_conformance(
-    url: str, token: str | None, *, timeout: float = 30.0
+    url: str, token: str | None, *, timeout: float = 30.0, tls: ssl.SSLContext | None = None
 ) -> ConformanceReport:
-    kit = Kit(url, token, timeout)
+    """Every scenario against the server at `url`; `tls` checks a wss:// server's certificate
+    (default: against the system's certificate authorities)."""
+    kit = Kit(url, token, timeout, tls)
     scenarios: list[tuple[str, Callable[[], Awaitable[str]]]] = [
         ("enrollment", kit.enrollment),
         ("connect", kit.connect_),
@@ -393,6 +404,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("url", help="WebSocket URL, e.g. ws://127.0.0.1:8765/v1")
     parser.add_argument("--token", help="one-time enrollment token for the kit's device")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per step")
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help="PEM file of the CAs a wss:// server's certificate is checked against "
+        "(default: the system's)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -402,6 +419,7 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"edgeloop conformance: error: {args.url!r}: {exc}", file=sys.stderr)
         return 2
-    report = asyncio.run(run_conformance(args.url, args.token, timeout=args.timeout))
+    tls = tls_client_context(args.url, args.ca_file, key="--ca-file")
+    report = asyncio.run(run_conformance(args.url, args.token, timeout=args.timeout, tls=tls))
     print(report.table())
     return 0 if report.passed else 1

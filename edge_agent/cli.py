@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from edge_agent.errors import EdgeAgentError
 from shared.config import load_config
 from shared.errors import InputFileError
 from shared.files import read_json, read_jsonl
-from shared.net import listen
+from shared.net import listen, tls_client_context
 
 if TYPE_CHECKING:
     from edge_agent.agent import Conversation, EdgeAgent
@@ -39,6 +40,12 @@ def register(subparsers: Any) -> None:
             "--cloud",
             dest="cloud_url",
             help="cloud URL, e.g. ws://127.0.0.1:8765/v1 (default: the one the device enrolled at)",
+        )
+        p.add_argument(
+            "--ca-file",
+            type=Path,
+            help="PEM file of the CAs a wss:// cloud's certificate is checked against "
+            "(default: the system's)",
         )
         p.add_argument("--state-dir", type=Path, help="device key, identity and outbox")
         p.add_argument("--model", dest="model_path", type=Path, help="GGUF model file")
@@ -97,6 +104,7 @@ def _config(args: argparse.Namespace) -> EdgeConfig:
         (key, value, option)
         for key, option in (
             ("cloud_url", "--cloud"),
+            ("ca_file", "--ca-file"),
             ("state_dir", "--state-dir"),
             ("model_path", "--model"),
             ("port", "--port"),
@@ -118,11 +126,13 @@ def _link(config: EdgeConfig, token: str | None = None) -> Any:
 
     if config.cloud_url is None:
         return None
+    tls = tls_client_context(config.cloud_url, config.ca_file, key="ca_file")
     return CloudLink(
         config.cloud_url,
         config.state_dir,
         enrollment_token=token,
         outbox=Outbox(config.state_dir / "outbox.db"),
+        ssl=tls,
     )
 
 
@@ -299,13 +309,26 @@ def _enroll(args: argparse.Namespace) -> int:
             print(f"already enrolled as {link.identity.device_id}")
             return 0
         link.start()
-        up = await link.wait_up(15)
+        up, waited = False, 0.0
+        # Until the cloud takes the device or refuses it, for 15 s; a TLS failure (a
+        # certificate not trusted, a server that does not speak TLS) ends it at once: trying
+        # again would not change it.
+        while waited < 15 and link.refused is None:
+            if up or isinstance(link.last_error, ssl.SSLError):
+                break
+            up = await link.wait_up(0.25)
+            waited += 0.25
         await link.stop()
         if not up or not link.enrolled:
             if link.refused == "invalid_enrollment_token":
                 why = "the cloud refused the token (unknown, already used or expired)"
             elif link.refused is not None:
                 why = f"the cloud refused this device ({link.refused})"
+            elif isinstance(link.last_error, ssl.SSLCertVerificationError):
+                why = (
+                    f"the certificate of {link.url} is not trusted "
+                    f"({link.last_error.verify_message}); --ca-file names the CA that signed it"
+                )
             elif link.last_failure is not None:
                 why = f"cannot reach the cloud at {link.url} ({link.last_failure})"
             else:

@@ -18,6 +18,10 @@ class EdgeConfig(BaseModel):
     cloud_url: str | None = None
     """The cloud agent, e.g. ws://127.0.0.1:8765/v1; none: the one the device enrolled at, and
     for a device not enrolled, no cloud (the device answers everything)."""
+    ca_file: Path | None = None
+    """PEM file of the certificate authorities a wss:// cloud's certificate is checked against,
+    instead of the system's: for a cloud whose certificate a private CA (or the cloud itself)
+    signed."""
     state_dir: Path = Path(".edgeloop/edge")
     """Device key, identity, outbox."""
     model_path: Path | None = None

@@ -168,6 +168,10 @@ class CloudLink:
         self._refused: str | None = None
         self.last_failure: str | None = None
         """Why the last connection attempt failed or ended (None once a session opens)."""
+        self.last_error: BaseException | None = None
+        """The exception that ended the last connection attempt, if one did (None once a
+        session opens). An `ssl.SSLCertVerificationError` says the cloud's certificate is not
+        trusted: the link's `ssl` context needs the CA that signed it."""
         self.adapter_version: int | None = None
         """Announced in `hello`; the updater sets it when a bundle is applied."""
         self.on_offer: Callable[[UpdateOffer], Coroutine[Any, Any, object]] | None = None
@@ -215,12 +219,15 @@ class CloudLink:
         self._set_down()
 
     async def wait_up(self, timeout: float) -> bool:
+        """True once a session is open; False after `timeout`, or as soon as the link stops
+        for good (the cloud refused the device: `refused`)."""
+        up = asyncio.ensure_future(self._up.wait())
+        running = [self._task] if self._task is not None and not self._task.done() else []
         try:
-            async with asyncio.timeout(timeout):
-                await self._up.wait()
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait([up, *running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+        return self._up.is_set()
 
     @property
     def refused(self) -> str | None:
@@ -235,16 +242,19 @@ class CloudLink:
                 await self._connect_once()
                 attempt = 0
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                self.last_failure = _describe(exc)
-                log.info("cloud link down: %s", type(exc).__name__)
+                self.last_failure, self.last_error = _describe(exc), exc
+                if isinstance(exc, ssl_module.SSLCertVerificationError):
+                    log.warning("the cloud's certificate is not trusted: %s", exc.verify_message)
+                else:
+                    log.info("cloud link down: %s", type(exc).__name__)
             except EdgeAgentError as exc:
                 # Our own refusal to go on (nothing a retry changes): stop, and say why.
-                self.last_failure = _describe(exc)
+                self.last_failure, self.last_error = _describe(exc), exc
                 log.error("cloud link stopped: %s", exc)
                 return
             except Exception as exc:
                 # A bug must not end the link in silence: say so, and keep trying.
-                self.last_failure = _describe(exc)
+                self.last_failure, self.last_error = _describe(exc), exc
                 log.exception("cloud link failed")
             finally:
                 self._set_down()
@@ -265,8 +275,10 @@ class CloudLink:
         else:
             raise EdgeAgentError("not enrolled and no enrollment token")
         self.state = LinkState.CONNECTING
+        # No `ssl` at all for the system's CAs: websockets refuses ssl=None for a wss:// URL.
+        tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
         async with connect(
-            self.url, subprotocols=[SUBPROTOCOL], proxy=None, ssl=self.ssl, open_timeout=10,  # type: ignore[list-item]
+            self.url, subprotocols=[SUBPROTOCOL], proxy=None, open_timeout=10, **tls,  # type: ignore[list-item]
         ) as ws:  # fmt: skip
             self._ws = ws
             session = ClientSession(
@@ -309,7 +321,7 @@ class CloudLink:
                     self._save_identity()
                 case Welcomed(welcome=welcome):
                     self.state, self.limits = LinkState.UP, welcome.limits
-                    self.last_failure = None
+                    self.last_failure = self.last_error = None
                     self._up.set()
                     self._outbox_kick.set()
                 case DeltaReceived(delta=delta):
@@ -332,7 +344,7 @@ class CloudLink:
                         "unknown_device", "device_revoked", "invalid_enrollment_token",
                     ):  # fmt: skip
                         self._refused = error.name
-                        self.last_failure = f"refused: {error.name}"
+                        self.last_failure, self.last_error = f"refused: {error.name}", None
                 case SessionClosed():
                     self._set_down()
 

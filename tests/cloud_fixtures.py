@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from cloud_agent.backends import ChatRequest, ScriptedBackend
 from cloud_agent.config import CloudConfig
@@ -29,10 +35,12 @@ def recall(request: ChatRequest) -> str:
 class Cloud:
     service: CloudService
     backend: ScriptedBackend
+    scheme: str = "ws"
+    """wss for a service given a certificate (`tls_cloud`)."""
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.service.port}/v1"
+        return f"{self.scheme}://127.0.0.1:{self.service.port}/v1"
 
     async def enroll(self, **kw: Any) -> tuple[Device, DeviceCredentials]:
         """Enroll a new device; returns its open session and its credentials."""
@@ -43,6 +51,40 @@ class Cloud:
         assert isinstance(done, EnrollmentCompleted), done
         assert isinstance(await device.next_event(Welcomed), Welcomed)
         return device, DeviceCredentials(done.device_id, key)
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1 that signs itself (its own CA), and its key:
+    `cert.pem` and `key.pem` in `tmp_path`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
 
 
 def make_config(tmp_path: Path, kb_path: Path | None, **overrides: Any) -> CloudConfig:
@@ -74,5 +116,20 @@ async def cloud(
     await service.start()
     try:
         yield Cloud(service, backend)
+    finally:
+        await service.stop()
+
+
+@pytest.fixture
+async def tls_cloud(tmp_path: Path, kb_path: Path) -> AsyncIterator[tuple[Cloud, Path]]:
+    """The cloud served over wss:// with a self-signed certificate, and the certificate (the
+    CA a client must be given to trust it)."""
+    cert, key = self_signed(tmp_path)
+    backend = ScriptedBackend("Layer up: base, mid, shell.")
+    config = make_config(tmp_path, kb_path, tls_cert=cert, tls_key=key)
+    service = await CloudService.create(config, backend=backend)
+    await service.start()
+    try:
+        yield Cloud(service, backend, scheme="wss"), cert
     finally:
         await service.stop()
