@@ -41,7 +41,11 @@ def register(subparsers: Any) -> None:
         help="knowledge file (Markdown or JSONL); SIGHUP reads it again while serving",
     )
     serve.add_argument("--model", type=Path, help="GGUF model for the embedded backend")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (serves wss://)")
+    serve.add_argument(
+        "--tls-cert",
+        type=Path,
+        help="PEM certificate (serves wss://, and the admin API over https://)",
+    )
     serve.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     serve.add_argument(
         "--loop", choices=EVENT_LOOPS, help="event loop (default auto: uvloop when installed)"
@@ -238,10 +242,9 @@ async def _serve_async(config: CloudConfig) -> int:
         loop.add_signal_handler(signal.SIGHUP, reload)
     await service.start()
     settle_heap()
-    scheme = "wss" if config.tls_cert else "ws"
-    print(f"edgeloop cloud agent: {scheme}://{config.host}:{service.port}/v1", flush=True)
+    print(f"edgeloop cloud agent: {service.url}", flush=True)
     print(
-        f"admin API: http://{config.admin_host}:{service.admin_port} "
+        f"admin API: {service.admin_url} "
         f"(token in {config.data_dir / 'admin.token'} unless set in the configuration)",
         flush=True,
     )

@@ -171,7 +171,7 @@ class CloudConfig(_Section):
     admin_token: str | None = None
     """Bearer token for the admin API; generated and written to the data directory if unset."""
     tls_cert: Path | None = None
-    """PEM certificate for wss://; with tls_key."""
+    """PEM certificate for wss:// (and https:// for the admin API); with tls_key."""
     tls_key: Path | None = None
     """PEM private key for wss://."""
     data_dir: Path = Path(".edgeloop/cloud")

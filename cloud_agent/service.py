@@ -198,16 +198,21 @@ class CloudService:
         store = await Store.open(
             config.resolved_database_url(), lock_timeout_s=config.store_lock_timeout_s
         )
+        chosen: LLMBackend | None = backend
         try:
-            chosen = (
-                backend if backend is not None else await asyncio.to_thread(build_backend, config)
-            )
+            if chosen is None:
+                chosen = await asyncio.to_thread(build_backend, config)
+            return cls(
+                config, store=store, backend=chosen, signing_key=signing_key,
+                admin_token=admin_token,
+            )  # fmt: skip
         except BaseException:
+            # Nothing is left open by a service that could not be built (a bad knowledge
+            # file, certificate or key).
+            if chosen is not None and backend is None:
+                await chosen.aclose()
             await store.close()
             raise
-        return cls(
-            config, store=store, backend=chosen, signing_key=signing_key, admin_token=admin_token
-        )
 
     async def start(self) -> None:
         """Start serving; if any part cannot start (a port in use), what did start is stopped
@@ -239,12 +244,17 @@ class CloudService:
         await self.feed.start()
         self.jobs.start()
         app = build_admin_app(self)
+        # With a certificate, the admin API is HTTPS on it too: its bearer token does not
+        # cross the network in clear.
+        tls = self.config.tls_cert is not None and self.config.tls_key is not None
         uv_config = uvicorn.Config(
             app,
             host=self.config.admin_host,
             port=self.config.admin_port,
             log_level="warning",
             lifespan="off",
+            ssl_certfile=str(self.config.tls_cert) if tls else None,
+            ssl_keyfile=str(self.config.tls_key) if tls else None,
         )
         # The service handles SIGINT and SIGTERM itself (`edgeloop cloud serve`).
         self._uvicorn = SignalFreeServer(uv_config)
@@ -259,12 +269,22 @@ class CloudService:
                 await asyncio.sleep(0.01)
         servers = self._uvicorn.servers
         self.admin_port = int(servers[0].sockets[0].getsockname()[1]) if servers else None
-        scheme = "wss" if self.server.ssl_context else "ws"
         log.info(
-            "cloud agent %s serving %s://%s:%s/v1 (admin http://%s:%s)",
-            self.config.server_id, scheme, self.config.host, self.port,
-            self.config.admin_host, self.admin_port,
+            "cloud agent %s serving %s (admin %s)",
+            self.config.server_id, self.url, self.admin_url,
         )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """The WebSocket endpoint, once started (wss:// with a certificate)."""
+        scheme = "wss" if self.server.ssl_context else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin API, once started (https:// with a certificate)."""
+        scheme = "https" if self.server.ssl_context else "http"
+        return f"{scheme}://{self.config.admin_host}:{self.admin_port}"
 
     def _skill(self, kb: KnowledgeBase) -> KnowledgeSkill:
         return KnowledgeSkill(
@@ -507,10 +527,23 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
 
 
 def _ssl_context(config: CloudConfig) -> ssl.SSLContext | None:
+    """The server's TLS context (wss:// and https://), or None without a certificate. A file
+    that is missing, or a certificate and key that cannot be loaded together, is a
+    `ConfigError` naming the key."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    for key, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
+        if not path.is_file():
+            raise ConfigError(key, f"{path}: no such file")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            "tls_cert",
+            f"cannot load {config.tls_cert} with the key {config.tls_key} (a PEM certificate "
+            f"and its own private key expected): {exc}",
+        ) from None
     return context
 
 

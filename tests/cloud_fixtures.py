@@ -75,6 +75,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         )
         .sign(key, hashes.SHA256())
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(

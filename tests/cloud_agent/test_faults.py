@@ -8,6 +8,7 @@ import sqlite3
 import ssl
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -217,7 +218,9 @@ async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
             await service.stop()
 
 
-async def test_the_service_speaks_wss_with_a_certificate(tmp_path: Path, kb_path: Path) -> None:
+async def test_the_service_speaks_wss_and_https_with_a_certificate(
+    tmp_path: Path, kb_path: Path
+) -> None:
     cert, key = self_signed(tmp_path)
     config = make_config(tmp_path, kb_path, tls_cert=cert, tls_key=key)
     service = await CloudService.create(config, backend=ScriptedBackend())
@@ -225,15 +228,42 @@ async def test_the_service_speaks_wss_with_a_certificate(tmp_path: Path, kb_path
     try:
         client_ctx = ssl.create_default_context(cafile=str(cert))
         token = await service.store.create_enrollment_token()
+        assert service.url == f"wss://127.0.0.1:{service.port}/v1"
         device = await Device.connect(
-            f"wss://127.0.0.1:{service.port}/v1",
-            EnrollmentCredentials(token, SigningKey.generate()),
-            ssl=client_ctx,
+            service.url, EnrollmentCredentials(token, SigningKey.generate()), ssl=client_ctx
         )
         assert isinstance(await device.next_event(Welcomed), Welcomed)
         await device.close()
+        # The admin API on the same certificate: its bearer token is not sent in clear.
+        assert service.admin_url == f"https://127.0.0.1:{service.admin_port}"
+        bearer = {"Authorization": f"Bearer {service.admin_token}"}
+        async with httpx.AsyncClient(verify=client_ctx, headers=bearer) as admin:
+            devices = await admin.get(f"{service.admin_url}/v1/devices")
+            assert devices.status_code == 200 and len(devices.json()) == 1
+            with pytest.raises(httpx.HTTPError):
+                await admin.get(f"http://127.0.0.1:{service.admin_port}/v1/devices")
     finally:
         await service.stop()
+
+
+async def test_a_certificate_that_cannot_be_loaded_is_a_config_error(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path)
+    _, other_key = self_signed(tmp_path / "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = [
+        ({"tls_cert": tmp_path / "missing.pem", "tls_key": key}, "tls_cert", "no such file"),
+        ({"tls_cert": cert, "tls_key": tmp_path / "missing.pem"}, "tls_key", "no such file"),
+        ({"tls_cert": junk, "tls_key": key}, "tls_cert", "cannot load"),
+        ({"tls_cert": cert, "tls_key": other_key}, "tls_cert", "its own private key"),
+    ]
+    for tls, name, says in cases:
+        config = make_config(tmp_path, kb_path, **tls)
+        with pytest.raises(ConfigError, match=says) as info:
+            await CloudService.create(config, backend=ScriptedBackend())
+        assert info.value.key == name
 
 
 @pytest.mark.parametrize("key", ["port", "admin_port"])
