@@ -1,7 +1,7 @@
 """Stop strings: where an answer ends when the caller names text it must end before.
 
-As OpenAI's API has it, the answer ends just before the first occurrence of any stop string,
-which is not part of the answer. When the answer arrives piece by piece, text that may be the
+As OpenAI's API has it, the answer ends just before the first stop string in it, which is not
+part of the answer. When the answer arrives piece by piece, text that may be the
 start of a stop string is held back until the next piece says whether it is (`StopFilter`),
 so what was shown never has to be taken back.
 """
@@ -14,10 +14,12 @@ __all__ = ["StopFilter", "first_stop", "held_back"]
 
 
 def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string in `text` begins, if any does."""
-    ends = [text.find(s) for s in stops]
-    found = [end for end in ends if end != -1]
-    return min(found) if found else None
+    """Where the answer in `text` ends, if a stop string is in it: at the start of the one
+    complete first as the text is read (the earliest to end; of two ending together, the
+    longer). So it does not matter how the text arrives: a stop string seen whole ends the
+    answer then, whatever longer one might have begun before it."""
+    found = [(at + len(s), at) for s in stops if (at := text.find(s)) != -1]
+    return min(found)[1] if found else None
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:

@@ -20,6 +20,8 @@ def feed(text: str, offsets: list[int], stops: list[str]) -> tuple[list[str], St
 def test_the_answer_ends_before_the_first_stop_string() -> None:
     assert first_stop("Open at 9.\nClosed Sundays.", ["\n", "Sun"]) == 10
     assert first_stop("Open at 9.", ["\n"]) is None
+    # The first complete as the text is read: "a" is whole before ".aa" is.
+    assert first_stop(".aa", ["a", ".aa"]) == 1 and first_stop("x.aa", [".a", ".aa"]) == 1
     pieces, shown = feed("Open at 9.\nClosed Sundays.", [3, 10, 11, 20], ["Sun", "\n"])
     assert "".join(pieces) == shown.text == "Open at 9." and shown.stopped
     assert shown.feed("more") == "" and shown.cut("Open at 9.\nClosed") == "Open at 9."
