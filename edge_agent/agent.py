@@ -11,12 +11,20 @@ and the `Reply` says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Sequence,
+)
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,7 +111,9 @@ class ReplyStream:
     can be given while it streams), `decision` is set by `start()` (or the first piece),
     `reply` once the stream is exhausted."""
 
-    def __init__(self, pieces: AsyncIterator[str | Reply | RouteDecision], request_id: str) -> None:
+    def __init__(
+        self, pieces: AsyncGenerator[str | Reply | RouteDecision, None], request_id: str
+    ) -> None:
         self.request_id = request_id
         self._pieces = pieces
         self.decision: RouteDecision | None = None
@@ -129,6 +139,11 @@ class ReplyStream:
                 continue
             assert isinstance(item, str)
             return item
+
+    async def aclose(self) -> None:
+        """Give up on the answer (its reader went away): the local model stops decoding and
+        a cloud request is cancelled. Nothing is counted or remembered for it."""
+        await self._pieces.aclose()
 
     async def collect(self) -> Reply:
         """Read the stream to its end; the `Reply`."""
@@ -388,7 +403,7 @@ class EdgeAgent:
         max_tokens: int | None,
         stops: tuple[str, ...],
         request_id: str,
-    ) -> AsyncIterator[str | Reply | RouteDecision]:
+    ) -> AsyncGenerator[str | Reply | RouteDecision, None]:
         started = time.perf_counter()
         adapter = self.updates.current_version if self.updates is not None else None
         link_up = self.link is not None and self.link.state is LinkState.UP
@@ -443,22 +458,24 @@ class EdgeAgent:
             # cloud's answer is read to its end (its usage and its log stay whole).
             shown = StopFilter(stops)
             try:
-                async for item in self.link.escalate(escalate):
-                    if isinstance(item, Result):
-                        tail = shown.feed(restorer.flush()) + shown.flush()
-                        if tail:
-                            yield tail
-                        yield reply(
-                            shown.cut(Redactor.restore(item.text, mapping)),
-                            item.usage.completion_tokens,
-                            from_cloud=True,
-                            prompt_tokens=item.usage.prompt_tokens,
-                            finish_reason="stop" if shown.stopped else item.finish_reason,
-                        )
-                        return
-                    piece = shown.feed(restorer.feed(item))
-                    if piece:
-                        yield piece
+                # Closed as soon as this generator is: an answer given up on is cancelled.
+                async with contextlib.aclosing(self.link.escalate(escalate)) as items:
+                    async for item in items:
+                        if isinstance(item, Result):
+                            tail = shown.feed(restorer.flush()) + shown.flush()
+                            if tail:
+                                yield tail
+                            yield reply(
+                                shown.cut(Redactor.restore(item.text, mapping)),
+                                item.usage.completion_tokens,
+                                from_cloud=True,
+                                prompt_tokens=item.usage.prompt_tokens,
+                                finish_reason="stop" if shown.stopped else item.finish_reason,
+                            )
+                            return
+                        piece = shown.feed(restorer.feed(item))
+                        if piece:
+                            yield piece
             except CloudUnavailable as exc:
                 if shown.stopped:
                     # The answer had ended at a stop string: it is whole as shown.
@@ -479,36 +496,37 @@ class EdgeAgent:
             self._local_answers[request_id] = adapter
             while len(self._local_answers) > 1024:
                 self._local_answers.popitem(last=False)
-        async for local in self._local(text, history, max_tokens, stops):
-            if isinstance(local, Generation):
-                yield reply(
-                    local.text,
-                    local.completion_tokens,
-                    from_cloud=False,
-                    fallback_reason=fallback,
-                    confidence=local.confidence,
-                    prompt_tokens=local.prompt_tokens,
-                    finish_reason=local.finish_reason,
-                )
-            else:
-                yield local
+        # Closed as soon as this generator is: the model stops decoding an answer given up on.
+        async with contextlib.aclosing(self._local(text, history, max_tokens, stops)) as pieces:
+            async for local in pieces:
+                if isinstance(local, Generation):
+                    yield reply(
+                        local.text,
+                        local.completion_tokens,
+                        from_cloud=False,
+                        fallback_reason=fallback,
+                        confidence=local.confidence,
+                        prompt_tokens=local.prompt_tokens,
+                        finish_reason=local.finish_reason,
+                    )
+                else:
+                    yield local
 
-    async def _local(
+    def _local(
         self,
         text: str,
         history: tuple[Turn, ...],
         max_tokens: int | None = None,
         stops: tuple[str, ...] = (),
-    ) -> AsyncIterator[str | Generation]:
+    ) -> AsyncGenerator[str | Generation, None]:
         messages = [
             {"role": "system", "content": self.system_prompt},
             *({"role": turn.role, "content": turn.text} for turn in history),
             {"role": "user", "content": text},
         ]
-        async for item in self.model.stream(
+        return self.model.stream(
             messages, max_tokens or self.local_max_tokens, trim_history=True, stop=stops
-        ):
-            yield item
+        )
 
 
 class Conversation:
@@ -559,10 +577,13 @@ class Conversation:
 
     async def _remember(
         self, text: str, inner: ReplyStream
-    ) -> AsyncIterator[str | Reply | RouteDecision]:
-        yield await inner.start()
-        async for piece in inner:
-            yield piece
+    ) -> AsyncGenerator[str | Reply | RouteDecision, None]:
+        try:
+            yield await inner.start()
+            async for piece in inner:
+                yield piece
+        finally:
+            await inner.aclose()
         assert inner.reply is not None
         self.turns += [Turn("user", text), Turn("assistant", inner.reply.text)]
         yield inner.reply

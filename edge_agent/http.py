@@ -12,10 +12,11 @@ to the cloud, which learns from them and watches its adapters' rollouts by them)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -23,13 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply, Turn
+from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply, ReplyStream, Turn
 from edge_agent.errors import EdgeAgentError
 from edge_agent.local_model import ContextTooLong
 from edge_agent.router import RouteDecision
 
 __all__ = ["build_openai_app"]
 
+T = TypeVar("T")
 COMPLETION_PREFIX = "chatcmpl-"
 """A completion's id is this and the request id of its answer."""
 
@@ -66,6 +68,34 @@ def _route_info(decision: RouteDecision, reply: Reply | None, request_id: str) -
         "fallback_reason": reply.fallback_reason if reply else None,
         "request_id": request_id,
     }
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _unless_gone(request: Request, stream: ReplyStream, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client disconnects first: then the answer is given up on
+    (the device stops decoding, a cloud request is cancelled) and `_ClientGone` raised. Left
+    to run, an abandoned answer would hold the device's one model from the next request."""
+
+    async def disconnected() -> None:
+        # The body was read: what the server hands over next is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await stream.aclose()
+        raise _ClientGone
+    return task.result()
 
 
 def _conversation(messages: Any) -> list[Turn]:
@@ -145,14 +175,22 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
         # The first piece before any response: a request the device cannot answer (too long
         # for its context) is an error status, not a 200 whose stream breaks off.
         try:
-            first = await anext(stream, None)
+            first = await _unless_gone(request, stream, anext(stream, None))
         except EdgeAgentError as exc:
             return _failure(exc)
+        except _ClientGone:
+            return Response(status_code=499)
         if not body.get("stream"):
+
+            async def rest() -> list[str]:
+                return [piece async for piece in stream]
+
             try:
-                text = "".join([first or "", *[piece async for piece in stream]])
+                text = "".join([first or "", *await _unless_gone(request, stream, rest())])
             except EdgeAgentError as exc:
                 return _failure(exc)
+            except _ClientGone:
+                return Response(status_code=499)
             reply = stream.reply
             return JSONResponse(
                 {
@@ -194,6 +232,9 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            finally:
+                # A client that went away mid-stream: the answer is given up on at once.
+                await stream.aclose()
             finish = stream.reply.finish_reason if stream.reply else "stop"
             yield chunk({}, finish, edgeloop=_route_info(decision, stream.reply, stream.request_id))
             if include_usage:

@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -380,7 +380,7 @@ class CloudLink:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def escalate(self, request: Escalate) -> AsyncIterator[str | Result]:
+    async def escalate(self, request: Escalate) -> AsyncGenerator[str | Result, None]:
         """Text pieces (for streaming requests), then the `Result`; or `CloudUnavailable`."""
         session = self._session
         if session is None or not session.is_open:
@@ -389,6 +389,7 @@ class CloudLink:
             raise CloudUnavailable("cloud.backpressure", "in-flight limit reached")
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._waiters[request.request_id] = queue
+        ended = False
         try:
             try:
                 await self._send(request)
@@ -396,18 +397,19 @@ class CloudLink:
                 # Not sent: the server would close the connection over it.
                 raise CloudUnavailable("request.too_large", str(exc)) from None
             async with asyncio.timeout(request.deadline_ms / 1000):
-                while True:
+                while not ended:
                     item = await queue.get()
                     if isinstance(item, CloudUnavailable):
                         raise item
+                    ended = isinstance(item, Result)
                     yield item
-                    if isinstance(item, Result):
-                        return
         except TimeoutError:
             await self._cancel(request.request_id)
             raise CloudUnavailable("cloud.deadline") from None
         except (asyncio.CancelledError, GeneratorExit):
-            await asyncio.shield(self._cancel(request.request_id))
+            # The caller gave up: tell the cloud, unless its answer is all here.
+            if not ended:
+                await asyncio.shield(self._cancel(request.request_id))
             raise
         finally:
             self._waiters.pop(request.request_id, None)

@@ -20,10 +20,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -235,7 +236,7 @@ class LocalModel:
         *,
         trim_history: bool = False,
         stop: Sequence[str] = (),
-    ) -> AsyncIterator[str | Generation]:
+    ) -> AsyncGenerator[str | Generation, None]:
         """Text pieces as they are decoded, then one `Generation`.
 
         The answer ends before the first of the `stop` strings, as OpenAI's API has it
@@ -246,11 +247,14 @@ class LocalModel:
         answer (`ChatTemplate.fitted`), and only a last message that does not fit by itself
         raises."""
         limit = max_tokens or self.settings.max_tokens
+        steps = iterate_in_thread(
+            lambda halt: self._steps(messages, limit, halt, trim_history, stop)
+        )
         try:
-            async for item in iterate_in_thread(
-                lambda halt: self._steps(messages, limit, halt, trim_history, stop)
-            ):
-                yield item
+            # Closed with this generator: decoding stops when the caller gives up.
+            async with contextlib.aclosing(steps):
+                async for item in steps:
+                    yield item
         except (RuntimeError, ValueError) as exc:
             raise LocalModelError(f"llama.cpp failed: {exc}") from exc
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import TypeVar
 
 __all__ = ["iterate_in_thread"]
@@ -19,7 +19,9 @@ T = TypeVar("T")
 _DONE = object()
 
 
-async def iterate_in_thread(produce: Callable[[threading.Event], Iterator[T]]) -> AsyncIterator[T]:
+async def iterate_in_thread(
+    produce: Callable[[threading.Event], Iterator[T]],
+) -> AsyncGenerator[T, None]:
     """Items of `produce(stop)` as the worker yields them; `stop` is set when we stop early.
 
     Exceptions raised by the producer are re-raised here, in the consumer.

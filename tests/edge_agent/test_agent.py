@@ -230,6 +230,8 @@ async def test_no_raw_personal_value_from_the_workload_leaves_the_device(
     assert len(conversations) > 40, "conversations carrying the data went to the cloud"
     leaks = [v for v in values for frame in sent if v in frame]
     assert leaks == []
+    # Every answer came whole: no cancel went out, not even after a result.
+    assert not [f for f in sent if '"type":"cancel"' in f]
     await agent.stop()
 
 

@@ -7,9 +7,10 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -171,6 +172,83 @@ async def test_stop_strings_end_the_answer_and_options_the_device_cannot_honour_
             )
             assert response.status_code == 400, extra
             assert says in response.json()["error"]["message"], extra
+
+
+def counting(model: LocalModel) -> list[object]:
+    """What `model` decodes, piece by piece, as it decodes it (whoever asked)."""
+    decoded: list[object] = []
+    steps = model._steps
+
+    def spy(*args: Any, **kw: Any) -> Iterator[object]:
+        for item in steps(*args, **kw):
+            decoded.append(item)
+            yield item
+
+    model._steps = spy  # type: ignore[assignment,method-assign]
+    return decoded
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_client_that_goes_away_frees_the_model_at_once() -> None:
+    model = LocalModel(
+        profile=DeviceProfile(cores=2, memory_mb=4096),
+        settings=RuntimeSettings(threads=2, n_ctx=1024, max_tokens=8),
+        stop_repetition=False,
+    )
+    decoded = counting(model)
+    story = [{"role": "user", "content": "Write a long story about a hiking trip in the hills."}]
+    async with serving(EdgeAgent(model)) as url, httpx.AsyncClient(timeout=60) as client:
+        for stream in (False, True):
+            decoded.clear()
+            body = {"messages": story, "max_tokens": 400, "stream": stream}
+            # The client gives up a few tokens into a long answer (an app's timeout, a
+            # closed screen), before any response or in the middle of the stream.
+            asking = asyncio.create_task(client.post(f"{url}/chat/completions", json=body))
+            await until(lambda: len(decoded) >= 3)
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
+            # The model is free again: no one waits behind an answer no one will read.
+            await until(lambda: model._lock.acquire(blocking=False))
+            model._lock.release()
+            assert len(decoded) < 100, f"decoded {len(decoded)} tokens for no one"
+        answered = await client.post(
+            f"{url}/chat/completions", json={"messages": story, "max_tokens": 4}
+        )
+        assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_a_client_that_goes_away_cancels_the_cloud_request(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    token = await cloud.service.store.create_enrollment_token()
+    link = CloudLink(cloud.url, tmp_path / "dev", enrollment_token=token)
+    model = small_model()
+    decoded = counting(model)
+    agent = EdgeAgent(model, link=link, deadline_ms=60_000)
+    await agent.start()
+    assert await link.wait_up(10)
+    question = "Compare three-season and four-season tents and explain when each makes sense"
+    async with serving(agent) as url, httpx.AsyncClient(timeout=60) as client:
+        for n, stream in enumerate((False, True), start=1):
+            body = {"messages": [{"role": "user", "content": question}], "stream": stream}
+            asking = asyncio.create_task(client.post(f"{url}/chat/completions", json=body))
+            await until(lambda n=n: cloud.backend.call_count == n)  # the request is in the cloud
+            asking.cancel()
+            await asyncio.gather(asking, return_exceptions=True)
+            # Cancelled in the cloud long before its 60 s deadline, and not answered locally.
+            await until(lambda n=n: cloud.backend.cancelled == n, timeout=20)
+    assert decoded == []
+    async with asyncio.timeout(10):  # the log is written just after
+        while len(rows := await cloud.service.store.list_interactions()) < 2:
+            await asyncio.sleep(0.05)
+    assert [row.status for row in rows] == ["cancelled", "cancelled"]
+    await agent.stop()
 
 
 async def test_a_question_longer_than_the_context_is_a_400_not_a_crash(endpoint: str) -> None:
