@@ -8,6 +8,7 @@ parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox
 from edge_agent.agent import (
     BlockingConversation,
     BlockingEdgeAgent,
+    BlockingReplyStream,
     Conversation,
     EdgeAgent,
     Reply,
@@ -62,6 +63,7 @@ __all__ = [
     "verify_offer",
     "BlockingConversation",
     "BlockingEdgeAgent",
+    "BlockingReplyStream",
     "Conversation",
     "EdgeAgent",
     "Reply",

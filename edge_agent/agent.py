@@ -54,6 +54,7 @@ from shared.stops import StopFilter
 __all__ = [
     "BlockingConversation",
     "BlockingEdgeAgent",
+    "BlockingReplyStream",
     "Conversation",
     "EdgeAgent",
     "Reply",
@@ -621,6 +622,24 @@ class BlockingEdgeAgent:
             )
         )
 
+    def stream(
+        self,
+        text: str,
+        *,
+        history: Sequence[Turn] = (),
+        override: Target | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
+    ) -> BlockingReplyStream:
+        """`ask`, piece by piece, for a UI that shows the answer as it comes (see
+        `BlockingReplyStream`)."""
+        return BlockingReplyStream(
+            self,
+            self.agent.stream(
+                text, history=history, override=override, max_tokens=max_tokens, stop=stop
+            ),
+        )
+
     def feedback(self, request_id: str, rating: Rating, correction: str | None = None) -> None:
         self._call(self.agent.feedback(request_id, rating, correction))
 
@@ -633,6 +652,51 @@ class BlockingEdgeAgent:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()
+
+
+class BlockingReplyStream:
+    """`ReplyStream` for apps without an event loop: iterate for the text pieces as they are
+    produced; `reply` is set once they are all read. `close()` (or leaving a ``with`` block)
+    gives the answer up: the local model stops decoding and a cloud request is cancelled."""
+
+    def __init__(self, blocking: BlockingEdgeAgent, stream: ReplyStream) -> None:
+        self._blocking = blocking
+        self._stream = stream
+        self.request_id = stream.request_id
+
+    @property
+    def decision(self) -> RouteDecision:
+        """Where the request is answered, and why (routed on first use)."""
+        return self._blocking._call(self._stream.start())
+
+    @property
+    def reply(self) -> Reply | None:
+        return self._stream.reply
+
+    def __iter__(self) -> BlockingReplyStream:
+        return self
+
+    def __next__(self) -> str:
+        async def step() -> str | None:
+            return await anext(self._stream, None)
+
+        piece = self._blocking._call(step())
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    def collect(self) -> Reply:
+        """Read the rest; the `Reply`."""
+        return self._blocking._call(self._stream.collect())
+
+    def close(self) -> None:
+        self._blocking._call(self._stream.aclose())
+
+    def __enter__(self) -> BlockingReplyStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class BlockingConversation:
@@ -656,6 +720,20 @@ class BlockingConversation:
     ) -> Reply:
         return self._blocking._call(
             self.conversation.ask(text, override=override, max_tokens=max_tokens, stop=stop)
+        )
+
+    def stream(
+        self,
+        text: str,
+        *,
+        override: Target | None = None,
+        max_tokens: int | None = None,
+        stop: Sequence[str] | str = (),
+    ) -> BlockingReplyStream:
+        """`ask`, piece by piece; the answer is remembered once it is all read."""
+        return BlockingReplyStream(
+            self._blocking,
+            self.conversation.stream(text, override=override, max_tokens=max_tokens, stop=stop),
         )
 
     def clear(self) -> None:

@@ -23,7 +23,7 @@ PINNED = {
     "edge_agent": {
         "DEFAULT_POLICY", "Adapter", "AdapterError", "ApplyResult", "BundleDownload",
         "UpdateManager", "UpdateRejected", "Updater", "verify_offer", "BlockingConversation",
-        "BlockingEdgeAgent", "Conversation", "EdgeAgent",
+        "BlockingEdgeAgent", "BlockingReplyStream", "Conversation", "EdgeAgent",
         "Reply", "ReplyStream", "Turn", "CloudLink", "CloudUnavailable", "LinkState",
         "DeviceProfile", "EdgeAgentError",
         "Generation", "LocalModel", "LocalModelError", "Outbox", "OutboxEntry", "OutboxError",

@@ -263,6 +263,23 @@ def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel
             blocking.ask("What is the warmest sleeping bag?").decision.target
             is Target.LOCAL_FALLBACK
         )
+        # Streamed, for a UI that shows the answer as it comes: the same answer, piece by
+        # piece, and a conversation remembers it once it is all read.
+        whole = blocking.ask("Which socks keep feet dry?", max_tokens=8)
+        stream = blocking.stream("Which socks keep feet dry?", max_tokens=8)
+        assert stream.decision.target is Target.LOCAL_FALLBACK and stream.reply is None
+        pieces = list(stream)
+        assert len(pieces) > 1 and "".join(pieces) == whole.text
+        assert stream.reply is not None and stream.reply.text == whole.text
+        assert stream.reply.request_id == stream.request_id
+        streamed = chat.stream("hello")
+        assert list(streamed) == ["Hello! How can I help?"]
+        assert [t.text for t in chat.turns] == ["hello", "Hello! How can I help?"]
+        # Given up after a piece: no reply, nothing remembered; the model answers on.
+        with chat.stream("Which socks keep feet dry?", max_tokens=8) as abandoned:
+            next(abandoned)
+        assert abandoned.reply is None and len(chat.turns) == 2
+        assert blocking.ask("Which socks keep feet dry?", max_tokens=8).text == whole.text
     finally:
         blocking.close()
 
