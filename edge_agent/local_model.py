@@ -45,7 +45,7 @@ from shared.llama import (
     open_llama,
     set_lora,
 )
-from shared.threads import iterate_in_thread
+from shared.threads import iterate_in_thread, model_executor
 
 __all__ = [
     "Adapter",
@@ -164,6 +164,9 @@ class LocalModel:
         except LlamaLoadError as exc:
             raise LocalModelError(f"{self.path.name}: {exc}") from exc
         self._lock = threading.Lock()
+        self._decoder = model_executor("edgeloop-local-model")
+        """Answers are decoded one at a time, in this thread; those waiting for it wait here
+        (see `shared.threads`)."""
         self._active: Adapter | None = None
         self._adapters: list[Adapter] = []
 
@@ -248,7 +251,8 @@ class LocalModel:
         raises."""
         limit = max_tokens or self.settings.max_tokens
         steps = iterate_in_thread(
-            lambda halt: self._steps(messages, limit, halt, trim_history, stop)
+            lambda halt: self._steps(messages, limit, halt, trim_history, stop),
+            executor=self._decoder,
         )
         try:
             # Closed with this generator: decoding stops when the caller gives up.
@@ -311,3 +315,4 @@ class LocalModel:
             self.unload(adapter)
         with self._lock:
             self._llm.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)

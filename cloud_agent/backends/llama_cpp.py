@@ -32,7 +32,7 @@ from shared.llama import (
     default_model_path,
     open_llama,
 )
-from shared.threads import iterate_in_thread
+from shared.threads import iterate_in_thread, model_executor
 
 __all__ = ["LlamaCppBackend"]
 
@@ -60,6 +60,9 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         self.stop_repetition = stop_repetition
         self._lock = threading.Lock()
+        self._decoder = model_executor("edgeloop-cloud-model")
+        """Requests are decoded one at a time, in this thread; those waiting for it wait here
+        (see `shared.threads`)."""
         # Each call samples under a seed drawn from the one before (as llama-cpp-python's own
         # completion calls do), so sampled retries of one request differ and a run replays.
         # (`Llama` reads seed 0 as its default seed, and so does this.)
@@ -106,7 +109,9 @@ class LlamaCppBackend:
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         try:
-            async for item in iterate_in_thread(lambda stop: self._decode(request, stop)):
+            async for item in iterate_in_thread(
+                lambda stop: self._decode(request, stop), executor=self._decoder
+            ):
                 yield item
         except (RuntimeError, ValueError) as exc:
             raise BackendError(f"llama.cpp failed: {exc}") from exc
@@ -114,3 +119,4 @@ class LlamaCppBackend:
     async def aclose(self) -> None:
         with self._lock:
             self._llm.close()
+        self._decoder.shutdown(wait=False, cancel_futures=True)

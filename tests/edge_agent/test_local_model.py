@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +141,37 @@ async def test_a_conversation_too_long_for_the_context_loses_its_oldest_turns_fi
             await anext(aiter(small.stream(alone, 8, trim_history=True)))
     finally:
         small.close()
+
+
+async def test_answers_waiting_for_the_model_leave_the_default_executor_free(
+    model: LocalModel,
+) -> None:
+    # A small default executor, as on a 2-core device: if answers waiting for the one model
+    # held its threads, the outbox and feedback writes (`asyncio.to_thread`) would wait too.
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    started: list[int] = []
+    steps = model._steps
+
+    def spy(*args: Any, **kw: Any) -> Iterator[object]:
+        started.append(1)
+        yield from steps(*args, **kw)
+
+    model._steps = spy  # type: ignore[method-assign]
+    order: list[str] = []
+
+    async def answer(n: int) -> None:
+        await model.generate([{"role": "user", "content": f"Name {n} things to pack."}], 24)
+        order.append("answer")
+
+    answers = [asyncio.create_task(answer(n)) for n in range(4)]
+    dropped = asyncio.create_task(answer(9))
+    await asyncio.sleep(0)  # all five are waiting for the model, or decoding
+    await asyncio.to_thread(order.append, "write")
+    dropped.cancel()  # given up while still waiting for its turn
+    await asyncio.gather(*answers)
+    assert order.index("write") <= 1, order
+    await asyncio.gather(dropped, return_exceptions=True)
+    assert dropped.cancelled()
+    assert len(started) == 4, "the request given up on never reached the model"
+    del model._steps  # the instance attribute; the class's method again
