@@ -85,6 +85,12 @@ def build_admin_app(service: CloudService) -> Starlette:
     async def create_token(request: Request) -> Response:
         try:
             body = await request.json() if await request.body() else {}
+            if not isinstance(body, dict):
+                raise TypeError
+            if unknown := sorted(set(body) - {"ttl_hours", "note"}):
+                # A misspelt ttl_hours must not issue a token that lives a week.
+                message = f"unknown field(s) {', '.join(unknown)}: expected ttl_hours, note"
+                return _json({"error": "bad_request", "message": message}, 400)
             hours = body.get("ttl_hours", 168)
             note = body.get("note")
             if isinstance(hours, bool) or not isinstance(hours, int | float):

@@ -642,9 +642,13 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
             await client.post("/v1/enrollment-tokens", headers=auth, json={"ttl_hours": 1})
         ).json()
         assert token["token"].startswith("elt_")
-        for body in ({"note": {"aisle": 3}}, {"note": "x" * 257}, {"ttl_hours": True}):
+        for body in (
+            {"note": {"aisle": 3}}, {"note": "x" * 257}, {"ttl_hours": True}, {"ttl_s": 60}, [1],
+        ):  # fmt: skip
             refused = await client.post("/v1/enrollment-tokens", headers=auth, json=body)
             assert refused.status_code == 400 and refused.json()["error"] == "bad_request"
+        typo = await client.post("/v1/enrollment-tokens", headers=auth, json={"ttl_s": 60})
+        assert "unknown field(s) ttl_s" in typo.json()["message"], "not a week-long token"
         load = (await client.get("/v1/load", headers=auth)).json()
         assert load["scheduler"]["capacity"] == 1 and load["sessions"] == 1
         log = load["interaction_log"]
