@@ -112,6 +112,10 @@ class LimitsConfig(_Section):
     """Incoming frames buffered per connection before the server stops reading it."""
     auth_timeout_s: float = Field(10.0, gt=0)
     """A connection not authenticated within this time is closed (4002)."""
+    max_tokens: int = Field(4096, ge=1, le=32768)
+    """The most tokens the cloud answers one escalation with: a request asking for more (the
+    protocol allows 32,768) is answered up to this, its `finish_reason` `length` when cut
+    there, so no device or agent runs up the backend's bill with one request."""
 
 
 class RolloutConfig(_Section):

@@ -124,6 +124,7 @@ class CloudServer:
         metrics: Metrics | None = None,
         max_queue: int = 16,
         auth_timeout_s: float = 10.0,
+        max_tokens: int = 32768,
         ssl_context: ssl.SSLContext | None = None,
         recorder: InteractionRecorder | None = None,
         rollout_policy: RolloutPolicy | None = None,
@@ -137,6 +138,8 @@ class CloudServer:
         self.limits = limits
         self.max_queue = max_queue
         self.auth_timeout_s = auth_timeout_s
+        self.max_tokens = max_tokens
+        """The most tokens one escalation is answered with, whatever it asks."""
         self.ssl_context = ssl_context
         self._rate = _RateLimiter(limits.max_requests_per_minute)
         # Characters of answer text per frame: the protocol's field limit, and room in a frame
@@ -429,6 +432,8 @@ class CloudServer:
         started = time.monotonic()
         deadline = started + request.deadline_ms / 1000.0
         request, pii = self.agent.scrub(request)
+        if request.max_tokens > self.max_tokens:
+            request = request.model_copy(update={"max_tokens": self.max_tokens})
         if pii:
             for kind in pii:
                 self.metrics.privacy_violations.labels(kind).inc()

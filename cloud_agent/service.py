@@ -164,6 +164,7 @@ class CloudService:
             metrics=self.metrics,
             max_queue=config.limits.max_queue,
             auth_timeout_s=config.limits.auth_timeout_s,
+            max_tokens=config.limits.max_tokens,
             ssl_context=_ssl_context(config),
             rollout_policy=RolloutPolicy(
                 max_canary_failures=config.rollout.max_canary_failures,

@@ -141,6 +141,22 @@ async def test_open_questions_go_to_the_backend_with_the_facts_in_the_prompt(clo
     await device.close()
 
 
+@pytest.mark.cloud(limits={"max_tokens": 5})
+async def test_a_request_for_more_tokens_than_the_cloud_allows_is_answered_up_to_its_cap(
+    cloud: Cloud,
+) -> None:
+    device, _ = await cloud.enroll()
+    for n, stream in enumerate((True, False)):
+        greedy = ask("Explain layering for winter hikes", f"req_{n}", stream=stream)
+        await device.send(greedy.model_copy(update={"max_tokens": 30_000}))
+        assert isinstance(await final(device), ResultReceived)
+    modest = ask("Explain layering for winter hikes", "req_2")
+    await device.send(modest.model_copy(update={"max_tokens": 3}))
+    assert isinstance(await final(device), ResultReceived)
+    assert [call.max_tokens for call in cloud.backend.calls] == [5, 5, 3]
+    await device.close()
+
+
 async def test_an_unknown_device_and_a_revoked_device_are_refused(cloud: Cloud) -> None:
     stranger = await Device.connect(
         cloud.url, DeviceCredentials("dev_nobody", SigningKey.generate())
