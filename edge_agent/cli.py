@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import signal
 import ssl
@@ -398,6 +399,13 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _no_cloud(config: EdgeConfig) -> str:
     from edge_agent.link import read_identity
 
@@ -460,7 +468,8 @@ def _serve(args: argparse.Namespace) -> int:
         if agent.link is not None:
             # As `chat` does: the first requests find the cloud, if it is there to be found.
             await agent.link.wait_up(5)
-        server = SignalFreeServer(uvicorn.Config(build_openai_app(agent), log_level="warning"))
+        app = build_openai_app(agent, api_key=config.api_key)
+        server = SignalFreeServer(uvicorn.Config(app, log_level="warning"))
         # On SIGINT or SIGTERM the endpoint shuts down, then the agent stops cleanly (sending
         # what waits); uvicorn's own handling would end the process before that.
         loop = asyncio.get_running_loop()
@@ -468,6 +477,12 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, setattr, server, "should_exit", True)
         if config.cloud_url is None:
             print(_no_cloud(config), file=sys.stderr)
+        if config.api_key is None and not _loopback(config.host):
+            print(
+                f"warning: the endpoint on {config.host} answers anyone who can reach it; set "
+                f"api_key (EDGELOOP_EDGE__API_KEY) to require a key",
+                file=sys.stderr,
+            )
         print(f"edgeloop edge endpoint: http://{config.host}:{port}/v1", flush=True)
         try:
             await server.serve(sockets=[listener])

@@ -30,6 +30,9 @@ class EdgeConfig(BaseModel):
     """Where `edgeloop edge serve` listens (keep it on the device)."""
     port: int = Field(8080, ge=0, le=65535)
     """Port of the local OpenAI-compatible endpoint."""
+    api_key: str | None = Field(None, min_length=16)
+    """Key the local endpoint requires (``Authorization: Bearer KEY``, as OpenAI's clients send
+    it); none: it answers anyone who can reach it, so keep it on 127.0.0.1."""
     deadline_ms: int = Field(8000, ge=100, le=600_000)
     """How long the device waits for the cloud before answering itself."""
     report_every_s: float = Field(300.0, gt=0, le=86_400)

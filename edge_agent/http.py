@@ -1,4 +1,5 @@
-"""A local OpenAI-compatible endpoint for the edge agent, on 127.0.0.1 only.
+"""A local OpenAI-compatible endpoint for the edge agent, on 127.0.0.1 by default (with an API key
+when it must serve beyond the device).
 
 `/v1/chat/completions` (plain and SSE streaming) and `/v1/models`, so apps in any language on
 the device, and the official OpenAI client, use the edge agent unchanged. The conversation's
@@ -13,9 +14,10 @@ to the cloud, which learns from them and watches its adapters' rollouts by them)
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -121,7 +123,25 @@ def _conversation(messages: Any) -> list[Turn]:
     return turns
 
 
-def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> Starlette:
+def build_openai_app(
+    agent: EdgeAgent, *, model_name: str = "edgeloop-edge", api_key: str | None = None
+) -> Starlette:
+    """The endpoint for `agent`. With `api_key`, every request must carry it as OpenAI's
+    clients send theirs (``Authorization: Bearer KEY``); a request without it is a 401."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[..., Any]:
+        async def check(request: Request) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if expected is not None and not hmac.compare_digest(given, expected):
+                return _error(
+                    401, "a valid API key is required (Authorization: Bearer KEY)",
+                    code="invalid_api_key",
+                )  # fmt: skip
+            return await endpoint(request)
+
+        return check
+
     async def models(request: Request) -> Response:
         return JSONResponse(
             {
@@ -282,8 +302,8 @@ def build_openai_app(agent: EdgeAgent, *, model_name: str = "edgeloop-edge") -> 
 
     return Starlette(
         routes=[
-            Route("/v1/models", models),
-            Route("/v1/chat/completions", completions, methods=["POST"]),
-            Route("/v1/feedback", feedback, methods=["POST"]),
+            Route("/v1/models", guarded(models)),
+            Route("/v1/chat/completions", guarded(completions), methods=["POST"]),
+            Route("/v1/feedback", guarded(feedback), methods=["POST"]),
         ]
     )

@@ -19,16 +19,17 @@ import pytest
 from cloud_agent.backends import ScriptedBackend
 from edge_agent import SMALL_TALK, SMALL_TALK_REPLIES
 from edge_agent.agent import EdgeAgent
-from edge_agent.cli import _agent, _intents
+from edge_agent.cli import _agent, _intents, _loopback
 from edge_agent.config import EdgeConfig
 from edge_agent.http import build_openai_app
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
 from edge_agent.router import Target
-from shared.errors import InputFileError
+from shared.config import load_config
+from shared.errors import ConfigError, InputFileError
 from tests.cloud_fixtures import Cloud, recall
-from tests.edge_fixtures import serving, small_model
+from tests.edge_fixtures import serving, serving_asgi, small_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +88,38 @@ async def test_streaming_chunks_add_up_and_end_with_the_route(endpoint: str) -> 
     assert usage is not None and usage.prompt_tokens > 10 and usage.completion_tokens > 0
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     await client.close()
+
+
+async def test_with_an_api_key_the_endpoint_answers_only_requests_that_carry_it() -> None:
+    agent = EdgeAgent(small_model())
+    agent.intent("greet", ["hello", "hi there"], "Hello! How can I help?")
+    key = "sk-kiosk-" + "7" * 24
+    async with serving_asgi(build_openai_app(agent, api_key=key)) as root:
+        keyed = openai.AsyncOpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0)
+        answer = await keyed.chat.completions.create(
+            model="edgeloop-edge", messages=[{"role": "user", "content": "hello"}]
+        )
+        assert answer.choices[0].message.content == "Hello! How can I help?"
+        wrong = openai.AsyncOpenAI(base_url=f"{root}/v1", api_key=key[:-1], max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+        await keyed.close()
+        await wrong.close()
+        async with httpx.AsyncClient(base_url=f"{root}/v1") as http:
+            for method, path in (("GET", "/models"), ("POST", "/chat/completions"),
+                                 ("POST", "/feedback")):  # fmt: skip
+                response = await http.request(method, path, json={})
+                assert response.status_code == 401, path
+                assert response.json()["error"]["code"] == "invalid_api_key"
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
+    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.20")
+    env = {"EDGELOOP_EDGE__API_KEY": "short"}  # a key one could guess is refused
+    with pytest.raises(ConfigError, match="'api_key' \\(from EDGELOOP_EDGE__API_KEY\\)"):
+        load_config(EdgeConfig, None, env=env, prefix="EDGELOOP_EDGE__")
+    ok = load_config(
+        EdgeConfig, None, env={"EDGELOOP_EDGE__API_KEY": key}, prefix="EDGELOOP_EDGE__"
+    )
+    assert ok.api_key == key
 
 
 async def test_a_bad_request_gets_an_openai_style_error(endpoint: str) -> None:
