@@ -284,7 +284,8 @@ class Escalate(_Message):
     deadline_ms: int = Field(ge=1, le=3_600_000)
     """Milliseconds from sending after which the device stops waiting."""
     max_tokens: int = Field(ge=1, le=32768)
-    """Most tokens to generate."""
+    """Most tokens to generate. A server may cap it lower; an answer cut at the cap ends with
+    `finish_reason` `length`."""
     stream: bool = False
     """Whether to send `delta` frames before the `result`."""
 
