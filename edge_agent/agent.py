@@ -16,6 +16,7 @@ import inspect
 import logging
 import threading
 import time
+import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import (
     AsyncGenerator,
@@ -602,6 +603,7 @@ class BlockingEdgeAgent:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
+        self._streams: weakref.WeakSet[BlockingReplyStream] = weakref.WeakSet()
         self._call(agent.start())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -648,6 +650,9 @@ class BlockingEdgeAgent:
         return BlockingConversation(self, self.agent.conversation(max_turns=max_turns))
 
     def close(self) -> None:
+        # Streams left open are given up first (decoding stops), while the loop still runs.
+        for stream in list(self._streams):
+            stream.close()
         self._call(self.agent.stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
@@ -663,6 +668,7 @@ class BlockingReplyStream:
         self._blocking = blocking
         self._stream = stream
         self.request_id = stream.request_id
+        blocking._streams.add(self)
 
     @property
     def decision(self) -> RouteDecision:

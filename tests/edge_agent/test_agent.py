@@ -280,8 +280,12 @@ def test_the_blocking_facade_serves_apps_without_an_event_loop(model: LocalModel
             next(abandoned)
         assert abandoned.reply is None and len(chat.turns) == 2
         assert blocking.ask("Which socks keep feet dry?", max_tokens=8).text == whole.text
+        left_open = blocking.stream("Which socks keep feet dry?", max_tokens=8)
+        next(left_open)
     finally:
         blocking.close()
+    # Closing the agent gave up the stream left open, while its loop still ran.
+    assert left_open.reply is None and left_open._stream._pieces.ag_frame is None  # type: ignore[attr-defined]
 
 
 @pytest.mark.cloud(
