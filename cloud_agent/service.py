@@ -39,7 +39,7 @@ from protocol import Limits
 from shared.asgi import SignalFreeServer
 from shared.errors import ConfigError
 from shared.keys import SigningKey
-from shared.net import cannot_listen, listen
+from shared.net import cannot_listen, is_loopback, listen
 
 __all__ = ["CloudService", "build_backend", "event_loop_factory", "settle_heap"]
 
@@ -274,6 +274,8 @@ class CloudService:
             "cloud agent %s serving %s (admin %s)",
             self.config.server_id, self.url, self.admin_url,
         )  # fmt: skip
+        for warning in exposure_warnings(self.config):
+            log.warning("%s", warning)
 
     @property
     def url(self) -> str:
@@ -525,6 +527,20 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def exposure_warnings(config: CloudConfig) -> list[str]:
+    """What the service exposes in clear beyond this machine: without a certificate, devices'
+    requests on a WebSocket endpoint bound beyond the loopback, and the admin API's token."""
+    if config.tls_cert is not None:
+        return []
+    fix = "give the service a certificate (tls_cert and tls_key)"
+    return [
+        *([f"devices' requests reach {config.host} unencrypted (ws://): {fix}"]
+          if not is_loopback(config.host) else []),
+        *([f"the admin API's token reaches {config.admin_host} unencrypted (http://): {fix}"]
+          if not is_loopback(config.admin_host) else []),
+    ]  # fmt: skip
 
 
 def _ssl_context(config: CloudConfig) -> ssl.SSLContext | None:

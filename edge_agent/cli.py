@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import signal
 import ssl
@@ -19,7 +18,7 @@ from edge_agent.errors import EdgeAgentError
 from shared.config import load_config
 from shared.errors import InputFileError
 from shared.files import read_json, read_jsonl
-from shared.net import listen, tls_client_context
+from shared.net import is_loopback, listen, tls_client_context
 
 if TYPE_CHECKING:
     from edge_agent.agent import Conversation, EdgeAgent
@@ -399,13 +398,6 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _no_cloud(config: EdgeConfig) -> str:
     from edge_agent.link import read_identity
 
@@ -477,7 +469,7 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, setattr, server, "should_exit", True)
         if config.cloud_url is None:
             print(_no_cloud(config), file=sys.stderr)
-        if config.api_key is None and not _loopback(config.host):
+        if config.api_key is None and not is_loopback(config.host):
             print(
                 f"warning: the endpoint on {config.host} answers anyone who can reach it; set "
                 f"api_key (EDGELOOP_EDGE__API_KEY) to require a key",

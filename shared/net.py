@@ -5,6 +5,7 @@ client checks a ``wss://`` server's certificate with."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -12,13 +13,21 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 
-__all__ = ["cannot_listen", "listen", "tls_client_context"]
+__all__ = ["cannot_listen", "is_loopback", "listen", "tls_client_context"]
 
 
 def cannot_listen(key: str, host: str, port: int, exc: OSError) -> ConfigError:
     """The error for a server that could not bind `host`:`port` (the setting `key`)."""
     reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     return ConfigError(key, f"cannot listen on {host}:{port} ({reason})")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def listen(host: str, port: int, *, key: str) -> socket.socket:

@@ -22,7 +22,12 @@ from cloud_agent.backends.pool import BackendPool
 from cloud_agent.cli import ENV_PREFIX
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
-from cloud_agent.service import build_backend, event_loop_factory, settle_heap
+from cloud_agent.service import (
+    build_backend,
+    event_loop_factory,
+    exposure_warnings,
+    settle_heap,
+)
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from shared import ConfigError, load_config
@@ -196,6 +201,19 @@ def test_a_bad_option_names_the_key_and_the_option(
     assert "'port' (from --port)" in err and "Traceback" not in err
     assert main(["edge", "serve", "--state-dir", str(tmp_path), "--port", "-1"]) == 1
     assert "'port' (from --port)" in capsys.readouterr().err
+
+
+def test_serving_beyond_the_loopback_in_clear_is_warned_about(tmp_path: Path) -> None:
+    def warnings(**settings: object) -> list[str]:
+        return exposure_warnings(CloudConfig.model_validate(settings))
+
+    assert warnings() == [], "the defaults serve this machine only"
+    [devices] = warnings(host="0.0.0.0")
+    assert "devices' requests reach 0.0.0.0 unencrypted" in devices and "tls_cert" in devices
+    [admin] = warnings(admin_host="10.0.0.7")
+    assert "admin API's token reaches 10.0.0.7 unencrypted" in admin
+    both = warnings(host="::", admin_host="::", tls_cert="c.pem", tls_key="k.pem")
+    assert both == [], "with a certificate both are encrypted"
 
 
 def test_config_rejects_unknown_keys_and_half_tls(tmp_path: Path) -> None:

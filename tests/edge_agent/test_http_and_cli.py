@@ -19,7 +19,7 @@ import pytest
 from cloud_agent.backends import ScriptedBackend
 from edge_agent import SMALL_TALK, SMALL_TALK_REPLIES
 from edge_agent.agent import EdgeAgent
-from edge_agent.cli import _agent, _intents, _loopback
+from edge_agent.cli import _agent, _intents
 from edge_agent.config import EdgeConfig
 from edge_agent.http import build_openai_app
 from edge_agent.link import CloudLink
@@ -28,6 +28,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.router import Target
 from shared.config import load_config
 from shared.errors import ConfigError, InputFileError
+from shared.net import is_loopback
 from tests.cloud_fixtures import Cloud, recall
 from tests.edge_fixtures import serving, serving_asgi, small_model
 
@@ -111,8 +112,8 @@ async def test_with_an_api_key_the_endpoint_answers_only_requests_that_carry_it(
                 response = await http.request(method, path, json={})
                 assert response.status_code == 401, path
                 assert response.json()["error"]["code"] == "invalid_api_key"
-    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("localhost")
-    assert not _loopback("0.0.0.0") and not _loopback("192.168.1.20")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.20")
     env = {"EDGELOOP_EDGE__API_KEY": "short"}  # a key one could guess is refused
     with pytest.raises(ConfigError, match="'api_key' \\(from EDGELOOP_EDGE__API_KEY\\)"):
         load_config(EdgeConfig, None, env=env, prefix="EDGELOOP_EDGE__")
