@@ -65,7 +65,11 @@ def register(subparsers: Any) -> None:
     chat.set_defaults(func=_chat)
 
     serve = sub.add_parser(
-        "serve", help="serve /v1/chat/completions, /v1/models and /v1/feedback locally"
+        "serve",
+        help="serve /v1/chat/completions, /v1/models and /v1/feedback locally",
+        description="The OpenAI-compatible endpoint, on 127.0.0.1 unless `host` is set in the "
+        "configuration. With api_key (or EDGELOOP_EDGE__API_KEY) every request must carry "
+        "'Authorization: Bearer KEY'.",
     )
     common(serve)
     serve.add_argument("--port", type=int, help="port (default 8080)")
