@@ -247,7 +247,7 @@ class CloudService:
         app = build_admin_app(self)
         # With a certificate, the admin API is HTTPS on it too: its bearer token does not
         # cross the network in clear.
-        tls = self.config.tls_cert is not None and self.config.tls_key is not None
+        tls = self.server.ssl_context is not None
         uv_config = uvicorn.Config(
             app,
             host=self.config.admin_host,

@@ -313,15 +313,13 @@ def _enroll(args: argparse.Namespace) -> int:
             print(f"already enrolled as {link.identity.device_id}")
             return 0
         link.start()
-        up, waited = False, 0.0
         # Until the cloud takes the device or refuses it, for 15 s; a TLS failure (a
         # certificate not trusted, a server that does not speak TLS) ends it at once: trying
         # again would not change it.
-        while waited < 15 and link.refused is None:
-            if up or isinstance(link.last_error, ssl.SSLError):
-                break
+        for _ in range(60):
             up = await link.wait_up(0.25)
-            waited += 0.25
+            if up or link.refused is not None or isinstance(link.last_error, ssl.SSLError):
+                break
         await link.stop()
         if not up or not link.enrolled:
             if link.refused == "invalid_enrollment_token":

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply, ReplyStream, Turn
+from edge_agent.agent import MAX_TOKENS, EdgeAgent, Reply, Turn
 from edge_agent.errors import EdgeAgentError
 from edge_agent.local_model import ContextTooLong
 from edge_agent.router import RouteDecision
@@ -76,10 +76,11 @@ class _ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-async def _unless_gone(request: Request, stream: ReplyStream, work: Awaitable[T]) -> T:
-    """`work`'s result, unless the client disconnects first: then the answer is given up on
-    (the device stops decoding, a cloud request is cancelled) and `_ClientGone` raised. Left
-    to run, an abandoned answer would hold the device's one model from the next request."""
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result (reading an answer), unless the client disconnects first: then `work`
+    is cancelled, which gives the answer up (the device stops decoding, a cloud request is
+    cancelled), and `_ClientGone` raised. Left to run, an abandoned answer would hold the
+    device's one model from the next request."""
 
     async def disconnected() -> None:
         # The body was read: what the server hands over next is the disconnect.
@@ -95,7 +96,6 @@ async def _unless_gone(request: Request, stream: ReplyStream, work: Awaitable[T]
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await stream.aclose()
         raise _ClientGone
     return task.result()
 
@@ -170,10 +170,8 @@ def build_openai_app(
             return _error(400, f"max_tokens must be an integer from 1 to {MAX_TOKENS}")
         stop = body.get("stop")
         if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            stop = ()
+        elif not isinstance(stop, str | list):  # the agent checks each string
             return _error(400, "stop must be a string or a list of strings")
         if body.get("n", 1) != 1:
             return _error(400, "n must be 1: the device gives one answer")
@@ -195,7 +193,7 @@ def build_openai_app(
         # The first piece before any response: a request the device cannot answer (too long
         # for its context) is an error status, not a 200 whose stream breaks off.
         try:
-            first = await _unless_gone(request, stream, anext(stream, None))
+            first = await _unless_gone(request, anext(stream, None))
         except EdgeAgentError as exc:
             return _failure(exc)
         except _ClientGone:
@@ -206,7 +204,7 @@ def build_openai_app(
                 return [piece async for piece in stream]
 
             try:
-                text = "".join([first or "", *await _unless_gone(request, stream, rest())])
+                text = "".join([first or "", *await _unless_gone(request, rest())])
             except EdgeAgentError as exc:
                 return _failure(exc)
             except _ClientGone:

@@ -54,10 +54,6 @@ class StopFilter:
     def feed(self, piece: str) -> str:
         if self.stopped:
             return ""
-        if not self.stops:
-            self._seen += piece
-            self._shown = len(self._seen)
-            return piece
         # A stop string can only begin in what was held back or in the new piece.
         start = self._shown
         self._seen += piece
