@@ -5,17 +5,9 @@ personal data replaced by placeholders, and answers on the device when the cloud
 parts are usable alone: `Router`, `LocalModel`, `Redactor`, `CloudLink`, `Outbox`.
 """
 
-from edge_agent.agent import (
-    BlockingConversation,
-    BlockingEdgeAgent,
-    BlockingReplyStream,
-    Conversation,
-    EdgeAgent,
-    Reply,
-    ReplyStream,
-    Turn,
-)
+from edge_agent.agent import Conversation, EdgeAgent, Reply, ReplyStream, Turn
 from edge_agent.apply import ApplyResult, UpdateManager
+from edge_agent.blocking import BlockingConversation, BlockingEdgeAgent, BlockingReplyStream
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, LinkState
 from edge_agent.local_model import (

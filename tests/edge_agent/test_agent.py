@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cloud_agent.backends import ChatRequest, ScriptedBackend
-from edge_agent.agent import BlockingEdgeAgent, EdgeAgent, Turn
+from edge_agent.agent import EdgeAgent, Turn
+from edge_agent.blocking import BlockingEdgeAgent
 from edge_agent.link import CloudLink, LinkState
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
 from edge_agent.outbox import Outbox
