@@ -79,7 +79,7 @@ def build_admin_app(service: CloudService) -> Starlette:
         device_id = request.path_params["device_id"]
         if await service.store.get_device(device_id) is None:
             return _json({"error": "not_found", "message": "no such device"}, 404)
-        changed = await service.store.revoke_device(device_id)
+        changed = await service.revoke(device_id)
         return _json({"device_id": device_id, "revoked": True, "changed": changed})
 
     async def create_token(request: Request) -> Response:

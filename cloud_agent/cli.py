@@ -143,7 +143,9 @@ def register(subparsers: Any) -> None:
     routing.add_argument("--device", help="one device's reports only")
     routing.set_defaults(func=_routing)
 
-    revoke = sub.add_parser("revoke", help="revoke a device; its sessions are refused")
+    revoke = sub.add_parser(
+        "revoke", help="revoke a device: a running cloud ends its session and refuses later ones"
+    )
     common(revoke)
     revoke.add_argument("device_id")
     revoke.set_defaults(func=_revoke)

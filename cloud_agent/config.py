@@ -185,6 +185,10 @@ class CloudConfig(_Section):
     plain postgresql:// or sqlite:// URL is taken to mean the async driver the store uses)."""
     store_lock_timeout_s: float = Field(15.0, gt=0, le=600)
     """How long a SQLite write waits for a lock before the store reports itself unavailable."""
+    revocation_poll_s: float = Field(10.0, gt=0)
+    """How often open sessions are checked against revocations made elsewhere (`edgeloop cloud
+    revoke`, another replica); a revoked device's session ends within this time. A revocation
+    through this replica's admin API ends it at once."""
     knowledge: Path | None = None
     """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
     knowledge_poll_s: float = Field(30.0, gt=0)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -229,11 +229,32 @@ class CloudServer:
             session.send(Goodbye(reason="shutdown", retry_after_s=5))
         else:
             session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
+        await self._flush_or_abort(conn, grace_s)
+
+    async def _flush_or_abort(self, conn: _Connection, timeout_s: float) -> None:
         try:
-            await asyncio.wait_for(self._flush(conn), timeout=max(0.1, grace_s))
+            await asyncio.wait_for(self._flush(conn), timeout=max(0.1, timeout_s))
         except TimeoutError:
-            # A peer that does not read cannot hold the shutdown hostage.
+            # A peer that does not read cannot hold the shutdown (or its own end) hostage.
             conn.ws.transport.abort()
+
+    async def end_sessions(self, device_ids: Iterable[str]) -> int:
+        """End the open sessions of these devices, now revoked: each request in flight ends
+        with `device_revoked`, then the session with it (close 1008), and the escalations'
+        work stops. Returns how many sessions ended."""
+        wanted = set(device_ids)
+        ending = [c for c in self._connections if c.device_id in wanted and c.session.is_open]
+        for conn in ending:
+            session = conn.session
+            message = "this device has been revoked"
+            for request_id in session.in_flight_ids():
+                session.send(make_error(ErrorCode.DEVICE_REVOKED, message, request_id=request_id))
+            session.refuse(ErrorCode.DEVICE_REVOKED, message)
+            for task in conn.tasks.values():
+                task.cancel()
+            log.info("device %s revoked: session %s ended", conn.device_id, conn.session_id)
+        await asyncio.gather(*(self._flush_or_abort(c, 5.0) for c in ending))
+        return len(ending)
 
     # --- one connection -------------------------------------------------------------------
 
@@ -381,6 +402,9 @@ class CloudServer:
             conn.auth_timer.cancel()
         conn.device_id = device_id
         self.metrics.sessions.inc()
+        for older in [c for c in self._connections if c.device_id == device_id]:
+            if older is not conn and older.session.is_open:
+                self._replace(older)
         hello = conn.session.hello
         conn.adapter_version = hello.adapter_version if hello else None
         conn.base_model_sha256 = hello.base_model.sha256 if hello and hello.base_model else None
@@ -393,6 +417,15 @@ class CloudServer:
             )
         )  # fmt: skip
         await self.updates.offer(conn)
+
+    def _replace(self, older: _Connection) -> None:
+        """One session per device: a newer one closes the older (4003). The device's limits
+        on requests in flight hold per device, and a connection its device has given up for
+        dead (a half-open socket) does not linger until the heartbeat finds it out."""
+        older.session.close(CloseCode.SESSION_REPLACED, "a newer session of this device opened")
+        for task in older.tasks.values():
+            task.cancel()
+        older.refusal = asyncio.create_task(self._flush_or_abort(older, 5.0))
 
     async def push_offers(self) -> None:
         """Re-check offers for every connected device (a bundle was published or moved on):

@@ -236,6 +236,7 @@ class CloudService:
                 self.store, after_examples=due.after_examples, params=due.params
             )
             self._background.append(asyncio.create_task(self._distill_when_due(trigger)))
+        self._background.append(asyncio.create_task(self._end_revoked_sessions()))
         self.server.recorder.start()
         host, port = self.config.host, self.config.port
         try:
@@ -406,6 +407,29 @@ class CloudService:
         except StoreError as exc:
             self._knowledge_stamp = None  # look again next time
             log.warning("knowledge: reload postponed, the store is unavailable (%s)", exc)
+
+    async def revoke(self, device_id: str) -> bool:
+        """Revoke a device and end its sessions on this replica at once (other replicas end
+        theirs within `revocation_poll_s`). False if it was already revoked."""
+        changed = await self.store.revoke_device(device_id)
+        await self.server.end_sessions([device_id])
+        return changed
+
+    async def _end_revoked_sessions(self) -> None:
+        """Devices revoked elsewhere (the CLI, another replica) are read every
+        `revocation_poll_s`; the windows overlap by a minute, as for feedback."""
+        checked = datetime.now(UTC)
+        while True:
+            await asyncio.sleep(self.config.revocation_poll_s)
+            now = datetime.now(UTC)
+            try:
+                revoked = await self.store.revoked_since(checked - timedelta(minutes=1))
+            except StoreError as exc:
+                log.warning("revocations not read (%s); trying again", exc)
+                continue
+            checked = now
+            if revoked:
+                await self.server.end_sessions(revoked)
 
     async def _purge(self, days: float) -> None:
         """Apply the retention policy once: delete what is older than `days`."""

@@ -36,6 +36,7 @@ from protocol import (
     Chunk,
     ChunkReceived,
     ClientSession,
+    CloseCode,
     CloseFrame,
     DeltaReceived,
     DeviceCredentials,
@@ -231,8 +232,9 @@ class CloudLink:
 
     @property
     def refused(self) -> str | None:
-        """The error the cloud refused this device with for good (``unknown_device``,
-        ``device_revoked``, ``invalid_enrollment_token``); the link stops reconnecting."""
+        """Why the cloud refused this device for good (``unknown_device``, ``device_revoked``,
+        ``invalid_enrollment_token``, or ``session_replaced``: another connection under the
+        same identity took over); the link stops reconnecting."""
         return self._refused
 
     async def _run(self) -> None:
@@ -340,11 +342,18 @@ class CloudLink:
                     if self.outbox is not None:
                         self.outbox.ack(ack.idempotency_key)
                 case PeerError(error=error):
-                    if not session.is_open and error.name in (
+                    # At authentication, or later: a revocation ends an open session too.
+                    if error.name in (
                         "unknown_device", "device_revoked", "invalid_enrollment_token",
                     ):  # fmt: skip
                         self._refused = error.name
                         self.last_failure, self.last_error = f"refused: {error.name}", None
+                case SessionClosed(code=CloseCode.SESSION_REPLACED):
+                    # Another connection under this device's identity took over: a second
+                    # process or a copied identity file. Reconnecting would only take it back.
+                    self._refused = "session_replaced"
+                    self.last_failure, self.last_error = "replaced by a newer session", None
+                    self._set_down()
                 case SessionClosed():
                     self._set_down()
 

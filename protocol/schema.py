@@ -249,13 +249,17 @@ def spec_sections() -> dict[str, str]:
     close_meaning = {
         CloseCode.NORMAL: "Normal closure (after `goodbye`).",
         CloseCode.GOING_AWAY: "The server is shutting down or draining.",
-        CloseCode.POLICY_VIOLATION: "Authentication failed, or a rule was broken before it.",
+        CloseCode.POLICY_VIOLATION: (
+            "Authentication failed, a rule was broken before it, or the device was revoked."
+        ),
         CloseCode.MESSAGE_TOO_BIG: "A frame exceeded `max_message_bytes`.",
         CloseCode.INTERNAL_ERROR: "The server failed unexpectedly.",
         CloseCode.PROTOCOL_VIOLATION: "Too many protocol violations in one session.",
         CloseCode.UNSUPPORTED_VERSION: "No common protocol version.",
         CloseCode.AUTH_TIMEOUT: "The session was not authenticated in time.",
-        CloseCode.SESSION_REPLACED: "The same device opened a newer session.",
+        CloseCode.SESSION_REPLACED: (
+            "The same device opened a newer session; do not reconnect by yourself."
+        ),
     }
     closes = ["| code | meaning |", "|---|---|"]
     closes += [f"| {int(c)} | {close_meaning[c]} |" for c in CloseCode]

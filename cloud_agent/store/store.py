@@ -174,6 +174,12 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def revoked_since(self, since: datetime) -> list[str]:
+        """Ids of the devices revoked at or after `since` (by any replica or the CLI)."""
+        async with self._tx() as s:
+            rows = await s.scalars(select(t.Device.id).where(t.Device.revoked_at >= since))
+            return list(rows)
+
     # --- adapters and deployments -----------------------------------------------------------
 
     async def list_adapters(self) -> list[dict[str, Any]]:

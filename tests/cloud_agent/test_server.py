@@ -33,6 +33,7 @@ from protocol import (
     DeltaReceived,
     DeviceCredentials,
     Escalate,
+    Event,
     Feedback,
     GoodbyeReceived,
     PeerError,
@@ -68,6 +69,22 @@ async def interactions(cloud: Cloud, count: int = 1) -> list:  # type: ignore[ty
         while len(rows := await cloud.service.store.list_interactions()) < count:
             await asyncio.sleep(0.01)
     return rows
+
+
+async def events_to_the_end(device: Device) -> list[Event]:
+    """Every event of `device`'s session until it closes."""
+    events: list[Event] = []
+    async with asyncio.timeout(10):
+        while not events or not isinstance(events[-1], SessionClosed):
+            try:
+                data = await device.ws.recv()
+            except ConnectionClosed as exc:
+                device.session.receive_close(exc.rcvd.code if exc.rcvd else 1006)
+            else:
+                if isinstance(data, str):
+                    device.session.receive_text(data)
+            events += device.session.events_received()
+    return events
 
 
 def admin_client(service: CloudService) -> httpx.AsyncClient:
@@ -172,6 +189,55 @@ async def test_an_unknown_device_and_a_revoked_device_are_refused(cloud: Cloud) 
     assert isinstance(event, PeerError) and event.error.name == "device_revoked"
     closed = await again.next_event(SessionClosed)
     assert isinstance(closed, SessionClosed) and closed.code == 1008
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_revoking_a_connected_device_ends_its_session_and_its_requests_at_once(
+    cloud: Cloud,
+) -> None:
+    device, creds = await cloud.enroll()
+    bystander, _ = await cloud.enroll()
+    await device.send(ask("Plan me a two-week trek across Patagonia with gear lists."))
+    async with asyncio.timeout(5):
+        while not cloud.backend.calls:
+            await asyncio.sleep(0.01)
+    async with admin_client(cloud.service) as admin:
+        response = await admin.post(f"/v1/devices/{creds.device_id}/revoke")
+    assert response.status_code == 200 and response.json()["changed"] is True
+    failed, refused, closed = await events_to_the_end(device)
+    assert isinstance(failed, RequestFailed) and failed.error.name == "device_revoked"
+    assert isinstance(refused, PeerError) and refused.error.name == "device_revoked"
+    assert isinstance(closed, SessionClosed) and closed.code == 1008
+    assert cloud.backend.cancelled == 1, "the backend call was aborted"
+    (row,) = await interactions(cloud)
+    assert row.status == "cancelled"
+    # Other devices stay connected.
+    assert cloud.service.server.session_count == 1 and bystander.session.is_open
+    await bystander.close()
+
+
+@pytest.mark.cloud(revocation_poll_s=0.05)
+async def test_a_device_revoked_elsewhere_loses_its_session_within_the_poll(
+    cloud: Cloud,
+) -> None:
+    device, creds = await cloud.enroll()
+    # As `edgeloop cloud revoke` or another replica does: the store only.
+    assert await cloud.service.store.revoke_device(creds.device_id)
+    refused, closed = await events_to_the_end(device)
+    assert isinstance(refused, PeerError) and refused.error.name == "device_revoked"
+    assert isinstance(closed, SessionClosed) and closed.code == 1008
+
+
+async def test_a_newer_session_of_a_device_replaces_the_older_one(cloud: Cloud) -> None:
+    older, creds = await cloud.enroll()
+    newer = await Device.connect(cloud.url, creds)
+    assert isinstance(await newer.next_event(Welcomed), Welcomed)
+    closed = (await events_to_the_end(older))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 4003
+    assert cloud.service.server.session_count == 1
+    await newer.send(ask("Which tent suits a windy coastal campsite?"))
+    assert isinstance(await final(newer), ResultReceived)
+    await newer.close()
 
 
 async def test_devices_connecting_together_share_store_queries_and_revoked_ones_stay_out(

@@ -116,6 +116,47 @@ async def test_a_missed_deadline_cancels_at_the_cloud_and_says_so(
     await link.stop()
 
 
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_a_device_revoked_while_connected_is_cut_off_and_stops_reconnecting(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    waiting = asyncio.create_task(
+        anext(link.escalate(ask("Plan a month in Patagonia with gear.", "r1", deadline_ms=60_000)))
+    )
+    async with asyncio.timeout(5):
+        while not cloud.backend.calls:
+            await asyncio.sleep(0.01)
+    assert link.identity.device_id is not None
+    assert await cloud.service.revoke(link.identity.device_id)
+    with pytest.raises(CloudUnavailable) as info:
+        async with asyncio.timeout(5):
+            await waiting
+    assert info.value.reason == "cloud.device_revoked"
+    assert not await link.wait_up(5)
+    assert link.refused == "device_revoked" and link.state is LinkState.DOWN
+    await link.stop()
+
+
+async def test_a_second_connection_under_the_same_identity_takes_over(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    first = await enrolled_link(cloud, tmp_path / "dev")
+    second = CloudLink(cloud.url, tmp_path / "dev")  # the identity file, copied or shared
+    second.start()
+    assert await second.wait_up(10)
+    async with asyncio.timeout(5):
+        while first.refused is None:
+            await asyncio.sleep(0.01)
+    assert first.refused == "session_replaced" and first.state is LinkState.DOWN
+    assert not await first.wait_up(1), "the first does not take the session back"
+    assert cloud.service.server.session_count == 1
+    items = [i async for i in second.escalate(ask("Which stove for winter camping?", "r1"))]
+    assert isinstance(items[-1], Result)
+    await first.stop()
+    await second.stop()
+
+
 @pytest.mark.cloud(limits={"max_requests_per_minute": 1})
 async def test_refusals_become_typed_reasons(cloud: Cloud, tmp_path: Path) -> None:
     link = await enrolled_link(cloud, tmp_path / "dev")
