@@ -746,7 +746,8 @@ async def test_admin_api_requires_the_token_and_lists_devices(cloud: Cloud) -> N
         assert (await client.get("/v1/feedback/summary", headers=auth)).json()["positive"] == 0
         assert (await client.get("/v1/adapters", headers=auth)).json() == []
         assert (await client.get("/v1/rollouts", headers=auth)).json() == []
-    await device.close()
+    closed = (await events_to_the_end(device))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 1008, "revoked: session ended"
 
 
 async def test_the_knowledge_file_is_reloaded_while_serving(tmp_path: Path, kb_path: Path) -> None:

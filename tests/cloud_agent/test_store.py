@@ -117,6 +117,16 @@ async def test_revoked_devices_are_marked(store: Store) -> None:
     assert await store.get_device("dev_nope") is None
 
 
+async def test_devices_revoked_since_a_moment_are_found(store: Store) -> None:
+    ids = await ten_enrolled(store)
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    assert await store.revoked_since(before) == []
+    await store.revoke_device(ids[3])
+    await store.revoke_device(ids[7])
+    assert sorted(await store.revoked_since(before)) == [ids[3], ids[7]]
+    assert await store.revoked_since(datetime.now(UTC) + timedelta(minutes=1)) == []
+
+
 async def test_many_devices_are_looked_up_in_one_query(store: Store) -> None:
     ids = await ten_enrolled(store)
     await store.revoke_device("dev_3")
