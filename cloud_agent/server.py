@@ -113,6 +113,10 @@ class _Connection:
 class CloudServer:
     """Serves protocol v1 to devices and third-party agents."""
 
+    retry_after_s = 5
+    """What the goodbye at shutdown tells devices: reconnecting sooner is pointless (a restart
+    or another replica takes over within it)."""
+
     def __init__(
         self,
         *,
@@ -226,7 +230,7 @@ class CloudServer:
                         ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request_id
                     )
                 )
-            session.send(Goodbye(reason="shutdown", retry_after_s=5))
+            session.send(Goodbye(reason="shutdown", retry_after_s=self.retry_after_s))
         else:
             session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
         await self._flush_or_abort(conn, grace_s)
@@ -422,7 +426,7 @@ class CloudServer:
         """One session per device: a newer one closes the older (4003). The device's limits
         on requests in flight hold per device, and a connection its device has given up for
         dead (a half-open socket) does not linger until the heartbeat finds it out."""
-        older.session.close(CloseCode.SESSION_REPLACED, "a newer session of this device opened")
+        older.session.send(Goodbye(reason="session_replaced"))  # closes with 4003
         for task in older.tasks.values():
             task.cancel()
         older.refusal = asyncio.create_task(self._flush_or_abort(older, 5.0))

@@ -2,7 +2,8 @@
 
 A websockets client driving `protocol.ClientSession`. It enrolls once with a one-time token
 (persisting the device id and pinning the cloud's bundle-signing key), authenticates on every
-connection, and reconnects with capped exponential backoff and full jitter. Escalations are
+connection, and reconnects with capped exponential backoff and full jitter (no sooner than a
+cloud's `goodbye` said). Escalations are
 correlated by request id; one that cannot be answered (link down, deadline, `overloaded`,
 `rate_limited`, connection lost) raises `CloudUnavailable`, so the caller answers locally.
 Messages that must arrive (feedback, reports, update statuses) go through the `Outbox` and are
@@ -46,6 +47,7 @@ from protocol import (
     Feedback,
     Fetch,
     FrameTooLarge,
+    GoodbyeReceived,
     Limits,
     Message,
     PeerError,
@@ -167,6 +169,8 @@ class CloudLink:
         self._outbox_kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._refused: str | None = None
+        self._retry_after: int | None = None
+        """Seconds the cloud said reconnecting is pointless for (`goodbye.retry_after_s`)."""
         self.last_failure: str | None = None
         """Why the last connection attempt failed or ended (None once a session opens)."""
         self.last_error: BaseException | None = None
@@ -223,7 +227,8 @@ class CloudLink:
         """True once a session is open; False after `timeout`, or as soon as the link stops
         for good (the cloud refused the device: `refused`)."""
         up = asyncio.ensure_future(self._up.wait())
-        running = [self._task] if self._task is not None and not self._task.done() else []
+        # A link that already stopped for good answers at once (its task is done).
+        running = [self._task] if self._task is not None else []
         try:
             await asyncio.wait([up, *running], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -265,7 +270,13 @@ class CloudLink:
                 return
             attempt += 1
             cap = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(attempt, 16))
-            await asyncio.sleep(random.uniform(0, cap))  # full jitter
+            delay = random.uniform(0, cap)  # full jitter
+            if wait := self._retry_after:
+                # The cloud said when to come back (a restart): its devices spread over as
+                # long again after that, rather than all arriving at once.
+                delay = wait + random.uniform(0, wait)
+            self._retry_after = None
+            await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
         if self.identity.device_id is not None:
@@ -348,6 +359,8 @@ class CloudLink:
                     ):  # fmt: skip
                         self._refused = error.name
                         self.last_failure, self.last_error = f"refused: {error.name}", None
+                case GoodbyeReceived(message=goodbye):
+                    self._retry_after = goodbye.retry_after_s
                 case SessionClosed(code=CloseCode.SESSION_REPLACED):
                     # Another connection under this device's identity took over: a second
                     # process or a copied identity file. Reconnecting would only take it back.

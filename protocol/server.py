@@ -180,7 +180,9 @@ class ServerSession(Session):
                 del self._flights[request_id]
             case Goodbye():
                 self._queue(message)
-                self.close(CloseCode.GOING_AWAY, message.reason)
+                replaced = message.reason == "session_replaced"
+                self.close(CloseCode.SESSION_REPLACED if replaced else CloseCode.GOING_AWAY,
+                           message.reason)  # fmt: skip
                 return
         self._queue(message)
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from cloud_agent.backends import ScriptedBackend
+from cloud_agent.config import CloudConfig
 from cloud_agent.service import CloudService
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import EdgeAgentError
@@ -133,7 +134,8 @@ async def test_a_device_revoked_while_connected_is_cut_off_and_stops_reconnectin
         async with asyncio.timeout(5):
             await waiting
     assert info.value.reason == "cloud.device_revoked"
-    assert not await link.wait_up(5)
+    async with asyncio.timeout(5):  # stopped for good: it does not wait out its timeout
+        assert not await link.wait_up(60)
     assert link.refused == "device_revoked" and link.state is LinkState.DOWN
     await link.stop()
 
@@ -149,7 +151,8 @@ async def test_a_second_connection_under_the_same_identity_takes_over(
         while first.refused is None:
             await asyncio.sleep(0.01)
     assert first.refused == "session_replaced" and first.state is LinkState.DOWN
-    assert not await first.wait_up(1), "the first does not take the session back"
+    async with asyncio.timeout(5):  # it does not take the session back
+        assert not await first.wait_up(60)
     assert cloud.service.server.session_count == 1
     items = [i async for i in second.escalate(ask("Which stove for winter camping?", "r1"))]
     assert isinstance(items[-1], Result)
@@ -167,19 +170,29 @@ async def test_refusals_become_typed_reasons(cloud: Cloud, tmp_path: Path) -> No
     await link.stop()
 
 
-async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
-    tmp_path: Path, kb_path: Path
-) -> None:
-    port = free_port()
-    config = make_config(tmp_path / "cloud", kb_path, port=port)
-    first = await CloudService.create(config, backend=ScriptedBackend())
-    await first.start()
-    token = await first.store.create_enrollment_token()
-    outbox = Outbox(tmp_path / "dev" / "outbox.db")
-    link = CloudLink(f"ws://127.0.0.1:{port}/v1", tmp_path / "dev", enrollment_token=token,
+async def cloud_and_link(
+    config: CloudConfig, state: Path, *, retry_after_s: int, outbox: Outbox | None = None
+) -> tuple[CloudService, CloudLink]:
+    """A cloud on `config`'s port (its goodbye saying `retry_after_s`), and a link enrolled
+    with it that reconnects quickly (backoff at most 0.2 s)."""
+    service = await CloudService.create(config, backend=ScriptedBackend())
+    service.server.retry_after_s = retry_after_s
+    await service.start()
+    token = await service.store.create_enrollment_token()
+    link = CloudLink(f"ws://127.0.0.1:{config.port}/v1", state, enrollment_token=token,
                      outbox=outbox, backoff_initial_s=0.05, backoff_max_s=0.2)  # fmt: skip
     link.start()
     assert await link.wait_up(10)
+    return service, link
+
+
+async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    config = make_config(tmp_path / "cloud", kb_path, port=free_port())
+    outbox = Outbox(tmp_path / "dev" / "outbox.db")
+    # Its goodbye does not hold the device back.
+    first, link = await cloud_and_link(config, tmp_path / "dev", retry_after_s=0, outbox=outbox)
     await first.stop()
     async with asyncio.timeout(5):
         while link.state is LinkState.UP:
@@ -197,6 +210,26 @@ async def test_feedback_queued_offline_reaches_the_cloud_once_after_reconnect(
                 await asyncio.sleep(0.01)
         summary = await second.store.feedback_summary()
         assert summary.negative == 1
+    finally:
+        await link.stop()
+        await second.stop()
+
+
+async def test_after_a_goodbye_the_link_comes_back_no_sooner_than_the_cloud_said(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    config = make_config(tmp_path / "cloud", kb_path, port=free_port())
+    first, link = await cloud_and_link(config, tmp_path / "dev", retry_after_s=2)
+    loop = asyncio.get_running_loop()
+    left = loop.time()
+    await first.stop()  # goodbye{shutdown, retry_after_s: 2}
+    second = await CloudService.create(config, backend=ScriptedBackend())
+    await second.start()
+    try:
+        assert await link.wait_up(10)
+        # Its own backoff (at most 0.2 s here) would have had it back as soon as the
+        # second cloud listened.
+        assert loop.time() - left >= 2.0
     finally:
         await link.stop()
         await second.stop()

@@ -33,6 +33,7 @@ from protocol import (
     FetchReceived,
     FrameTooLarge,
     Goodbye,
+    GoodbyeReceived,
     InvalidMessage,
     PeerError,
     ProtocolViolation,
@@ -251,6 +252,19 @@ def test_goodbye_closes_both_sides_normally() -> None:
     pair.pump()
     assert pair.client.closed and pair.server.closed
     assert pair.server.close_code == CloseCode.NORMAL
+
+
+def test_a_server_goodbye_closes_with_the_code_its_reason_calls_for() -> None:
+    for reason, code in (
+        ("shutdown", CloseCode.GOING_AWAY),
+        ("session_replaced", CloseCode.SESSION_REPLACED),
+    ):
+        pair = open_pair()
+        pair.server.send(Goodbye(reason=reason, retry_after_s=5))
+        assert pair.server.close_code == code
+        pair.pump()
+        (goodbye,) = pair.of("client", GoodbyeReceived)
+        assert goodbye.message.reason == reason and goodbye.message.retry_after_s == 5
 
 
 def test_connection_loss_ends_every_request_in_flight() -> None:
