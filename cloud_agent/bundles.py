@@ -15,12 +15,37 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
+from cloud_agent.store import Store
 from protocol import BundleFile, BundleManifest, UpdateOffer
+from shared.errors import ConfigError
 from shared.keys import SigningKey, b64url_encode
 
-__all__ = ["build_bundle"]
+__all__ = ["build_bundle", "cluster_signing_key"]
 
 FileKind = Literal["adapter", "coverage", "other"]
+
+
+async def cluster_signing_key(data_dir: Path, store: Store) -> SigningKey:
+    """The key bundles are signed with: `data_dir/server.key` (made on first use), checked
+    against the one the store's devices pinned at enrollment (recorded by the first replica
+    to start). A replica or a CLI run holding another key (a data directory of its own, a
+    lost file) raises `ConfigError` instead of signing bundles every device would reject."""
+    path = data_dir / "server.key"
+    made = not path.exists()
+    key = SigningKey.load_or_create(path)  # on disk before devices can pin it
+    ours = key.verify_key().b64()
+    pinned = await store.pin_signing_key(ours)
+    if pinned != ours:
+        if made:
+            path.unlink()  # the one to copy here is the cluster's, not this
+        raise ConfigError(
+            "data_dir",
+            f"{path} is not the key this cloud's devices pinned at enrollment (its public half "
+            f"is {pinned}, this one's {ours}); every replica, and every command that signs "
+            "bundles, needs the same server.key: copy it from the first replica's data "
+            "directory",
+        )
+    return key
 
 
 def _sha256(path: Path) -> str:

@@ -375,22 +375,22 @@ def _rollouts(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from cloud_agent.bundles import cluster_signing_key
     from cloud_agent.errors import CloudAgentError
     from cloud_agent.rollout import rollback
-    from shared.keys import SigningKey
+    from cloud_agent.store import Store
 
     config = _config(args)
     config.existing_database_url()  # before a key is made in a directory that is not the cloud's
-    key = SigningKey.load_or_create(config.data_dir / "server.key")
-    try:
-        version = asyncio.run(
-            _with_store(
-                config,
-                lambda s: rollback(
-                    s, args.version, signing_key=key, bundles_dir=config.data_dir / "bundles"
-                ),
-            )
+
+    async def undo(store: Store) -> int:
+        key = await cluster_signing_key(config.data_dir, store)
+        return await rollback(
+            store, args.version, signing_key=key, bundles_dir=config.data_dir / "bundles"
         )
+
+    try:
+        version = asyncio.run(_with_store(config, undo))
     except CloudAgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.autodistill import DistillTrigger
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
+from cloud_agent.bundles import cluster_signing_key
 from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobRunner, distill_config
@@ -194,13 +195,13 @@ class CloudService:
     ) -> CloudService:
         """Build the service from `config`; `backend` replaces the configured one (tests)."""
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        signing_key = SigningKey.load_or_create(config.data_dir / "server.key")
         admin_token = config.admin_token or _load_or_create_token(config.data_dir / "admin.token")
         store = await Store.open(
             config.resolved_database_url(), lock_timeout_s=config.store_lock_timeout_s
         )
         chosen: LLMBackend | None = backend
         try:
+            signing_key = await cluster_signing_key(config.data_dir, store)
             if chosen is None:
                 chosen = await asyncio.to_thread(build_backend, config)
             return cls(

@@ -111,9 +111,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
+    from cloud_agent.bundles import cluster_signing_key
     from cloud_agent.distill.pipeline import distill
     from cloud_agent.store import Store
-    from shared.keys import SigningKey
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -125,7 +125,7 @@ async def _cycle(config: Any, dconfig: Any, *, publish: bool) -> Any:
             config=dconfig,
             work_dir=config.data_dir / "distill",
             bundles_dir=config.data_dir / "bundles",
-            signing_key=SigningKey.load_or_create(config.data_dir / "server.key"),
+            signing_key=await cluster_signing_key(config.data_dir, store),
             progress=progress,
             publish=publish,
         )

@@ -20,10 +20,10 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from cloud_agent.errors import EnrollmentRefused, StoreUnavailable
+from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
 from cloud_agent.store.database import now, set_sqlite_pragmas_on_connect, sqlite_url, to_json
 from cloud_agent.store.interactions import InteractionStore
@@ -179,6 +179,22 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
         async with self._tx() as s:
             rows = await s.scalars(select(t.Device.id).where(t.Device.revoked_at >= since))
             return list(rows)
+
+    async def pin_signing_key(self, public_key: str) -> str:
+        """The public half of the cluster's bundle-signing key: `public_key` if none is
+        recorded yet (it is recorded now), else the one recorded first. Replicas starting
+        together agree: the first write wins."""
+        for _ in range(2):
+            try:
+                async with self._tx() as s:
+                    row = await s.get(t.SigningKey, 1)
+                    if row is not None:
+                        return row.public_key
+                    s.add(t.SigningKey(id=1, public_key=public_key, created_at=now()))
+                    return public_key
+            except IntegrityError:
+                continue  # another replica wrote it first: read theirs
+        raise StoreError("the signing key could not be recorded")
 
     # --- adapters and deployments -----------------------------------------------------------
 

@@ -62,6 +62,17 @@ class Device(Base):
     privacy_violations: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class SigningKey(Base):
+    """The public half of the key the cluster signs update bundles with, as every device
+    pinned it at enrollment. One row (id 1), written by the first replica to start."""
+
+    __tablename__ = "signing_key"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
 class EnrollmentToken(Base):
     __tablename__ = "enrollment_tokens"
 

@@ -175,10 +175,10 @@ async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
     replicas = []
     for n in range(2):
         config = make_config(tmp_path / f"r{n}", kb_path, database_url=postgres_url)
-        service = await CloudService.create(config, backend=ScriptedBackend(f"from replica {n}"))
         # Both replicas of one cluster sign with the same key: copy the first one's.
         if replicas:
-            service.server.signing_key = replicas[0].server.signing_key
+            replicas[0].signing_key.save(config.data_dir / "server.key")
+        service = await CloudService.create(config, backend=ScriptedBackend(f"from replica {n}"))
         await service.start()
         replicas.append(service)
     try:
@@ -264,6 +264,31 @@ async def test_a_certificate_that_cannot_be_loaded_is_a_config_error(
         with pytest.raises(ConfigError, match=says) as info:
             await CloudService.create(config, backend=ScriptedBackend())
         assert info.value.key == name
+
+
+async def test_a_replica_or_a_run_with_another_signing_key_is_refused(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    first = make_config(tmp_path / "a", kb_path)
+    service = await CloudService.create(first, backend=ScriptedBackend())
+    pinned = service.signing_key.verify_key().b64()
+    await service.stop()
+    # A second replica on the same database with a data directory (and key) of its own.
+    other = make_config(tmp_path / "b", kb_path, database_url=first.resolved_database_url())
+    with pytest.raises(ConfigError, match="not the key this cloud's devices pinned") as info:
+        await CloudService.create(other, backend=ScriptedBackend())
+    assert info.value.key == "data_dir" and pinned in str(info.value)
+    # The first replica's key lost: a new one is not made to replace it in silence.
+    (first.data_dir / "server.key").unlink()
+    with pytest.raises(ConfigError, match="copy it from the first replica"):
+        await CloudService.create(first, backend=ScriptedBackend())
+    assert not (first.data_dir / "server.key").exists(), "no stray key to copy by mistake"
+    # Given the cluster's key, each serves (and the store was closed each time it was not).
+    for config in (first, other):
+        service.signing_key.save(config.data_dir / "server.key")
+        again = await CloudService.create(config, backend=ScriptedBackend())
+        await again.start()
+        await again.stop()
 
 
 @pytest.mark.parametrize("key", ["port", "admin_port"])

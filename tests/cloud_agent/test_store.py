@@ -127,6 +127,13 @@ async def test_devices_revoked_since_a_moment_are_found(store: Store) -> None:
     assert await store.revoked_since(datetime.now(UTC) + timedelta(minutes=1)) == []
 
 
+async def test_the_first_signing_key_recorded_is_the_clusters(store: Store) -> None:
+    first, second = "A" * 43, "B" * 43
+    assert await store.pin_signing_key(first) == first
+    assert await store.pin_signing_key(second) == first
+    assert await store.pin_signing_key(first) == first
+
+
 async def test_many_devices_are_looked_up_in_one_query(store: Store) -> None:
     ids = await ten_enrolled(store)
     await store.revoke_device("dev_3")
