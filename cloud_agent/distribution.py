@@ -9,7 +9,9 @@ session, and the server sends them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +21,7 @@ from cloud_agent.errors import StoreError
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import AdapterRecord, Offers, Store
-from protocol import Chunk, ErrorCode, Fetch, ServerSession, make_error
+from protocol import BundleManifest, Chunk, ErrorCode, Fetch, ServerSession, make_error
 
 __all__ = ["BundleDistribution", "Receiver"]
 
@@ -48,8 +50,13 @@ class BundleDistribution:
         *,
         max_chunk: int,
         rollout_policy: RolloutPolicy | None = None,
+        bundles_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.bundles_dir = bundles_dir
+        """Where a bundle built on another host is copied from the store on first use (None:
+        bundles are served from the directory they were published in only)."""
+        self._copies: dict[int, asyncio.Task[dict[str, tuple[Path, int]]]] = {}
         self.metrics = metrics
         self.max_chunk = max_chunk
         """Most bytes of file data per `chunk` frame."""
@@ -142,8 +149,15 @@ class BundleDistribution:
                     )
                 )  # fmt: skip
                 return
+            try:
+                files = await self._local_files(record)
+            except (StoreError, OSError) as exc:
+                log.warning("bundle %s cannot be served here: %s", request.version, exc)
+                message = "the bundle's files are not available here; try again later"
+                session.send(make_error(ErrorCode.INTERNAL_ERROR, message, request_id=rid))
+                return
             # A published bundle's files never change: look them up once, not per chunk.
-            files = self._files[request.version] = record.files
+            self._files[request.version] = files
         entry = files.get(request.file)
         if entry is None:
             session.send(
@@ -159,11 +173,63 @@ class BundleDistribution:
             )
             return
         length = min(request.length, size - request.offset, self.max_chunk)
-        data = await asyncio.to_thread(_read_range, path, request.offset, length)
+        try:
+            data = await asyncio.to_thread(_read_range, path, request.offset, length)
+        except OSError as exc:
+            # Removed from under a running server: found again (or copied) on the next fetch.
+            self._files.pop(request.version, None)
+            log.warning("bundle %s: cannot read %s: %s", request.version, path, exc)
+            message = "the bundle's files are not available here; try again later"
+            session.send(make_error(ErrorCode.INTERNAL_ERROR, message, request_id=rid))
+            return
         header = Chunk(request_id=rid, file=request.file, offset=request.offset,
                        length=len(data), size=size)  # fmt: skip
         session.send_chunk(header, data)
         self.metrics.bundle_bytes.inc(len(data))
+
+    async def _local_files(self, record: AdapterRecord) -> dict[str, tuple[Path, int]]:
+        """Paths to serve `record`'s files from: where it was published when they are there,
+        else a copy from the store in `bundles_dir`, made once however many ask together."""
+        files = record.files
+        if self.bundles_dir is None or await asyncio.to_thread(_all_there, files):
+            return files
+        copy = self._copies.get(record.version)
+        if copy is None:
+            copy = self._copies[record.version] = asyncio.create_task(self._copy(record))
+            copy.add_done_callback(lambda _: self._copies.pop(record.version, None))
+        # A fetch given up does not stop the copy others wait for.
+        return await asyncio.shield(copy)
+
+    async def _copy(self, record: AdapterRecord) -> dict[str, tuple[Path, int]]:
+        assert self.bundles_dir is not None
+        directory = self.bundles_dir / str(record.version)
+        manifest = BundleManifest.model_validate_json(record.manifest)
+        copied = {f.name: (directory / f.name, f.size) for f in manifest.files}
+        if await asyncio.to_thread(_all_there, copied):
+            return copied
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        for f in manifest.files:
+            target = directory / f.name
+            part = target.with_name(target.name + ".part")
+            digest, size = hashlib.sha256(), 0
+            out = await asyncio.to_thread(part.open, "wb")
+            try:
+                async for block in self.store.bundle_blocks(record.version, f.name):
+                    await asyncio.to_thread(out.write, block)
+                    digest.update(block)
+                    size += len(block)
+            finally:
+                await asyncio.to_thread(out.close)
+            if size != f.size or digest.hexdigest() != f.sha256:
+                part.unlink(missing_ok=True)
+                raise StoreError(f"the store holds no intact copy of {f.name}")
+            await asyncio.to_thread(os.replace, part, target)
+        log.info("bundle %s copied from the store to %s", record.version, directory)
+        return copied
+
+
+def _all_there(files: dict[str, tuple[Path, int]]) -> bool:
+    return all(path.is_file() and path.stat().st_size == size for path, size in files.values())
 
 
 def _read_range(path: Path, offset: int, length: int) -> bytes:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -132,6 +133,7 @@ class CloudServer:
         ssl_context: ssl.SSLContext | None = None,
         recorder: InteractionRecorder | None = None,
         rollout_policy: RolloutPolicy | None = None,
+        bundles_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -154,6 +156,7 @@ class CloudServer:
             self.metrics,
             max_chunk=max(1024, limits.max_message_bytes - 1024),
             rollout_policy=rollout_policy,
+            bundles_dir=bundles_dir,
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()

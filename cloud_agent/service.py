@@ -172,6 +172,7 @@ class CloudService:
                 min_feedback=config.rollout.min_feedback,
                 max_negative_share=config.rollout.max_negative_share,
             ),
+            bundles_dir=config.data_dir / "bundles",
         )
         self.bundles_dir = config.data_dir / "bundles"
         self.feed = PublicationFeed(

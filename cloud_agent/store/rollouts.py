@@ -9,14 +9,15 @@ policy (`cloud_agent.rollout`) moves it to ``active`` (every device), ``halted``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 
 from cloud_agent.store import tables as t
 from cloud_agent.store.database import Transactions, now
@@ -25,6 +26,8 @@ from protocol import BundleManifest, UpdateOffer
 __all__ = ["AdapterRecord", "Offers", "RolloutHealth", "RolloutStore", "canary_cohort"]
 
 OFFERED_STATES = ("canary", "active")
+BLOCK_BYTES = 1 << 20
+"""Size of the blocks a bundle's files are kept in, in the store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +145,17 @@ class RolloutStore(Transactions):
                 )
             )  # fmt: skip
             await s.flush()
+            # The files go in with the record: a replica on any host can serve the bundle.
+            for f in manifest.files:
+                with (directory / f.name).open("rb") as fh:
+                    seq = 0
+                    while block := await asyncio.to_thread(fh.read, BLOCK_BYTES):
+                        await s.execute(
+                            insert(t.BundleBlock).values(
+                                version=manifest.version, file=f.name, seq=seq, data=block
+                            )
+                        )
+                        seq += 1
             ids = (await s.scalars(select(t.Device.id).where(t.Device.revoked_at.is_(None)))).all()
             canary = canary_cohort(manifest.version, ids, canary_share)
             s.add(
@@ -151,6 +165,24 @@ class RolloutStore(Transactions):
                 )
             )  # fmt: skip
         return manifest.version
+
+    async def bundle_blocks(self, version: int, file: str) -> AsyncIterator[bytes]:
+        """A published bundle's file from the store, block by block (nothing if the bundle
+        was published before files were kept in the store)."""
+        seq = 0
+        while True:
+            async with self._tx() as s:
+                block = await s.scalar(
+                    select(t.BundleBlock.data).where(
+                        t.BundleBlock.version == version,
+                        t.BundleBlock.file == file,
+                        t.BundleBlock.seq == seq,
+                    )
+                )
+            if block is None:
+                return
+            yield block
+            seq += 1
 
     async def get_adapter(self, version: int) -> AdapterRecord | None:
         async with self._tx() as s:

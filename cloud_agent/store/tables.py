@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Table,
     Text,
@@ -188,6 +189,18 @@ class Adapter(Base):
     directory: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime]
     metrics: Mapped[dict[str, Any]]
+
+
+class BundleBlock(Base):
+    """A published bundle's files, block by block: every replica can serve a bundle, whichever
+    host built it (each copies the blocks to its own disk on first use)."""
+
+    __tablename__ = "bundle_blocks"
+
+    version: Mapped[int] = mapped_column(ForeignKey("adapters.version"), primary_key=True)
+    file: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Rollout(Base):

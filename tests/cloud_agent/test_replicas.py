@@ -1,4 +1,5 @@
-"""A publication on one cloud replica reaches a device connected to another: two real
+"""A publication on one cloud replica reaches a device connected to another, which serves its
+files from the store (they were built on a third host): two real
 `edgeloop cloud serve` processes on the real PostgreSQL server, told through LISTEN/NOTIFY
 (their polling is set to an hour, so only the notification can explain the offer)."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +88,8 @@ async def test_a_publication_on_one_replica_reaches_a_device_on_the_other(
             files={"adapter.gguf": (src, "adapter")}, key=key,
         )  # fmt: skip
         await store.add_adapter(offer, directory=tmp_path / "bundles" / "1", state="halted")
+        # Built on another host: the replicas find the files in the store, not on their disk.
+        shutil.rmtree(tmp_path / "bundles")
 
         token = await store.create_enrollment_token()
         device = await Device.connect(

@@ -523,6 +523,16 @@ async def publish(store: Store, tmp_path: Path, version: int, **kw: object) -> N
     await store.add_adapter(offer, directory=tmp_path / "bundles" / str(version), **kw)  # type: ignore[arg-type]
 
 
+async def test_a_published_bundles_files_are_kept_in_the_store(
+    store: Store, tmp_path: Path
+) -> None:
+    await publish(store, tmp_path, 4)
+    blocks = [b async for b in store.bundle_blocks(4, "adapter.gguf")]
+    assert b"".join(blocks) == b"adapter 4"
+    assert [b async for b in store.bundle_blocks(4, "other.gguf")] == []
+    assert [b async for b in store.bundle_blocks(5, "adapter.gguf")] == []
+
+
 async def test_a_canary_rollout_offers_a_fixed_share_of_devices_then_everyone(
     store: Store, tmp_path: Path
 ) -> None:
