@@ -150,6 +150,15 @@ def register(subparsers: Any) -> None:
     revoke.add_argument("device_id")
     revoke.set_defaults(func=_revoke)
 
+    backup = sub.add_parser(
+        "backup",
+        help="copy the database (consistently, while the cloud serves), the signing key, the "
+        "admin token and the bundles into a new directory, a data directory to serve from",
+    )
+    common(backup)
+    backup.add_argument("destination", type=Path, help="a new or empty directory")
+    backup.set_defaults(func=_backup)
+
     purge = sub.add_parser(
         "purge",
         help="delete interactions, feedback, reports, privacy events, ended sessions and "
@@ -343,6 +352,18 @@ def _routing(args: argparse.Namespace) -> int:
         _with_store(_config(args), lambda s: s.routing_summary(since, device_id=args.device))
     )
     print(json.dumps(summary.as_dict(), indent=2))
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from cloud_agent.backup import backup
+
+    written = backup(_config(args), args.destination)
+    for path in written:
+        print(path)
+    if not any(path.suffix == ".db" for path in written):
+        print("the database is not in the data directory: back it up with its own tools "
+              "(PostgreSQL: pg_dump)", file=sys.stderr)  # fmt: skip
     return 0
 
 

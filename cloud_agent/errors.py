@@ -2,6 +2,7 @@
 
 EdgeloopError (shared.errors)
  └── CloudAgentError           root of everything `cloud_agent` raises on purpose
+      ├── BackupError          a backup cannot be taken where or of what was asked
       ├── KnowledgeError       a knowledge file is missing, unreadable or empty
       ├── StoreError           the store failed
       │    └── StoreUnavailable    the database is down or locked (retryable)
@@ -22,6 +23,10 @@ __all__ = ["CloudAgentError"]
 
 class CloudAgentError(EdgeloopError):
     """Root of the cloud agent's exceptions."""
+
+
+class BackupError(CloudAgentError):
+    """A backup cannot be taken: its destination is not empty, or there is nothing to copy."""
 
 
 class KnowledgeError(CloudAgentError):

@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cloud_agent.backends import ScriptedBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.cli import ENV_PREFIX
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
 from cloud_agent.service import (
+    CloudService,
     build_backend,
     event_loop_factory,
     exposure_warnings,
@@ -30,8 +32,11 @@ from cloud_agent.service import (
 )
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
+from examples.handshake import Device
+from protocol import ChatMessage, Escalate, ResultReceived, Welcomed
 from shared import ConfigError, load_config
 from shared.cli import main
+from tests.cloud_fixtures import Cloud
 
 
 def test_enroll_token_devices_and_revoke_work_on_the_store(
@@ -404,3 +409,42 @@ def test_settle_heap_collects_garbage_cycles_then_freezes_what_is_alive() -> Non
         assert not any(o is alive for o in gc.get_objects(generation=2)), "frozen, out of sight"
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.slow
+async def test_a_backup_taken_while_the_cloud_serves_is_a_data_directory_to_serve_from(
+    cloud: Cloud, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    device, creds = await cloud.enroll()
+    await device.send(
+        Escalate(
+            request_id="req_1", messages=[ChatMessage(role="user", content="Tents for snow?")],
+            deadline_ms=5000, max_tokens=32,
+        )
+    )  # fmt: skip
+    assert isinstance(await device.next_event(ResultReceived), ResultReceived)
+    await cloud.service.server.recorder.flush()
+    data = ["--data-dir", str(cloud.service.config.data_dir)]
+    backup = tmp_path / "backup"
+    # Taken while the cloud serves, its device still connected.
+    assert await asyncio.to_thread(main, ["cloud", "backup", *data, str(backup)]) == 0
+    listed = capsys.readouterr().out.split()
+    assert {Path(p).name for p in listed} == {"cloud.db", "server.key", "admin.token"}
+    assert (backup / "server.key").stat().st_mode & 0o777 == 0o600
+    await device.close()
+
+    config = CloudConfig.model_validate({"data_dir": backup, "port": 0, "admin_port": 0})
+    restored = await CloudService.create(config, backend=ScriptedBackend("From the backup."))
+    await restored.start()
+    try:
+        again = await Device.connect(f"ws://127.0.0.1:{restored.port}/v1", creds)
+        assert isinstance(await again.next_event(Welcomed), Welcomed), "its key is there"
+        await again.close()
+        assert restored.signing_key.verify_key() == cloud.service.signing_key.verify_key()
+        (row,) = await restored.store.list_interactions()
+        assert row.request_id == "req_1"
+    finally:
+        await restored.stop()
+    # Never over an earlier backup.
+    assert await asyncio.to_thread(main, ["cloud", "backup", *data, str(backup)]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
