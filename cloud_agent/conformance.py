@@ -1,10 +1,10 @@
 """`edgeloop conformance URL`: check that a server speaks protocol v1.
 
 Runs scripted scenarios against any server that claims the protocol (ours or a vendor's):
-enrollment, connect, a bad version, a bad signature, a replayed proof, an oversized frame, an
-unknown type, an escalation with streaming, a cancel, and feedback with a resend after a lost
-ack. Every frame received is validated against the published JSON Schema. Prints a pass/fail
-table; the exit status is 1 when any scenario fails.
+enrollment, connect, a newer session replacing an older one, a bad version, a bad signature, a
+replayed proof, an oversized frame, an unknown type, an escalation with streaming, a cancel,
+and feedback with a resend after a lost ack. Every frame received is validated against the
+published JSON Schema. Prints a pass/fail table; the exit status is 1 when any scenario fails.
 
 It needs one enrollment token (`--token`); the device it enrolls is then used throughout.
 """
@@ -226,6 +226,16 @@ class Kit:
         await peer.ws.close()
         return f"welcome, limits {self.limits}"
 
+    async def replaced_session(self) -> str:
+        older = await self.session()
+        newer = await self.session()
+        goodbye = await older.expect("goodbye")
+        if goodbye["reason"] != "session_replaced":
+            raise ScenarioFailed(f"the older session got {_brief(goodbye)}")
+        code = await older.expect_close(4003)
+        await newer.ws.close()
+        return f"goodbye session_replaced, close {code}"
+
     async def bad_version(self) -> str:
         peer = await self.open()
         await peer.send(self.hello(versions=["99.0"]))
@@ -372,6 +382,7 @@ async def run_conformance(
     scenarios: list[tuple[str, Callable[[], Awaitable[str]]]] = [
         ("enrollment", kit.enrollment),
         ("connect", kit.connect_),
+        ("newer session replaces older", kit.replaced_session),
         ("bad version", kit.bad_version),
         ("bad signature", kit.bad_signature),
         ("replayed proof", kit.replayed_proof),

@@ -21,7 +21,7 @@ async def test_the_cloud_agent_passes_every_scenario(cloud: Cloud) -> None:
     report = await run_conformance(cloud.url, token, timeout=10)
     print(report.table())
     assert report.passed, report.table()
-    assert len(report.outcomes) == 10
+    assert len(report.outcomes) == 11
 
 
 async def test_the_command_prints_the_table_and_exits_nonzero_on_failure(
