@@ -160,6 +160,8 @@ class CloudServer:
         )
         self.updates.on_rollout_change = self.push_offers
         self._connections: set[_Connection] = set()
+        self._sessions: dict[str, _Connection] = {}
+        """Each device's open session, by device id (one per device)."""
         # Devices authenticating together share one query (`Batcher`); it calls `self.store`
         # when it runs, so the store is looked up late, not captured.
         self._devices = Batcher[str, DeviceRecord](
@@ -249,8 +251,11 @@ class CloudServer:
         """End the open sessions of these devices, now revoked: each request in flight ends
         with `device_revoked`, then the session with it (close 1008), and the escalations'
         work stops. Returns how many sessions ended."""
-        wanted = set(device_ids)
-        ending = [c for c in self._connections if c.device_id in wanted and c.session.is_open]
+        ending = [
+            conn
+            for device_id in set(device_ids)
+            if (conn := self._sessions.get(device_id)) is not None and conn.session.is_open
+        ]
         for conn in ending:
             session = conn.session
             message = "this device has been revoked"
@@ -289,6 +294,8 @@ class CloudServer:
         finally:
             timer.cancel()
             self._connections.discard(conn)
+            if conn.device_id is not None and self._sessions.get(conn.device_id) is conn:
+                del self._sessions[conn.device_id]
             for task in conn.tasks.values():
                 task.cancel()
             if conn.tasks:
@@ -409,9 +416,10 @@ class CloudServer:
             conn.auth_timer.cancel()
         conn.device_id = device_id
         self.metrics.sessions.inc()
-        for older in [c for c in self._connections if c.device_id == device_id]:
-            if older is not conn and older.session.is_open:
-                self._replace(older)
+        older = self._sessions.get(device_id)
+        if older is not None and older.session.is_open:
+            self._replace(older)
+        self._sessions[device_id] = conn
         hello = conn.session.hello
         conn.adapter_version = hello.adapter_version if hello else None
         conn.base_model_sha256 = hello.base_model.sha256 if hello and hello.base_model else None
