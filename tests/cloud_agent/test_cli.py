@@ -34,7 +34,7 @@ from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from examples.handshake import Device
 from protocol import ChatMessage, Escalate, ResultReceived, Welcomed
-from shared import ConfigError, load_config
+from shared import ConfigError, SigningKey, load_config
 from shared.cli import main
 from tests.cloud_fixtures import Cloud
 
@@ -448,3 +448,17 @@ async def test_a_backup_taken_while_the_cloud_serves_is_a_data_directory_to_serv
     # Never over an earlier backup.
     assert await asyncio.to_thread(main, ["cloud", "backup", *data, str(backup)]) == 1
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_a_backup_of_a_cloud_on_postgresql_copies_its_files_and_leaves_the_database_to_pg_dump(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "cloud"
+    url = "postgresql+asyncpg://edgeloop@db.invalid/edgeloop"  # never connected to
+    args = ["cloud", "backup", "--data-dir", str(data), "--database-url", url]
+    assert main([*args, str(tmp_path / "first")]) == 1
+    assert "no server.key" in capsys.readouterr().err, "not the cloud's data directory"
+    SigningKey.generate().save(data / "server.key")
+    assert main([*args, str(tmp_path / "second")]) == 0
+    out, err = capsys.readouterr()
+    assert [Path(p).name for p in out.split()] == ["server.key"] and "pg_dump" in err
