@@ -3,7 +3,8 @@
 `Updater.handle(offer)` runs for each `update_offer` the link receives: `verify_offer` against
 the key pinned at enrollment, then every missing byte range is fetched over the protocol's
 `fetch` into the staging directory (an interrupted download continues from what is on disk
-when the cloud offers the bundle again), then `UpdateManager.apply`. The outcome goes to the
+when the cloud offers the bundle again; a fetch the cloud could not serve just then is tried
+again on the same connection, backing off), then `UpdateManager.apply`. The outcome goes to the
 cloud as an `update_status` through the outbox, so it arrives even after a disconnect.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from pathlib import Path
 
 from edge_agent.apply import ApplyResult, UpdateManager
@@ -23,6 +25,10 @@ from shared.keys import VerifyKey
 __all__ = ["Updater"]
 
 log = logging.getLogger("edgeloop.edge.updates")
+TRANSIENT = frozenset(
+    {"cloud.internal_error", "cloud.overloaded", "cloud.rate_limited", "cloud.deadline"}
+)
+"""Reasons a fetch failed that a later try on the same connection may not meet."""
 
 
 class Updater:
@@ -34,6 +40,8 @@ class Updater:
         base_model_sha256: str,
         staging: Path | None = None,
         chunk_bytes: int = 256 * 1024,
+        retry_initial_s: float = 5.0,
+        retry_max_s: float = 300.0,
     ) -> None:
         self.manager = manager
         self.link = link
@@ -41,6 +49,10 @@ class Updater:
         self.staging = staging or manager.root / "staging"
         self.staging.mkdir(parents=True, exist_ok=True)
         self.chunk_bytes = chunk_bytes
+        self.retry_initial_s = retry_initial_s
+        """After a fetch the cloud could not serve just then, the first wait before trying
+        again (doubling up to `retry_max_s`, while the link stays up)."""
+        self.retry_max_s = retry_max_s
         self.results: list[ApplyResult] = []
         self.applied = asyncio.Event()
         link.adapter_version = manager.current_version
@@ -64,12 +76,24 @@ class Updater:
                 self._report(ApplyResult("rejected", version, exc.reason))
             return None
         download = BundleDownload(manifest, self.staging)
+        pause = self.retry_initial_s
         try:
-            await self._download(manifest, download)
-        except CloudUnavailable as exc:
-            # Kept on disk: the next offer (at the latest on reconnect) resumes from here.
-            log.info("download of version %s paused: %s", manifest.version, exc.reason)
-            return None
+            while True:
+                try:
+                    await self._download(manifest, download)
+                    break
+                except CloudUnavailable as exc:
+                    if exc.reason not in TRANSIENT:
+                        # Kept on disk: the next offer (at the latest on reconnect) resumes
+                        # from here.
+                        log.info("download of version %s paused: %s", manifest.version, exc)
+                        return None
+                    # The cloud could not serve it just now (a replica still copying the
+                    # bundle, a busy store): again in a while, on this connection.
+                    log.info("download of version %s: %s; again in %.0f s",
+                             manifest.version, exc, pause)  # fmt: skip
+                    await asyncio.sleep(random.uniform(pause / 2, pause))
+                    pause = min(self.retry_max_s, pause * 2)
         except UpdateRejected as exc:
             result = ApplyResult("rejected", manifest.version, exc.reason)
         else:

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete
 
 from cloud_agent.bundles import build_bundle
 from cloud_agent.service import CloudService
+from cloud_agent.store import tables
 from edge_agent.agent import EdgeAgent
 from edge_agent.link import CloudLink
 from edge_agent.local_model import DeviceProfile, LocalModel, RuntimeSettings
@@ -100,6 +102,37 @@ async def test_a_published_bundle_reaches_the_device_which_applies_and_reports_i
         assert model.active_adapter is None
         rollouts = {r["version"]: r["state"] for r in await cloud.service.store.list_rollouts()}
         assert rollouts == {version: "rolled_back", undo: "active"}
+    finally:
+        await agent.stop()
+        model.activate(None)
+
+
+async def test_a_fetch_the_cloud_cannot_serve_just_then_is_tried_again_on_the_same_connection(
+    cloud: Cloud, model: LocalModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await device(cloud, model, tmp_path / "dev")
+    assert agent.updater is not None
+    agent.updater.retry_initial_s = 0.05
+    registry = cloud.service.metrics.registry
+    connections = registry.get_sample_value("edgeloop_connections_total")
+    try:
+        version = await publish(cloud.service, model, tmp_path, state="halted")
+        # Its files neither on this host's disk nor in the store, for now.
+        built, away = cloud.service.bundles_dir / str(version), tmp_path / "away"
+        built.rename(away)
+        async with cloud.service.store.engine.begin() as conn:
+            await conn.execute(delete(tables.BundleBlock))
+        await cloud.service.store.set_rollout_state(version, "active", "test")
+        await cloud.service.published()
+
+        async def refused() -> bool:
+            return any("cannot be served here" in r.getMessage() for r in caplog.records)
+
+        await until(refused)
+        away.rename(built)  # back: the next try is served
+        await asyncio.wait_for(agent.updater.applied.wait(), 30)
+        assert agent.updates is not None and agent.updates.current_version == version
+        assert registry.get_sample_value("edgeloop_connections_total") == connections
     finally:
         await agent.stop()
         model.activate(None)
