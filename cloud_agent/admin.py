@@ -82,6 +82,13 @@ def build_admin_app(service: CloudService) -> Starlette:
         changed = await service.revoke(device_id)
         return _json({"device_id": device_id, "revoked": True, "changed": changed})
 
+    async def forget(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        deleted = await service.forget(device_id)
+        if deleted is None:
+            return _json({"error": "not_found", "message": "no such device"}, 404)
+        return _json({"device_id": device_id, "forgotten": True, "deleted": deleted})
+
     async def create_token(request: Request) -> Response:
         try:
             body = await request.json() if await request.body() else {}
@@ -222,6 +229,7 @@ def build_admin_app(service: CloudService) -> Starlette:
             Route("/metrics", guarded(metrics)),
             Route("/v1/devices", guarded(devices)),
             Route("/v1/devices/{device_id}/revoke", guarded(revoke), methods=["POST"]),
+            Route("/v1/devices/{device_id}", guarded(forget), methods=["DELETE"]),
             Route("/v1/enrollment-tokens", guarded(create_token), methods=["POST"]),
             Route("/v1/interactions", guarded(interactions)),
             Route("/v1/feedback/summary", guarded(feedback_summary)),

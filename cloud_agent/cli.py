@@ -150,6 +150,15 @@ def register(subparsers: Any) -> None:
     revoke.add_argument("device_id")
     revoke.set_defaults(func=_revoke)
 
+    forget = sub.add_parser(
+        "forget",
+        help="erase a device's data (interactions, feedback, reports, sessions, ...) and "
+        "revoke it; on a running cloud prefer the admin API's DELETE /v1/devices/ID",
+    )
+    common(forget)
+    forget.add_argument("device_id")
+    forget.set_defaults(func=_forget)
+
     backup = sub.add_parser(
         "backup",
         help="copy the database (consistently, while the cloud serves), the signing key, the "
@@ -364,6 +373,15 @@ def _backup(args: argparse.Namespace) -> int:
     if not any(path.suffix == ".db" for path in written):
         print("the database is not in the data directory: back it up with its own tools "
               "(PostgreSQL: pg_dump)", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    deleted = asyncio.run(_with_store(_config(args), lambda s: s.forget_device(args.device_id)))
+    if deleted is None:
+        print(f"error: no device {args.device_id}", file=sys.stderr)
+        return 1
+    print(json.dumps({"device_id": args.device_id, "deleted": deleted}, indent=2))
     return 0
 
 

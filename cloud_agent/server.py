@@ -109,6 +109,8 @@ class _Connection:
     """Refuses the session if it is not authenticated in time; cancelled once it is."""
     refusal: asyncio.Task[None] | None = None
     """Sends the auth-timeout refusal."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the connection is over and what it had to record is recorded."""
 
 
 class CloudServer:
@@ -250,7 +252,8 @@ class CloudServer:
     async def end_sessions(self, device_ids: Iterable[str]) -> int:
         """End the open sessions of these devices, now revoked: each request in flight ends
         with `device_revoked`, then the session with it (close 1008), and the escalations'
-        work stops. Returns how many sessions ended."""
+        work stops. Returns how many sessions ended, once they are over (at most a few
+        seconds for a peer that does not read)."""
         ending = [
             conn
             for device_id in set(device_ids)
@@ -266,6 +269,11 @@ class CloudServer:
                 task.cancel()
             log.info("device %s revoked: session %s ended", conn.device_id, conn.session_id)
         await asyncio.gather(*(self._flush_or_abort(c, 5.0) for c in ending))
+        if ending:  # over, and their escalations recorded
+            waits = [asyncio.ensure_future(c.ended.wait()) for c in ending]
+            _, late = await asyncio.wait(waits, timeout=5)
+            for wait in late:
+                wait.cancel()
         return len(ending)
 
     # --- one connection -------------------------------------------------------------------
@@ -310,6 +318,7 @@ class CloudServer:
                     SessionEvent("ended", conn.session_id, conn.device_id, _now(),
                                  close_code=ws.close_code)
                 )  # fmt: skip
+            conn.ended.set()
 
     def _auth_expired(self, conn: _Connection) -> None:
         # A timer rather than a sleeping task per connection: nothing is left behind once the

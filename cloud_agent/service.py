@@ -417,6 +417,16 @@ class CloudService:
         await self.server.end_sessions([device_id])
         return changed
 
+    async def forget(self, device_id: str) -> dict[str, int] | None:
+        """Erase a device's data from the store (`Store.forget_device`): revoked first, its
+        session on this replica ended and what it logged written, so nothing of it lands after
+        the erasure. None for an unknown device."""
+        if await self.store.get_device(device_id) is None:
+            return None
+        await self.revoke(device_id)
+        await self.server.recorder.flush()
+        return await self.store.forget_device(device_id)
+
     async def _end_revoked_sessions(self) -> None:
         """Devices revoked elsewhere (the CLI, another replica) are read every
         `revocation_poll_s`; the windows overlap by a minute, as for feedback."""

@@ -174,6 +174,44 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
+    async def forget_device(self, device_id: str) -> dict[str, int] | None:
+        """Erase what the store holds of a device (a user's request to be forgotten, a device
+        given up): its interactions, feedback, reports, update statuses and deployments,
+        privacy events, sessions and enrollment token, in one transaction. What stays is a
+        revoked tombstone (the id and the public key, so the key cannot authenticate again),
+        with its name and counters cleared. Returns the rows deleted per table; None for an
+        unknown device."""
+        by_device = (
+            ("interactions", t.Interaction),
+            ("feedback", t.Feedback),
+            ("report_reasons", t.ReportReason),  # before the reports they refer to
+            ("reports", t.Report),
+            ("status_reports", t.StatusReport),
+            ("deployments", t.Deployment),
+            ("privacy_events", t.PrivacyEvent),
+            ("sessions", t.Session),
+            ("enrollment_tokens", t.EnrollmentToken),
+        )
+        async with self._tx() as s:
+            if await s.get(t.Device, device_id) is None:
+                return None
+            counts = {}
+            for name, table in by_device:
+                result = await s.execute(delete(table).where(table.device_id == device_id))
+                counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
+            device = t.Device.id == device_id
+            await s.execute(
+                update(t.Device).where(device, t.Device.revoked_at.is_(None))
+                .values(revoked_at=now())
+            )  # fmt: skip
+            await s.execute(
+                update(t.Device).where(device).values(
+                    name=None, last_seen_at=None, base_model_sha256=None, adapter_version=None,
+                    privacy_violations=0,
+                )
+            )  # fmt: skip
+            return counts
+
     async def revoked_since(self, since: datetime) -> list[str]:
         """Ids of the devices revoked at or after `since` (by any replica or the CLI)."""
         async with self._tx() as s:

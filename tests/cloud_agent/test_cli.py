@@ -63,6 +63,11 @@ def test_enroll_token_devices_and_revoke_work_on_the_store(
     assert (device["id"], device["public_key"], device["revoked"]) == ("dev_a", "A" * 43, True)
     datetime.fromisoformat(device["revoked_at"])
     assert device["last_seen_at"] is None
+    assert main(["cloud", "forget", *data, "dev_a"]) == 0
+    forgotten = json.loads(capsys.readouterr().out)
+    assert forgotten["device_id"] == "dev_a" and forgotten["deleted"]["enrollment_tokens"] == 1
+    assert main(["cloud", "forget", *data, "dev_unknown"]) == 1
+    assert "no device dev_unknown" in capsys.readouterr().err
 
 
 def test_purge_deletes_expired_tokens_and_needs_a_period(

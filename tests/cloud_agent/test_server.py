@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from sqlalchemy import update
+from sqlalchemy import select, update
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -226,6 +226,33 @@ async def test_a_device_revoked_elsewhere_loses_its_session_within_the_poll(
     refused, closed = await events_to_the_end(device)
     assert isinstance(refused, PeerError) and refused.error.name == "device_revoked"
     assert isinstance(closed, SessionClosed) and closed.code == 1008
+
+
+@pytest.mark.cloud(backend=ScriptedBackend(hang=True))
+async def test_forgetting_a_connected_device_ends_its_session_and_leaves_nothing_behind(
+    cloud: Cloud,
+) -> None:
+    device, creds = await cloud.enroll()
+    await device.send(ask("Plan me a two-week trek across Patagonia with gear lists."))
+    async with asyncio.timeout(5):
+        while not cloud.backend.calls:
+            await asyncio.sleep(0.01)
+    # Its request in flight is cancelled and logged before the erasure, not after it.
+    async with admin_client(cloud.service) as admin:
+        response = await admin.delete(f"/v1/devices/{creds.device_id}")
+        assert response.status_code == 200
+        deleted = response.json()["deleted"]
+        assert deleted["interactions"] == 1 and deleted["sessions"] == 1
+        assert (await admin.delete("/v1/devices/dev_nobody")).status_code == 404
+    closed = (await events_to_the_end(device))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 1008
+    await cloud.service.server.recorder.flush()
+    async with cloud.service.store.engine.connect() as conn:
+        rows = await conn.execute(
+            select(tables.Session).where(tables.Session.device_id == creds.device_id)
+        )
+        assert rows.all() == []
+    assert await cloud.service.store.list_interactions() == []
 
 
 async def test_a_newer_session_of_a_device_replaces_the_older_one(cloud: Cloud) -> None:

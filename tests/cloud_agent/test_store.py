@@ -662,6 +662,40 @@ async def test_purge_deletes_what_is_older_than_the_cutoff_and_keeps_the_rest(
     assert await store.purge(now - timedelta(days=30)) == dict.fromkeys(counts, 0)
 
 
+async def test_forgetting_a_device_erases_its_records_and_leaves_a_revoked_tombstone(
+    store: Store, tmp_path: Path
+) -> None:
+    gone, kept = await enrolled(store, "dev_a", KEY_A), await enrolled(store, "dev_b", KEY_B)
+    when = datetime.now(UTC)
+    await publish(store, tmp_path, 1)
+    for device in (gone, kept):
+        await store.record_interactions(
+            [NewInteraction(device_id=device, request_id=f"req_{device}", placeholders=[],
+                            messages=[{"role": "user", "content": "my order"}], status="ok")],
+            [SessionEvent("started", f"ses_{device}", device, when)],
+        )  # fmt: skip
+        await store.add_feedback(device, f"idk_{device}", f"req_{device}", "negative", "no")
+        await store.add_report(report(device, f"rep_{device}", local=1, reasons={"a.b": 1}))
+        await store.add_update_status(device, f"st_{device}", 1, "applied", None, {})
+        await store.record_privacy_event(device, f"req_{device}", ["email"])
+
+    deleted = await store.forget_device(gone)
+    assert deleted == {"interactions": 1, "feedback": 1, "report_reasons": 1, "reports": 1,
+                       "status_reports": 1, "deployments": 1, "privacy_events": 1,
+                       "sessions": 1, "enrollment_tokens": 1}  # fmt: skip
+    assert [r.device_id for r in await store.list_interactions()] == [kept]
+    assert (await store.feedback_summary()).negative == 1
+    tombstone = await store.get_device(gone)
+    assert tombstone is not None and tombstone.revoked and tombstone.name is None
+    assert tombstone.privacy_violations == 0
+    other = await store.get_device(kept)
+    assert other is not None and not other.revoked and other.privacy_violations == 1
+    with pytest.raises(EnrollmentRefused):  # its key cannot come back under a new token
+        await store.enroll_device(await store.create_enrollment_token(), "dev_c", KEY_A)
+    assert await store.forget_device("dev_nobody") is None
+    assert await store.forget_device(gone) == dict.fromkeys(deleted, 0)
+
+
 async def test_interactions_page_back_by_id(store: Store) -> None:
     device = await enrolled(store)
     await store.record_interactions(
