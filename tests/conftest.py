@@ -85,6 +85,30 @@ def postgres_url() -> Iterator[str]:
         run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def postgres_db(postgres_url: str) -> Iterator[str]:
+    """`postgres_url`, emptied after the test (every table dropped), whatever the test left
+    running or failed to do: the next test starts on an empty database."""
+    yield postgres_url
+
+    async def drop() -> None:
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from cloud_agent.store.tables import Base
+
+        engine = create_async_engine(postgres_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+        finally:
+            await engine.dispose()
+
+    # In a thread of its own, as `postgres_url` does: a test's loop may still be running.
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, drop()).result()
+
+
 def _shared_file(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():

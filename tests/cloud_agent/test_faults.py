@@ -170,18 +170,20 @@ async def test_garbage_from_the_backend_is_a_typed_error_to_the_device(cloud: Cl
 
 
 async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
-    tmp_path: Path, kb_path: Path, postgres_url: str
+    tmp_path: Path, kb_path: Path, postgres_db: str
 ) -> None:
-    replicas = []
-    for n in range(2):
-        config = make_config(tmp_path / f"r{n}", kb_path, database_url=postgres_url)
-        # Both replicas of one cluster sign with the same key: copy the first one's.
-        if replicas:
-            replicas[0].signing_key.save(config.data_dir / "server.key")
-        service = await CloudService.create(config, backend=ScriptedBackend(f"from replica {n}"))
-        await service.start()
-        replicas.append(service)
+    replicas: list[CloudService] = []
     try:
+        for n in range(2):
+            config = make_config(tmp_path / f"r{n}", kb_path, database_url=postgres_db)
+            # Both replicas of one cluster sign with the same key: copy the first one's.
+            if replicas:
+                replicas[0].signing_key.save(config.data_dir / "server.key")
+            service = await CloudService.create(
+                config, backend=ScriptedBackend(f"from replica {n}")
+            )
+            await service.start()
+            replicas.append(service)
         token = await replicas[0].store.create_enrollment_token()
         key = SigningKey.generate()
         first = await Device.connect(
@@ -208,14 +210,7 @@ async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
         await second.close()
     finally:
         for service in replicas:
-            async with service.store.engine.begin() as conn:
-                from cloud_agent.store.tables import Base
-
-                await conn.run_sync(Base.metadata.drop_all)
-                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
-            break
-        for service in replicas:
-            await service.stop()
+            await service.stop()  # before `postgres_db` drops the tables they use
 
 
 async def test_the_service_speaks_wss_and_https_with_a_certificate(

@@ -20,7 +20,6 @@ import pytest
 
 from cloud_agent.bundles import build_bundle
 from cloud_agent.store import Store
-from cloud_agent.store.tables import Base
 from examples.handshake import Device
 from protocol import (
     ChunkReceived,
@@ -52,23 +51,25 @@ async def start_replica(
     )  # fmt: skip
     assert proc.stdout is not None
     lines = [await asyncio.to_thread(proc.stdout.readline) for _ in range(2)]
+    if not all(lines):  # it stopped before serving: nothing is left behind
+        proc.kill()
+        code = await asyncio.to_thread(proc.wait, 30)
+        proc.stdout.close()
+        raise AssertionError(f"replica {n} did not start (exit status {code})")
     ws_port = int(lines[0].rsplit(":", 1)[1].split("/")[0])
     admin_port = int(lines[1].split()[2].rsplit(":", 1)[1])
     return proc, ws_port, admin_port
 
 
 @pytest.fixture
-async def store(postgres_url: str) -> AsyncIterator[Store]:
-    opened = await Store.open(postgres_url)
+async def store(postgres_db: str) -> AsyncIterator[Store]:
+    opened = await Store.open(postgres_db)
     yield opened
-    async with opened.engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
-        await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     await opened.close()
 
 
 async def test_a_publication_on_one_replica_reaches_a_device_on_the_other(
-    tmp_path: Path, postgres_url: str, store: Store
+    tmp_path: Path, postgres_db: str, store: Store
 ) -> None:
     # One cluster, one signing key: both replicas' data directories hold the same file.
     key = SigningKey.generate()
@@ -78,7 +79,7 @@ async def test_a_publication_on_one_replica_reaches_a_device_on_the_other(
     procs = []
     try:
         for n in range(2):
-            procs.append(await start_replica(tmp_path, n, postgres_url))
+            procs.append(await start_replica(tmp_path, n, postgres_db))
         (_, _, admin_a), (_, ws_b, _) = procs[0], procs[1]
 
         src = tmp_path / "adapter.bin"

@@ -38,16 +38,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     if request.param == "sqlite":
         url = sqlite_url(tmp_path / "cloud.db")
     else:
-        url = request.getfixturevalue("postgres_url")
+        url = request.getfixturevalue("postgres_db")  # emptied for the next test
     opened = await Store.open(url)
     try:
         yield opened
     finally:
-        # Leave the PostgreSQL database empty for the next test.
-        if request.param == "postgresql":
-            async with opened.engine.begin() as conn:
-                await conn.run_sync(Base.metadata.drop_all)
-                await conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
         await opened.close()
 
 
