@@ -156,6 +156,7 @@ class CloudService:
             max_requests_per_minute=config.limits.max_requests_per_minute,
             heartbeat_s=config.limits.heartbeat_s,
         )
+        self.bundles_dir = config.data_dir / "bundles"
         self.server = CloudServer(
             store=store,
             agent=self.agent,
@@ -172,9 +173,8 @@ class CloudService:
                 min_feedback=config.rollout.min_feedback,
                 max_negative_share=config.rollout.max_negative_share,
             ),
-            bundles_dir=config.data_dir / "bundles",
+            bundles_dir=self.bundles_dir,
         )
-        self.bundles_dir = config.data_dir / "bundles"
         self.feed = PublicationFeed(
             store,
             self.server.push_offers,
