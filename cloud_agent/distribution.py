@@ -21,7 +21,15 @@ from cloud_agent.errors import StoreError
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import AdapterRecord, Offers, Store
-from protocol import BundleManifest, Chunk, ErrorCode, Fetch, ServerSession, make_error
+from protocol import (
+    BundleManifest,
+    Chunk,
+    Error,
+    ErrorCode,
+    Fetch,
+    ServerSession,
+    make_error,
+)
 
 __all__ = ["BundleDistribution", "Receiver"]
 
@@ -153,8 +161,7 @@ class BundleDistribution:
                 files = await self._local_files(record)
             except (StoreError, OSError) as exc:
                 log.warning("bundle %s cannot be served here: %s", request.version, exc)
-                message = "the bundle's files are not available here; try again later"
-                session.send(make_error(ErrorCode.INTERNAL_ERROR, message, request_id=rid))
+                session.send(_unavailable(rid))
                 return
             # A published bundle's files never change: look them up once, not per chunk.
             self._files[request.version] = files
@@ -179,8 +186,7 @@ class BundleDistribution:
             # Removed from under a running server: found again (or copied) on the next fetch.
             self._files.pop(request.version, None)
             log.warning("bundle %s: cannot read %s: %s", request.version, path, exc)
-            message = "the bundle's files are not available here; try again later"
-            session.send(make_error(ErrorCode.INTERNAL_ERROR, message, request_id=rid))
+            session.send(_unavailable(rid))
             return
         header = Chunk(request_id=rid, file=request.file, offset=request.offset,
                        length=len(data), size=size)  # fmt: skip
@@ -226,6 +232,12 @@ class BundleDistribution:
             await asyncio.to_thread(os.replace, part, target)
         log.info("bundle %s copied from the store to %s", record.version, directory)
         return copied
+
+
+def _unavailable(request_id: str) -> Error:
+    """A fetch this server cannot serve now (retryable from the device's side)."""
+    message = "the bundle's files are not available here; try again later"
+    return make_error(ErrorCode.INTERNAL_ERROR, message, request_id=request_id)
 
 
 def _all_there(files: dict[str, tuple[Path, int]]) -> bool:

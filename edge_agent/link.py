@@ -361,13 +361,12 @@ class CloudLink:
                         self.last_failure, self.last_error = f"refused: {error.name}", None
                 case GoodbyeReceived(message=goodbye):
                     self._retry_after = goodbye.retry_after_s
-                case SessionClosed(code=CloseCode.SESSION_REPLACED):
-                    # Another connection under this device's identity took over: a second
-                    # process or a copied identity file. Reconnecting would only take it back.
-                    self._refused = "session_replaced"
-                    self.last_failure, self.last_error = "replaced by a newer session", None
-                    self._set_down()
-                case SessionClosed():
+                case SessionClosed(code=code):
+                    if code == CloseCode.SESSION_REPLACED:
+                        # Another connection under this device's identity took over (a second
+                        # process, a copied identity file): reconnecting would take it back.
+                        self._refused = "session_replaced"
+                        self.last_failure, self.last_error = "replaced by a newer session", None
                     self._set_down()
 
     def _deliver(self, request_id: str, item: Any) -> None:

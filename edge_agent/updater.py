@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_agent.apply import ApplyResult, UpdateManager
 from edge_agent.link import CloudLink, CloudUnavailable
 from edge_agent.updates import BundleDownload, UpdateRejected, verify_offer
-from protocol import BundleManifest, UpdateOffer, UpdateStatus
+from protocol import BundleManifest, Chunk, UpdateOffer, UpdateStatus
 from shared.ids import new_idempotency_key
 from shared.keys import VerifyKey
 
@@ -76,24 +76,12 @@ class Updater:
                 self._report(ApplyResult("rejected", version, exc.reason))
             return None
         download = BundleDownload(manifest, self.staging)
-        pause = self.retry_initial_s
         try:
-            while True:
-                try:
-                    await self._download(manifest, download)
-                    break
-                except CloudUnavailable as exc:
-                    if exc.reason not in TRANSIENT:
-                        # Kept on disk: the next offer (at the latest on reconnect) resumes
-                        # from here.
-                        log.info("download of version %s paused: %s", manifest.version, exc)
-                        return None
-                    # The cloud could not serve it just now (a replica still copying the
-                    # bundle, a busy store): again in a while, on this connection.
-                    log.info("download of version %s: %s; again in %.0f s",
-                             manifest.version, exc, pause)  # fmt: skip
-                    await asyncio.sleep(random.uniform(pause / 2, pause))
-                    pause = min(self.retry_max_s, pause * 2)
+            await self._download(manifest, download)
+        except CloudUnavailable as exc:
+            # Kept on disk: the next offer (at the latest on reconnect) resumes from here.
+            log.info("download of version %s paused: %s", manifest.version, exc)
+            return None
         except UpdateRejected as exc:
             result = ApplyResult("rejected", manifest.version, exc.reason)
         else:
@@ -107,7 +95,7 @@ class Updater:
         for name in download.missing():
             entry = next(f for f in manifest.files if f.name == name)
             while (offset := download.offset(name)) < entry.size:
-                header, data = await self.link.fetch(
+                header, data = await self._fetch(
                     manifest.version, name, offset, min(self.chunk_bytes, entry.size - offset)
                 )
                 if header.size != entry.size:
@@ -115,6 +103,22 @@ class Updater:
                 if not data:
                     raise UpdateRejected("bad_range", f"{name}: empty chunk at {offset}")
                 await asyncio.to_thread(download.write, name, header.offset, data)
+
+    async def _fetch(
+        self, version: int, name: str, offset: int, length: int
+    ) -> tuple[Chunk, bytes]:
+        """One range; one the cloud could not serve just then (a replica still copying the
+        bundle, a busy store) is asked again in a while, on this connection."""
+        pause = self.retry_initial_s
+        while True:
+            try:
+                return await self.link.fetch(version, name, offset, length)
+            except CloudUnavailable as exc:
+                if exc.reason not in TRANSIENT:
+                    raise
+                log.info("download of version %s: %s; again in %.0f s", version, exc, pause)
+                await asyncio.sleep(random.uniform(pause / 2, pause))
+                pause = min(self.retry_max_s, pause * 2)
 
     def _report(self, result: ApplyResult) -> None:
         self.results.append(result)
