@@ -11,6 +11,9 @@ as the enrolled device (`auth`) and asks once more.
 
     edgeloop cloud serve --knowledge ../shared/data/northwind-kb.md      # in one terminal
     python -m examples.vendor_agent ws://127.0.0.1:8765/v1 --token "$(edgeloop cloud enroll-token)"
+
+A `wss://` cloud whose certificate the system does not trust (a private CA, a self-signed
+certificate) is trusted with `--ca-file cert.pem`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import base64
 import json
 import secrets
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +94,8 @@ class Agent:
 
     key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     device_id: str | None = None
+    tls: ssl.SSLContext | None = None
+    """For wss:// URLs: whom to trust (default: the system's certificate authorities)."""
     validator: jsonschema.protocols.Validator = field(
         default_factory=lambda: jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
     )
@@ -111,7 +117,9 @@ class Agent:
     async def open(self, url: str, token: str | None = None) -> Session:
         """Connect, prove who we are (enrolling with `token` the first time) and return the
         open session."""
-        ws = await connect(url, subprotocols=[Subprotocol("edgeloop.v1")], proxy=None)
+        # websockets takes no `ssl` for ws:// and the system's authorities by default for wss://
+        tls: dict[str, Any] = {"ssl": self.tls} if self.tls and url.startswith("wss:") else {}
+        ws = await connect(url, subprotocols=[Subprotocol("edgeloop.v1")], proxy=None, **tls)
         session = Session(ws, self.validator)
         hello: dict[str, Any] = {"type": "hello", "versions": ["1.0"], "sdk": SDK,
                                  "capabilities": ["stream", "feedback"]}  # fmt: skip
@@ -168,9 +176,12 @@ class Agent:
         await session.ws.close()
 
 
-async def run(url: str, token: str, questions: tuple[str, str]) -> dict[str, Any]:
+async def run(
+    url: str, token: str, questions: tuple[str, str], *, ca_file: Path | None = None
+) -> dict[str, Any]:
     """The whole visit: enroll and ask, rate, leave, come back and ask again."""
-    agent = Agent()
+    tls = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    agent = Agent(tls=tls)
     session = await agent.open(url, token)
     request_id, first = await agent.ask(session, questions[0])
     duplicate = await agent.rate(session, request_id, "positive")
@@ -196,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token", required=True, help="a one-time enrollment token")
     parser.add_argument("--question", default="Is standard shipping free?")
     parser.add_argument("--again", default="Do gift cards expire?")
+    parser.add_argument("--ca-file", type=Path, help="PEM certificate(s) to trust for a wss:// URL")
     args = parser.parse_args(argv)
     try:
-        out = asyncio.run(run(args.url, args.token, (args.question, args.again)))
+        out = asyncio.run(
+            run(args.url, args.token, (args.question, args.again), ca_file=args.ca_file)
+        )
     except (ProtocolViolation, jsonschema.ValidationError, ConnectionClosed, OSError) as exc:
         print(f"vendor agent: {type(exc).__name__}: {exc}")
         return 1

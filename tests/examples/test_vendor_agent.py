@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -41,6 +43,18 @@ async def test_the_vendor_agent_checks_what_it_sends_and_is_refused_a_used_token
     await agent.close(session)
     with pytest.raises(ProtocolViolation, match="invalid_enrollment_token"):
         await Agent().open(cloud.url, token)
+
+
+async def test_the_vendor_agent_trusts_a_private_certificate_it_is_given(
+    tls_cloud: tuple[Cloud, Path],
+) -> None:
+    cloud, cert = tls_cloud
+    questions = ("Is standard shipping free?", "How do I layer for snow?")
+    token = await cloud.service.store.create_enrollment_token()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await run(cloud.url, token, questions)  # the system does not know this certificate
+    out = await run(cloud.url, token, questions, ca_file=cert)
+    assert cloud.url.startswith("wss://") and out["second"].text == "Layer up: base, mid, shell."
 
 
 def test_the_vendor_agent_imports_nothing_of_edgeloop() -> None:
