@@ -192,10 +192,11 @@ async def serve_ours(n: int, *, keep_log: bool = True) -> AsyncIterator[tuple[Ta
             config, backend=ScriptedBackend("Use wax, then dry.", keep_calls=False)
         )
         if not keep_log:
-            # The server and its inbox (which asks whether an answer is still unwritten)
-            # share one recorder.
-            service.server.recorder = service.server.inbox.recorder = DiscardingRecorder(
-                service.store
+            # The server, its escalations and its inbox (which asks whether an answer is
+            # still unwritten) share one recorder.
+            server = service.server
+            server.recorder = server.escalations.recorder = server.inbox.recorder = (
+                DiscardingRecorder(service.store)
             )
         await service.start()
         try:

@@ -10,15 +10,14 @@
   devices that only ever move forward accept it.
 - `rollouts(store)`: what the operator sees of each rollout: its state, its devices by
   status, and where the devices running its adapter answered their requests in the last day.
-- `PublicationFeed`: replicas learn of publications and state changes through PostgreSQL
-  ``LISTEN/NOTIFY`` (channel ``edgeloop_rollouts``) when the store is PostgreSQL, and in any
-  case by polling the store every `poll_s` (SQLite, or a notification lost with a connection).
+- `PublicationFeed`: replicas learn of publications and state changes through the `Cluster`'s
+  channel ``edgeloop_rollouts`` (PostgreSQL ``LISTEN/NOTIFY``), and in any case by polling the
+  store every `poll_s` (a notification lost with a connection, a change the CLI made).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_agent.bundles import build_bundle
+from cloud_agent.cluster import Cluster
 from cloud_agent.errors import CloudAgentError
 from cloud_agent.store import Store
 from protocol import BundleManifest
@@ -134,57 +134,33 @@ class PublicationFeed:
         store: Store,
         on_change: Callable[[], Awaitable[None]],
         *,
-        database_url: str,
+        cluster: Cluster,
         poll_s: float = 10.0,
     ) -> None:
         self.store = store
         self.on_change = on_change
-        self.database_url = database_url
+        self.cluster = cluster
         self.poll_s = poll_s
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._listener: Any = None
+        self._poller: asyncio.Task[None] | None = None
         self._seen: list[dict[str, Any]] | None = None
-
-    @property
-    def postgres(self) -> bool:
-        return self.database_url.startswith("postgresql")
+        cluster.subscribe(CHANNEL, self._notified)
 
     async def start(self) -> None:
-        if self.postgres:
-            await self._listen()
+        """Start polling (the cluster, started by its owner, carries the notices)."""
         self._seen = await self.store.list_rollouts()
-        self._tasks.add(asyncio.create_task(self._poll()))
+        self._poller = asyncio.create_task(self._poll())
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(Exception):
-                await listener.close()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
 
     async def announce(self) -> None:
         """Tell every replica (this one included) that rollouts changed."""
-        if self._listener is not None:
-            # The listening connection hears its own notification, so this replica reacts
-            # through the same path as every other one.
-            await self._listener.execute("SELECT pg_notify($1, 'changed')", CHANNEL)
-        else:
-            await self._changed()
+        await self.cluster.notify(CHANNEL, "changed")
 
-    async def _listen(self) -> None:
-        import asyncpg
-
-        self._listener = await asyncpg.connect(_asyncpg_dsn(self.database_url))
-
-        def notified(*_: Any) -> None:
-            task = asyncio.create_task(self._changed())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        await self._listener.add_listener(CHANNEL, notified)
+    async def _notified(self, _payload: str) -> None:
+        await self._changed()
 
     async def _changed(self) -> None:
         try:
@@ -205,7 +181,3 @@ class PublicationFeed:
                 continue
             if now != self._seen:
                 await self._changed()
-
-
-def _asyncpg_dsn(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://", 1)

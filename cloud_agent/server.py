@@ -1,42 +1,38 @@
 """The WebSocket endpoint: one `ServerSession` per connection, driven over `websockets`.
 
 The session machine owns the protocol; this module does what needs I/O: reading and writing
-frames, looking devices up and storing what the session accepted, running escalations as tasks
-(so a cancel or a deadline can stop them), rate limiting, and shutting down gracefully.
+frames, looking devices up and storing what the session accepted, handing escalations to
+`Escalations`, ending sessions (revoked, replaced) and shutting down gracefully.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from cloud_agent.agent import Answer, CloudAgent
-from cloud_agent.backends.base import ChatTurn
+from cloud_agent.agent import CloudAgent
 from cloud_agent.batching import Batcher
+from cloud_agent.cluster import SESSIONS, Cluster
 from cloud_agent.distribution import BundleDistribution
-from cloud_agent.errors import (
-    BackendError,
-    EnrollmentRefused,
-    Overloaded,
-    StoreError,
-)
+from cloud_agent.errors import EnrollmentRefused, StoreError
+from cloud_agent.escalations import Escalations
 from cloud_agent.inbox import Inbox
 from cloud_agent.metrics import Metrics
 from cloud_agent.recorder import InteractionRecorder
 from cloud_agent.rollout import RolloutPolicy
 from cloud_agent.store import (
     DeviceRecord,
-    NewInteraction,
     SessionEvent,
     Store,
 )
@@ -46,10 +42,8 @@ from protocol import (
     CancelRequested,
     CloseCode,
     CloseFrame,
-    Delta,
     EnrollmentRequested,
     ErrorCode,
-    Escalate,
     EscalationReceived,
     Event,
     FeedbackReceived,
@@ -59,10 +53,8 @@ from protocol import (
     Limits,
     ProtocolViolation,
     ReportReceived,
-    Result,
     ServerSession,
     UpdateStatusReceived,
-    Usage,
     make_error,
 )
 from shared.ids import new_device_id, new_session_id
@@ -71,24 +63,6 @@ from shared.keys import SigningKey, VerifyKey
 __all__ = ["CloudServer"]
 
 log = logging.getLogger("edgeloop.cloud.server")
-
-
-class _RateLimiter:
-    """A token bucket per device: `rate_per_minute` requests, bursts up to the same number."""
-
-    def __init__(self, rate_per_minute: int) -> None:
-        self.capacity = float(rate_per_minute)
-        self.rate = rate_per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, device_id: str, now: float) -> bool:
-        tokens, last = self._buckets.get(device_id, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self._buckets[device_id] = (tokens, now)
-            return False
-        self._buckets[device_id] = (tokens - 1.0, now)
-        return True
 
 
 @dataclass(eq=False)
@@ -102,6 +76,8 @@ class _Connection:
     acks: set[asyncio.Task[None]] = field(default_factory=set)
     """Messages being stored and acknowledged (`Inbox`)."""
     device_id: str | None = None
+    opened_at: float = 0.0
+    """When the session opened (wall clock: replicas compare it)."""
     adapter_version: int | None = None
     base_model_sha256: str | None = None
     offered: int | None = None
@@ -136,6 +112,7 @@ class CloudServer:
         recorder: InteractionRecorder | None = None,
         rollout_policy: RolloutPolicy | None = None,
         bundles_dir: Path | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -146,13 +123,7 @@ class CloudServer:
         self.limits = limits
         self.max_queue = max_queue
         self.auth_timeout_s = auth_timeout_s
-        self.max_tokens = max_tokens
-        """The most tokens one escalation is answered with, whatever it asks."""
         self.ssl_context = ssl_context
-        self._rate = _RateLimiter(limits.max_requests_per_minute)
-        # Characters of answer text per frame: the protocol's field limit, and room in a frame
-        # (4 bytes per character at worst, plus the envelope).
-        self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
         self.updates = BundleDistribution(
             store,
             self.metrics,
@@ -178,6 +149,25 @@ class CloudServer:
             updates=self.updates,
             flush=self._flush,
         )
+        self.escalations = Escalations(
+            store,
+            agent=agent,
+            metrics=self.metrics,
+            recorder=self.recorder,
+            limits=limits,
+            max_tokens=max_tokens,
+            flush=self._flush,
+        )
+        self.replica_id = secrets.token_hex(8)
+        """This process among the replicas: its own session notices are not news to it."""
+        self.cluster = cluster
+        self._announce: Batcher[str, None] | None = None
+        """Tells the other replicas of the sessions opened here (with PostgreSQL)."""
+        if cluster is not None:
+            cluster.subscribe(SESSIONS, self._opened_elsewhere)
+            if cluster.shared:
+                # 64 sessions to a notice keeps its payload under PostgreSQL's 8,000 bytes.
+                self._announce = Batcher[str, None](self._announce_sessions, max_batch=64)
         self._server: Server | None = None
         self._draining = False
 
@@ -206,7 +196,7 @@ class CloudServer:
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop accepting; let in-flight requests finish within `grace_s`, fail the rest with
         `shutting_down`, say goodbye to every session and close."""
-        self._draining = True
+        self._draining = self.escalations.draining = True
         if self._server is not None:
             self._server.close(close_connections=False)
         pending = [t for c in self._connections for t in (*c.tasks.values(), *c.acks)]
@@ -223,7 +213,10 @@ class CloudServer:
         try:
             async with asyncio.timeout(grace_s):
                 await asyncio.gather(
-                    self._devices.drain(), self.inbox.drain(), self.updates.drain()
+                    self._devices.drain(),
+                    self.inbox.drain(),
+                    self.updates.drain(),
+                    *([self._announce.drain()] if self._announce is not None else []),
                 )
         except TimeoutError:
             log.warning("store work still running after %.1f s; closing anyway", grace_s)
@@ -377,7 +370,7 @@ class CloudServer:
                 )
                 await self._opened(conn, device.id)
             case EscalationReceived(request=request):
-                self._start_escalation(conn, request)
+                self.escalations.start(conn, request)
             case CancelRequested(request_id=request_id):
                 task = conn.tasks.get(request_id)
                 if task is not None:
@@ -429,6 +422,7 @@ class CloudServer:
         if older is not None and older.session.is_open:
             self._replace(older)
         self._sessions[device_id] = conn
+        conn.opened_at = time.time()
         hello = conn.session.hello
         conn.adapter_version = hello.adapter_version if hello else None
         conn.base_model_sha256 = hello.base_model.sha256 if hello and hello.base_model else None
@@ -441,6 +435,38 @@ class CloudServer:
             )
         )  # fmt: skip
         await self.updates.offer(conn)
+        if self._announce is not None:
+            await self._flush(conn)  # welcomed first: telling the replicas is a round trip
+            await self._announce.submit(device_id)
+
+    async def _announce_sessions(self, device_ids: list[str]) -> dict[str, None]:
+        opened = [
+            [device_id, conn.opened_at]
+            for device_id in device_ids
+            if (conn := self._sessions.get(device_id)) is not None
+        ]
+        if opened and self.cluster is not None:
+            notice = {"replica": self.replica_id, "sessions": opened}
+            await self.cluster.notify(SESSIONS, json.dumps(notice))
+        return {}
+
+    async def _opened_elsewhere(self, payload: str) -> None:
+        """Sessions another replica opened: a device's older session here is replaced, as if
+        the newer one had opened here (one session per device, across replicas)."""
+        try:
+            notice = json.loads(payload)
+            if notice["replica"] == self.replica_id:
+                return
+            opened = [(str(device_id), float(at)) for device_id, at in notice["sessions"]]
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed session notice: %.100r", payload)
+            return
+        for device_id, opened_at in opened:
+            conn = self._sessions.get(device_id)
+            if conn is not None and conn.session.is_open and conn.opened_at < opened_at:
+                log.info("device %s opened a session on another replica: %s replaced",
+                         device_id, conn.session_id)  # fmt: skip
+                self._replace(conn)
 
     def _replace(self, older: _Connection) -> None:
         """One session per device: a newer one closes the older (4003). The device's limits
@@ -458,201 +484,6 @@ class CloudServer:
         for conn in list(self._connections):
             await self.updates.offer(conn, offers)
             await self._flush(conn)
-
-    # --- escalations ----------------------------------------------------------------------
-
-    def _start_escalation(self, conn: _Connection, request: Escalate) -> None:
-        if self._draining:
-            conn.session.send(
-                make_error(
-                    ErrorCode.SHUTTING_DOWN, "server shutting down", request_id=request.request_id
-                )
-            )
-            return
-        assert conn.device_id is not None
-        if not self._rate.allow(conn.device_id, time.monotonic()):
-            self.metrics.requests.labels(request.priority, "rate_limited").inc()
-            conn.session.send(
-                make_error(
-                    ErrorCode.RATE_LIMITED,
-                    "request rate limit reached",
-                    request_id=request.request_id,
-                )
-            )
-            return
-        task = asyncio.create_task(self._escalate(conn, request))
-        conn.tasks[request.request_id] = task
-        task.add_done_callback(lambda _: conn.tasks.pop(request.request_id, None))
-
-    async def _escalate(self, conn: _Connection, request: Escalate) -> None:
-        assert conn.device_id is not None
-        started = time.monotonic()
-        deadline = started + request.deadline_ms / 1000.0
-        request, pii = self.agent.scrub(request)
-        if request.max_tokens > self.max_tokens:
-            request = request.model_copy(update={"max_tokens": self.max_tokens})
-        if pii:
-            for kind in pii:
-                self.metrics.privacy_violations.labels(kind).inc()
-            await self._best_effort(
-                self.store.record_privacy_event(conn.device_id, request.request_id, list(pii))
-            )
-        outcome, answer, error_name = "ok", None, None
-        try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                if request.stream:
-                    answer = await self._generate(conn, request, deadline, pii)
-                else:
-                    answer = await self.agent.complete(
-                        [ChatTurn(m.role, m.content) for m in request.messages],
-                        max_tokens=request.max_tokens,
-                        lane=request.priority,
-                        deadline=deadline,
-                        pii_kinds=pii,
-                    )
-            text, finish = answer.text, answer.finish_reason
-            if len(text) > self._max_text:
-                # Longer than a frame may carry: cut, and say so.
-                text, finish = text[: self._max_text], "length"
-            await self._send(
-                conn,
-                Result(
-                    request_id=request.request_id,
-                    text=text,
-                    finish_reason=finish,
-                    usage=Usage(
-                        prompt_tokens=answer.prompt_tokens,
-                        completion_tokens=answer.completion_tokens,
-                    ),
-                    model=answer.model[:256],
-                    sources=list(answer.fact_ids),
-                ),
-            )
-            if answer.grounded:
-                self.metrics.grounded.inc()
-            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
-            self.metrics.completion_tokens.inc(answer.completion_tokens)
-        except asyncio.CancelledError:
-            # Cancelled by the device, by shutdown, or because the connection went away; in
-            # each case this task ends here after telling the device (if it is still there).
-            outcome = error_name = "cancelled"
-            if self._draining:
-                await self._fail(conn, request, ErrorCode.SHUTTING_DOWN, "server shutting down")
-            else:
-                await self._fail(conn, request, ErrorCode.CANCELLED, "cancelled")
-        except TimeoutError:
-            outcome = error_name = "deadline_exceeded"
-            await self._fail(conn, request, ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
-        except Overloaded as exc:
-            outcome = error_name = "overloaded"
-            await self._fail(conn, request, ErrorCode.OVERLOADED, str(exc))
-        except BackendError as exc:
-            outcome = error_name = "backend_error"
-            await self._fail(conn, request, ErrorCode.BACKEND_ERROR, str(exc))
-        except Exception:
-            # A bug must not leave the device waiting: end the request, keep the trace.
-            log.exception("escalation %s failed", request.request_id)
-            outcome = error_name = "internal_error"
-            await self._fail(conn, request, ErrorCode.INTERNAL_ERROR, "internal error")
-        finally:
-            elapsed = time.monotonic() - started
-            self.metrics.finished(request.priority, outcome, elapsed)
-            await self.recorder.record(
-                NewInteraction(
-                    device_id=conn.device_id,
-                    request_id=request.request_id,
-                    session_id=conn.session_id,
-                    messages=[m.model_dump() for m in request.messages],
-                    placeholders=list(request.placeholders),
-                    status="ok"
-                    if outcome == "ok"
-                    else ("cancelled" if outcome == "cancelled" else "error"),
-                    priority=request.priority,
-                    answer=answer.text if answer else None,
-                    error_name=error_name,
-                    intent=request.intent,
-                    route_reasons=list(request.reasons),
-                    latency_ms=int(elapsed * 1000),
-                    prompt_tokens=answer.prompt_tokens if answer else 0,
-                    completion_tokens=answer.completion_tokens if answer else 0,
-                    backend=answer.backend if answer else None,
-                    model=answer.model if answer else None,
-                    fact_ids=list(answer.fact_ids) if answer else [],
-                )
-            )
-
-    async def _generate(
-        self, conn: _Connection, request: Escalate, deadline: float, pii: tuple[str, ...]
-    ) -> Answer:
-        """Run the agent and stream its pieces to the device.
-
-        Generation does not wait for the socket: pieces the device has not taken yet are
-        coalesced into the next delta. So a device that reads slowly costs its own memory
-        (bounded by the answer's length), never backend capacity other devices need.
-        """
-        pending: list[str] = []
-        ready = asyncio.Event()
-        finished = False
-
-        async def sender() -> None:
-            seq = 0
-            while True:
-                await ready.wait()
-                ready.clear()
-                if pending:
-                    text = "".join(pending)
-                    pending.clear()
-                    for start in range(0, len(text), self._max_text):
-                        piece = text[start : start + self._max_text]
-                        await self._send(
-                            conn, Delta(request_id=request.request_id, seq=seq, text=piece)
-                        )
-                        seq += 1
-                if finished and not pending:
-                    return
-
-        answer: Answer | None = None
-        streaming = asyncio.create_task(sender())
-        try:
-            async for item in self.agent.answer(request, deadline=deadline, pii_kinds=pii):
-                if isinstance(item, Answer):
-                    answer = item
-                elif item:
-                    pending.append(item)
-                    ready.set()
-            finished = True
-            ready.set()
-            await streaming
-        finally:
-            if not streaming.done():
-                streaming.cancel()
-                await asyncio.gather(streaming, return_exceptions=True)
-        assert answer is not None, "the agent ends every answer with an Answer"
-        return answer
-
-    async def _send(self, conn: _Connection, message: Any) -> None:
-        if conn.session.closed or not conn.session.in_flight(message.request_id):
-            return
-        conn.session.send(message)
-        await self._flush(conn)
-
-    async def _fail(self, conn: _Connection, request: Escalate, code: ErrorCode, text: str) -> None:
-        if conn.session.is_open and conn.session.in_flight(request.request_id):
-            conn.session.send(make_error(code, text, request_id=request.request_id))
-            if not self._draining:  # on shutdown, `_goodbye` flushes with a time limit
-                await asyncio.shield(self._flush(conn))
-
-    async def _best_effort(self, write: Awaitable[Any]) -> None:
-        """Writes whose failure must not fail the request (logs, bookkeeping)."""
-        try:
-            await write
-        except StoreError as exc:
-            log.warning("store write failed: %s", exc)
-
-
-def _loop_time(monotonic_deadline: float) -> float:
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 def _now() -> datetime:

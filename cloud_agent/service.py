@@ -26,6 +26,7 @@ from cloud_agent.autodistill import DistillTrigger
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
 from cloud_agent.bundles import cluster_signing_key
+from cloud_agent.cluster import Cluster
 from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.jobs import JobRunner, distill_config
@@ -35,7 +36,7 @@ from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
 from cloud_agent.scheduler import Scheduler
 from cloud_agent.server import CloudServer
 from cloud_agent.skills import KnowledgeSkill
-from cloud_agent.store import Store
+from cloud_agent.store import REVOCATIONS, Store
 from protocol import Limits
 from shared.asgi import SignalFreeServer
 from shared.errors import ConfigError
@@ -157,6 +158,8 @@ class CloudService:
             heartbeat_s=config.limits.heartbeat_s,
         )
         self.bundles_dir = config.data_dir / "bundles"
+        self.cluster = Cluster(config.resolved_database_url())
+        """Notices between replicas (PostgreSQL): rollouts, revocations, sessions."""
         self.server = CloudServer(
             store=store,
             agent=self.agent,
@@ -174,13 +177,12 @@ class CloudService:
                 max_negative_share=config.rollout.max_negative_share,
             ),
             bundles_dir=self.bundles_dir,
+            cluster=self.cluster,
         )
         self.feed = PublicationFeed(
-            store,
-            self.server.push_offers,
-            database_url=config.resolved_database_url(),
-            poll_s=config.rollout.poll_s,
+            store, self.server.push_offers, cluster=self.cluster, poll_s=config.rollout.poll_s
         )
+        self.cluster.subscribe(REVOCATIONS, self._revoked_elsewhere)
         self.server.updates.on_rollout_change = self.feed.announce
         self.port: int | None = None
         self.admin_port: int | None = None
@@ -245,6 +247,7 @@ class CloudService:
             self.port = await self.server.start(host, port)
         except OSError as exc:
             raise cannot_listen("port", host, port, exc) from exc
+        await self.cluster.start()
         await self.feed.start()
         self.jobs.start()
         app = build_admin_app(self)
@@ -411,8 +414,8 @@ class CloudService:
             log.warning("knowledge: reload postponed, the store is unavailable (%s)", exc)
 
     async def revoke(self, device_id: str) -> bool:
-        """Revoke a device and end its sessions on this replica at once (other replicas end
-        theirs within `revocation_poll_s`). False if it was already revoked."""
+        """Revoke a device and end its session at once, on this replica and (told through
+        PostgreSQL) on any other. False if it was already revoked."""
         changed = await self.store.revoke_device(device_id)
         await self.server.end_sessions([device_id])
         return changed
@@ -427,9 +430,13 @@ class CloudService:
         await self.server.recorder.flush()
         return await self.store.forget_device(device_id)
 
+    async def _revoked_elsewhere(self, device_id: str) -> None:
+        await self.server.end_sessions([device_id])
+
     async def _end_revoked_sessions(self) -> None:
         """Devices revoked elsewhere (the CLI, another replica) are read every
-        `revocation_poll_s`; the windows overlap by a minute, as for feedback."""
+        `revocation_poll_s`, for a notice that did not come (SQLite, a lost connection); the
+        windows overlap by a minute, as for feedback."""
         checked = datetime.now(UTC)
         while True:
             await asyncio.sleep(self.config.revocation_poll_s)
@@ -475,6 +482,7 @@ class CloudService:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
         await self.feed.stop()
+        await self.cluster.stop()
         await self.server.shutdown(self.config.shutdown_grace_s)
         await self.jobs.stop()
         await self.server.recorder.stop()

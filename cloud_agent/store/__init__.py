@@ -19,13 +19,19 @@ from cloud_agent.store.records import (
     SessionEvent,
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
-from cloud_agent.store.store import MAX_ROUTING_HOURS, MAX_TOKEN_NOTE, Store
+from cloud_agent.store.store import (
+    MAX_ROUTING_HOURS,
+    MAX_TOKEN_NOTE,
+    REVOCATIONS,
+    Store,
+)
 
 __all__ = [
     "INTERACTION_STATUSES",
     "MAX_INTERACTIONS_PAGE",
     "MAX_ROUTING_HOURS",
     "MAX_TOKEN_NOTE",
+    "REVOCATIONS",
     "AdapterRecord",
     "DeviceRecord",
     "FeedbackSummary",

@@ -21,7 +21,7 @@ from alembic.config import Config
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 from cloud_agent.errors import EnrollmentRefused, StoreError, StoreUnavailable
 from cloud_agent.store import tables as t
@@ -32,12 +32,18 @@ from cloud_agent.store.keyed import KeyedMessageStore
 from cloud_agent.store.records import DeviceRecord
 from cloud_agent.store.rollouts import RolloutStore
 
-__all__ = ["MAX_ROUTING_HOURS", "MAX_TOKEN_NOTE", "Store", "hash_token", "sqlite_url"]
+__all__ = [
+    "MAX_ROUTING_HOURS", "MAX_TOKEN_NOTE", "REVOCATIONS", "Store", "hash_token", "sqlite_url",
+]  # fmt: skip
 
 MAX_TOKEN_NOTE = 256
 """The longest note an enrollment token keeps (its column's size)."""
 MAX_ROUTING_HOURS = 24 * 366
 """The widest window the routing summary is asked for through the admin API and the CLI."""
+
+REVOCATIONS = "edgeloop_revocations"
+"""The PostgreSQL channel a revocation is announced on (payload: the device id), in the
+transaction that revokes: the CLI's revocations reach the replicas as the API's do."""
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -166,13 +172,22 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             return [_device(r) for r in rows]
 
     async def revoke_device(self, device_id: str) -> bool:
+        """Revoke a device; False if it was already revoked. On PostgreSQL every replica
+        listening on `REVOCATIONS` hears of it when the transaction commits."""
         async with self._tx() as s:
-            result = await s.execute(
-                update(t.Device)
-                .where(t.Device.id == device_id, t.Device.revoked_at.is_(None))
-                .values(revoked_at=now())
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return await self._revoke(s, device_id)
+
+    async def _revoke(self, s: AsyncSession, device_id: str) -> bool:
+        result = await s.execute(
+            update(t.Device)
+            .where(t.Device.id == device_id, t.Device.revoked_at.is_(None))
+            .values(revoked_at=now())
+        )
+        changed = bool(result.rowcount)  # type: ignore[attr-defined]
+        if changed and self.engine.dialect.name == "postgresql":
+            # Delivered at commit, and not at all if the transaction rolls back.
+            await s.execute(select(func.pg_notify(REVOCATIONS, device_id)))
+        return changed
 
     async def forget_device(self, device_id: str) -> dict[str, int] | None:
         """Erase what the store holds of a device (a user's request to be forgotten, a device
@@ -199,13 +214,9 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             for name, table in by_device:
                 result = await s.execute(delete(table).where(table.device_id == device_id))
                 counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
-            device = t.Device.id == device_id
+            await self._revoke(s, device_id)
             await s.execute(
-                update(t.Device).where(device, t.Device.revoked_at.is_(None))
-                .values(revoked_at=now())
-            )  # fmt: skip
-            await s.execute(
-                update(t.Device).where(device).values(
+                update(t.Device).where(t.Device.id == device_id).values(
                     name=None, last_seen_at=None, base_model_sha256=None, adapter_version=None,
                     privacy_violations=0,
                 )

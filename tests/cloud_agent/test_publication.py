@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from cloud_agent.cluster import Cluster
 from cloud_agent.errors import StoreUnavailable
 from cloud_agent.rollout import PublicationFeed
 from cloud_agent.store import Store
@@ -22,7 +23,7 @@ async def test_a_push_that_failed_is_tried_again_by_the_next_poll(tmp_path: Path
         if len(pushes) == 1:
             raise StoreUnavailable("database unavailable: OperationalError")
 
-    feed = PublicationFeed(store, on_change, database_url=url, poll_s=0.02)
+    feed = PublicationFeed(store, on_change, cluster=Cluster(url), poll_s=0.02)
     await feed.start()
     try:
         await publish(store, tmp_path, 1)

@@ -1,0 +1,229 @@
+"""Replicas tell each other what must take effect everywhere at once: a revocation ends the
+device's session on whichever replica holds it, and a device keeps one session across the
+cluster. Real services on the real PostgreSQL server, their revocation polling set to an hour,
+so only a notification can explain what a test sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.cluster import Cluster
+from cloud_agent.service import CloudService
+from cloud_agent.store import Store
+from cloud_agent.store.store import sqlite_url
+from examples.handshake import Device
+from protocol import (
+    DeviceCredentials,
+    EnrollmentCompleted,
+    EnrollmentCredentials,
+    PeerError,
+    ResultReceived,
+    SessionClosed,
+    Welcomed,
+)
+from shared import SigningKey
+from tests.cloud_agent.test_server import ask, events_to_the_end
+from tests.cloud_fixtures import Cloud, make_config
+
+pytestmark = pytest.mark.slow
+
+HOUR = 3600.0
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, kb_path: Path, postgres_db: str
+) -> AsyncIterator[list[CloudService]]:
+    """Two replicas of one cluster (one database, one signing key), polling hourly."""
+    started: list[CloudService] = []
+    try:
+        for n in range(2):
+            config = make_config(
+                tmp_path / f"r{n}", kb_path, database_url=postgres_db,
+                revocation_poll_s=HOUR, rollout={"poll_s": HOUR},
+            )  # fmt: skip
+            if started:
+                started[0].signing_key.save(config.data_dir / "server.key")
+            service = await CloudService.create(config, backend=ScriptedBackend(f"replica {n}"))
+            await service.start()
+            started.append(service)
+        yield started
+    finally:
+        for service in started:
+            await service.stop()  # before `postgres_db` drops the tables they use
+
+
+async def enroll(service: CloudService) -> tuple[Device, DeviceCredentials]:
+    key = SigningKey.generate()
+    token = await service.store.create_enrollment_token()
+    device = await Device.connect(url(service), EnrollmentCredentials(token, key))
+    done = await device.next_event(EnrollmentCompleted)
+    assert isinstance(done, EnrollmentCompleted), done
+    assert isinstance(await device.next_event(Welcomed), Welcomed)
+    return device, DeviceCredentials(done.device_id, key)
+
+
+async def connect(service: CloudService, creds: DeviceCredentials) -> Device:
+    device = await Device.connect(url(service), creds)
+    assert isinstance(await device.next_event(Welcomed), Welcomed)
+    return device
+
+
+def url(service: CloudService) -> str:
+    return f"ws://127.0.0.1:{service.port}/v1"
+
+
+async def assert_revoked(device: Device) -> None:
+    refused, closed = await events_to_the_end(device)
+    assert isinstance(refused, PeerError) and refused.error.name == "device_revoked"
+    assert isinstance(closed, SessionClosed) and closed.code == 1008
+
+
+async def test_a_revocation_on_one_replica_ends_the_session_on_another_at_once(
+    replicas: list[CloudService],
+) -> None:
+    a, b = replicas
+    device, creds = await enroll(b)
+    assert await a.revoke(creds.device_id)
+    await assert_revoked(device)
+
+
+async def test_a_revocation_made_with_the_store_alone_reaches_every_replica(
+    replicas: list[CloudService], postgres_db: str
+) -> None:
+    # As `edgeloop cloud revoke` or `forget` does, from another host.
+    devices = [await enroll(service) for service in replicas]
+    store = await Store.open(postgres_db)
+    try:
+        for _, creds in devices:
+            assert await store.revoke_device(creds.device_id)
+    finally:
+        await store.close()
+    for device, _ in devices:
+        await assert_revoked(device)
+
+
+async def test_a_device_keeps_one_session_across_replicas(
+    replicas: list[CloudService],
+) -> None:
+    a, b = replicas
+    first, creds = await enroll(a)
+    moved = await connect(b, creds)  # its network moved it to the other replica
+    closed = (await events_to_the_end(first))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 4003
+    async with asyncio.timeout(5):
+        while a.server.session_count:
+            await asyncio.sleep(0.01)
+    await moved.send(ask("Anything about layering for wet climates in general?"))
+    result = await moved.next_event(ResultReceived)
+    assert isinstance(result, ResultReceived) and result.result.text == "replica 1"
+    # And back: the newest session stays, wherever it is.
+    back = await connect(a, creds)
+    closed = (await events_to_the_end(moved))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 4003
+    assert a.server.session_count == 1 and back.session.is_open
+    await back.close()
+
+
+async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud) -> None:
+    device, creds = await cloud.enroll()
+    server = cloud.service.server
+    [conn] = server._sessions.values()
+    for notice in (
+        # A session that opened elsewhere before this one: this one is the newer.
+        json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id, conn.opened_at - 1]]}),
+        # This replica's own notice, heard back.
+        json.dumps({"replica": server.replica_id, "sessions": [[creds.device_id, 9e99]]}),
+        "not json",
+        json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id]]}),
+    ):
+        await server._opened_elsewhere(notice)
+    assert conn.session.is_open
+    await server._opened_elsewhere(
+        json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id, conn.opened_at + 1]]})
+    )
+    closed = (await events_to_the_end(device))[-1]
+    assert isinstance(closed, SessionClosed) and closed.code == 4003
+
+
+async def heard(cluster: Cluster) -> list[str]:
+    got: list[str] = []
+
+    async def handler(payload: str) -> None:
+        got.append(payload)
+
+    cluster.subscribe("edgeloop_test", handler)
+    return got
+
+
+async def until(condition: object, seconds: float = 10) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+async def test_without_postgresql_a_notice_reaches_this_process_only(tmp_path: Path) -> None:
+    cluster = Cluster(sqlite_url(tmp_path / "cloud.db"))
+    got = await heard(cluster)
+    await cluster.start()
+    await cluster.notify("edgeloop_test", "hello")
+    assert got == ["hello"] and not cluster.shared
+    await cluster.stop()
+
+
+async def test_a_replica_that_lost_its_listening_connection_listens_again(
+    postgres_db: str,
+) -> None:
+    sender, receiver = Cluster(postgres_db), Cluster(postgres_db)
+    receiver.reconnect_s = (0.05, 0.2)
+    got = await heard(receiver)
+
+    async def failing(payload: str) -> None:
+        raise RuntimeError("a handler's bug")
+
+    receiver.subscribe("edgeloop_test", failing)
+    await sender.start()
+    await receiver.start()
+    try:
+        await sender.notify("edgeloop_test", "one")
+        await until(lambda: got == ["one"])
+        # The database drops the listening connection (a restart, a failover).
+        pid = receiver._connection.get_server_pid()
+        await sender._connection.execute("SELECT pg_terminate_backend($1)", pid)
+        await until(lambda: receiver.listening and receiver._connection.get_server_pid() != pid)
+        await sender.notify("edgeloop_test", "two")
+        await until(lambda: got == ["one", "two"])
+    finally:
+        await sender.stop()
+        await receiver.stop()
+    assert not receiver.listening
+
+
+async def test_a_revocation_is_announced_once(postgres_db: str) -> None:
+    store = await Store.open(postgres_db)
+    cluster = Cluster(postgres_db)
+    got: list[str] = []
+
+    async def revoked(device_id: str) -> None:
+        got.append(device_id)
+
+    cluster.subscribe("edgeloop_revocations", revoked)
+    await cluster.start()
+    try:
+        device = await store.enroll_device(
+            await store.create_enrollment_token(), "dev_rolled_back", "k" * 43, None
+        )
+        assert await store.revoke_device(device.id)
+        assert not await store.revoke_device(device.id), "already revoked: nothing to tell"
+        await until(lambda: got == [device.id])
+        await asyncio.sleep(0.2)
+        assert got == [device.id]
+    finally:
+        await cluster.stop()
+        await store.close()
