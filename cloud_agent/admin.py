@@ -162,14 +162,14 @@ def build_admin_app(service: CloudService) -> Starlette:
         )
 
     async def knowledge(request: Request) -> Response:
-        return _json(service.knowledge_info())
+        return _json(service.curator.info())
 
     async def reload_knowledge(request: Request) -> Response:
         if service.config.knowledge is None:
             message = "no knowledge file is configured"
             return _json({"error": "no_knowledge", "message": message}, 409)
         try:
-            return _json(await service.reload_knowledge())
+            return _json(await service.curator.reload())
         except KnowledgeError as exc:
             # The facts in use stay: a broken file never empties the index.
             return _json({"error": "invalid_knowledge", "message": str(exc)}, 422)

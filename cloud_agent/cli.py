@@ -153,7 +153,8 @@ def register(subparsers: Any) -> None:
     forget = sub.add_parser(
         "forget",
         help="erase a device's data (interactions, feedback, reports, sessions, ...) and "
-        "revoke it; on a running cloud prefer the admin API's DELETE /v1/devices/ID",
+        "revoke it; a running cloud on SQLite hears of it only through the admin API's "
+        "DELETE /v1/devices/ID",
     )
     common(forget)
     forget.add_argument("device_id")
@@ -279,7 +280,7 @@ async def _reload_knowledge(service: Any) -> None:
     from cloud_agent.errors import KnowledgeError, StoreError
 
     try:
-        changes = await service.reload_knowledge()
+        changes = await service.curator.reload()
     except (KnowledgeError, StoreError) as exc:
         print(f"knowledge not reloaded, the facts in use stay: {exc}", file=sys.stderr, flush=True)
         return

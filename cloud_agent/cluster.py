@@ -6,6 +6,8 @@ Channels (a payload is text of at most 8,000 bytes):
 - ``edgeloop_revocations``: a device was revoked; the store sends it in the transaction that
   revokes (`cloud_agent.store.REVOCATIONS`), so `edgeloop cloud revoke` and `forget` on any
   host end the device's session wherever it is;
+- ``edgeloop_forgotten``: a device was erased (`cloud_agent.store.FORGOTTEN`), likewise sent
+  by the store: each replica unlearns what its feedback taught the knowledge index;
 - ``edgeloop_sessions``: devices that opened a session on a replica (`SESSIONS`), so the one
   session a device may have holds across replicas: a replica still holding an older session of
   that device closes it as replaced.

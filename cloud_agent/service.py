@@ -12,7 +12,6 @@ import gc
 import logging
 import secrets
 import ssl
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,15 +27,14 @@ from cloud_agent.backends.pool import BackendPool
 from cloud_agent.bundles import cluster_signing_key
 from cloud_agent.cluster import Cluster
 from cloud_agent.config import CloudConfig, EventLoopChoice
-from cloud_agent.errors import KnowledgeError, StoreError
+from cloud_agent.curator import Curator
+from cloud_agent.errors import StoreError
 from cloud_agent.jobs import JobRunner, distill_config
-from cloud_agent.knowledge import KnowledgeBase
 from cloud_agent.metrics import Metrics
 from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
 from cloud_agent.scheduler import Scheduler
 from cloud_agent.server import CloudServer
-from cloud_agent.skills import KnowledgeSkill
-from cloud_agent.store import REVOCATIONS, Store
+from cloud_agent.store import FORGOTTEN, REVOCATIONS, Store
 from protocol import Limits
 from shared.asgi import SignalFreeServer
 from shared.errors import ConfigError
@@ -137,17 +135,9 @@ class CloudService:
         self.admin_token = admin_token
         self.metrics = Metrics()
         self.scheduler = Scheduler(config.capacity)
-        skill = None
-        self._knowledge_stamp = _file_stamp(config.knowledge)
-        """The knowledge file's identity when it was last read (see `_reload_if_changed`)."""
-        if config.knowledge is not None:
-            skill = self._skill(KnowledgeBase.from_file(config.knowledge))
-            self.metrics.knowledge_facts.set(len(skill.kb))
-        self.agent = CloudAgent(
-            backend, self.scheduler, skill, phone_regions=self.config.phone_regions
-        )
-        self.knowledge_loaded_at = datetime.now(UTC)
-        self._reloading = asyncio.Lock()
+        self.agent = CloudAgent(backend, self.scheduler, phone_regions=self.config.phone_regions)
+        self.curator = Curator(config, store=store, agent=self.agent, metrics=self.metrics)
+        """Keeps the knowledge index current: feedback, file reloads, forgotten devices."""
         self.jobs = JobRunner(
             store, self.agent, workers=config.capacity, distiller=self._distill_job
         )
@@ -183,6 +173,7 @@ class CloudService:
             store, self.server.push_offers, cluster=self.cluster, poll_s=config.rollout.poll_s
         )
         self.cluster.subscribe(REVOCATIONS, self._revoked_elsewhere)
+        self.cluster.subscribe(FORGOTTEN, self._unlearn)
         self.server.updates.on_rollout_change = self.feed.announce
         self.port: int | None = None
         self.admin_port: int | None = None
@@ -232,9 +223,9 @@ class CloudService:
         if (days := self.config.retention_days) is not None:
             await self._purge(days)
             self._background.append(asyncio.create_task(self._purge_hourly(days)))
-        await self._learn_from_store()
+        await self.curator.learn_from_store()
         if self.agent.skill is not None:
-            self._background.append(asyncio.create_task(self._learn_from_replicas()))
+            self._background.append(asyncio.create_task(self.curator.follow_replicas()))
         if (due := self.config.auto_distill).after_examples is not None:
             trigger = DistillTrigger(
                 self.store, after_examples=due.after_examples, params=due.params
@@ -295,124 +286,6 @@ class CloudService:
         scheme = "https" if self.server.ssl_context else "http"
         return f"{scheme}://{self.config.admin_host}:{self.admin_port}"
 
-    def _skill(self, kb: KnowledgeBase) -> KnowledgeSkill:
-        return KnowledgeSkill(
-            kb,
-            store_name=self.config.store_name,
-            quote_facts=self.config.quote_facts,
-            top_k=self.config.knowledge_top_k,
-            context_turns=self.config.knowledge_context_turns,
-            context_drift=self.config.knowledge_context_drift,
-        )
-
-    async def reload_knowledge(self) -> dict[str, Any]:
-        """Read the knowledge file again and answer from it from now on (the admin API's
-        `POST /v1/knowledge/reload`, or SIGHUP to `edgeloop cloud serve`).
-
-        Questions learned from feedback are learned again for the facts whose text did not
-        change (a correction or a thumbs-up vouched for that text, not for a new one). A file
-        that cannot be read or holds no facts raises `KnowledgeError`, and the facts in use
-        stay; so do they when the store cannot be read for the feedback (`StoreError`).
-        Returns the ids of the facts added, removed and changed."""
-        path = self.config.knowledge
-        if path is None:
-            raise KnowledgeError("no knowledge file is configured (--knowledge)")
-        async with self._reloading:
-            started = datetime.now(UTC)
-            # Taken before reading: a change made while the file is read is seen next time.
-            self._knowledge_stamp = _file_stamp(path)
-            try:
-                kb = await asyncio.to_thread(KnowledgeBase.from_file, path)
-            except KnowledgeError:
-                self.metrics.knowledge_reloads.labels("refused").inc()
-                raise
-            old = self.agent.skill.kb.facts if self.agent.skill is not None else {}
-            skill = self._skill(kb)
-            await self._learn_from_store(skill)
-            self.agent.skill = skill
-            self.metrics.knowledge_facts.set(len(kb))
-            # Feedback taken while the new index was built went to the old one: read it again
-            # (if that fails, the periodic read of other replicas' feedback catches up).
-            try:
-                await self._learn_from_store(skill, since=started - timedelta(minutes=1))
-            except StoreError as exc:
-                log.warning("knowledge: recent feedback not read after the reload (%s)", exc)
-            self.knowledge_loaded_at = started
-            self.metrics.knowledge_reloads.labels("ok").inc()
-        changes = {
-            "added": sorted(kb.facts.keys() - old.keys()),
-            "removed": sorted(old.keys() - kb.facts.keys()),
-            "changed": sorted(i for i in kb.facts.keys() & old.keys() if kb.facts[i] != old[i]),
-        }
-        log.info("knowledge reloaded from %s: %d facts, %s", path, len(kb), changes)
-        return {**self.knowledge_info(), **changes}
-
-    def knowledge_info(self) -> dict[str, Any]:
-        """What the knowledge index holds now (for the admin API)."""
-        skill = self.agent.skill
-        return {
-            "path": str(self.config.knowledge) if self.config.knowledge else None,
-            "facts": len(skill.kb) if skill else 0,
-            "learned": skill.kb.learned if skill else 0,
-            "loaded_at": self.knowledge_loaded_at.isoformat() if skill else None,
-        }
-
-    async def _learn_from_store(
-        self, skill: KnowledgeSkill | None = None, since: datetime | None = None
-    ) -> None:
-        """Attach the questions users corrected or confirmed to their facts, oldest first so
-        the latest feedback wins (all of it, or what was stored since `since`), in `skill`'s
-        index (by default the one answering now)."""
-        skill = skill or self.agent.skill
-        if skill is None:
-            return
-        rated = await self.store.list_interactions(
-            limit=100_000, rated_only=True, rated_since=since
-        )
-        # Each question is embedded: on a worker thread, not the event loop.
-        learned = await asyncio.to_thread(
-            lambda: sum(skill.learn(record) for record in reversed(rated))
-        )
-        if learned:
-            self.metrics.learned.inc(learned)
-            log.info("knowledge: %d questions learned from feedback", learned)
-
-    async def _learn_from_replicas(self) -> None:
-        """Feedback taken by this replica is learned at once; what other replicas took is read
-        from the store every `knowledge_poll_s`. Learning is idempotent, so the windows overlap
-        by a minute to absorb clock differences between replicas."""
-        checked = datetime.now(UTC)
-        while True:
-            await asyncio.sleep(self.config.knowledge_poll_s)
-            now = datetime.now(UTC)
-            try:
-                await self._learn_from_store(since=checked - timedelta(minutes=1))
-            except StoreError as exc:
-                log.warning("knowledge: feedback not read (%s); trying again", exc)
-                continue
-            checked = now
-            if self.config.knowledge_watch:
-                await self._reload_if_changed()
-
-    async def _reload_if_changed(self) -> None:
-        """Reload the knowledge file if it is not the one last read (another modification
-        time, size or inode: an edit, or a new file moved into place). A file that is refused
-        is not tried again until it changes once more; one that could not be reloaded because
-        the store was down is tried again at the next look."""
-        path = self.config.knowledge
-        stamp = _file_stamp(path)
-        if path is None or stamp == self._knowledge_stamp:
-            return
-        if stamp is not None and time.time() - stamp[0] / 1e9 < _SETTLE_S:
-            return  # still being written, perhaps: look again next time
-        try:
-            await self.reload_knowledge()
-        except KnowledgeError as exc:
-            log.warning("knowledge: the changed file was not loaded (%s); facts in use stay", exc)
-        except StoreError as exc:
-            self._knowledge_stamp = None  # look again next time
-            log.warning("knowledge: reload postponed, the store is unavailable (%s)", exc)
-
     async def revoke(self, device_id: str) -> bool:
         """Revoke a device and end its session at once, on this replica and (told through
         PostgreSQL) on any other. False if it was already revoked."""
@@ -423,12 +296,24 @@ class CloudService:
     async def forget(self, device_id: str) -> dict[str, int] | None:
         """Erase a device's data from the store (`Store.forget_device`): revoked first, its
         session on this replica ended and what it logged written, so nothing of it lands after
-        the erasure. None for an unknown device."""
+        the erasure; then the knowledge index unlearns what its feedback taught (on every
+        replica, with PostgreSQL). None for an unknown device."""
         if await self.store.get_device(device_id) is None:
             return None
         await self.revoke(device_id)
         await self.server.recorder.flush()
-        return await self.store.forget_device(device_id)
+        deleted = await self.store.forget_device(device_id)
+        if not self.cluster.listening:
+            # Otherwise the store's notice reaches every replica, this one included.
+            await self._unlearn(device_id)
+        return deleted
+
+    async def _unlearn(self, device_id: str) -> None:
+        """What the forgotten device's feedback taught the knowledge index goes."""
+        try:
+            await self.curator.unlearn()
+        except StoreError as exc:
+            log.warning("knowledge: not learned again without %s (%s)", device_id, exc)
 
     async def _revoked_elsewhere(self, device_id: str) -> None:
         await self.server.end_sessions([device_id])
@@ -555,22 +440,6 @@ class CloudService:
                 for m in self.backend.members
             ]
         return [{"name": self.backend.name}]
-
-
-_SETTLE_S = 1.0
-"""A knowledge file modified less than this long ago is left until the next look."""
-
-
-def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
-    """What tells one version of a file from another without reading it: modification time,
-    size and inode (None when there is no file)."""
-    if path is None:
-        return None
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
 def exposure_warnings(config: CloudConfig) -> list[str]:

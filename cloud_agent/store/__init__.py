@@ -20,6 +20,7 @@ from cloud_agent.store.records import (
 )
 from cloud_agent.store.rollouts import AdapterRecord, Offers, RolloutHealth
 from cloud_agent.store.store import (
+    FORGOTTEN,
     MAX_ROUTING_HOURS,
     MAX_TOKEN_NOTE,
     REVOCATIONS,
@@ -27,6 +28,7 @@ from cloud_agent.store.store import (
 )
 
 __all__ = [
+    "FORGOTTEN",
     "INTERACTION_STATUSES",
     "MAX_INTERACTIONS_PAGE",
     "MAX_ROUTING_HOURS",

@@ -33,7 +33,8 @@ from cloud_agent.store.records import DeviceRecord
 from cloud_agent.store.rollouts import RolloutStore
 
 __all__ = [
-    "MAX_ROUTING_HOURS", "MAX_TOKEN_NOTE", "REVOCATIONS", "Store", "hash_token", "sqlite_url",
+    "FORGOTTEN", "MAX_ROUTING_HOURS", "MAX_TOKEN_NOTE", "REVOCATIONS", "Store", "hash_token",
+    "sqlite_url",
 ]  # fmt: skip
 
 MAX_TOKEN_NOTE = 256
@@ -44,6 +45,9 @@ MAX_ROUTING_HOURS = 24 * 366
 REVOCATIONS = "edgeloop_revocations"
 """The PostgreSQL channel a revocation is announced on (payload: the device id), in the
 transaction that revokes: the CLI's revocations reach the replicas as the API's do."""
+FORGOTTEN = "edgeloop_forgotten"
+"""The channel a device's erasure (`forget_device`) is announced on, likewise: each replica
+then drops what it learned in memory from the device's feedback."""
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -215,6 +219,8 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
                 result = await s.execute(delete(table).where(table.device_id == device_id))
                 counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
             await self._revoke(s, device_id)
+            if self.engine.dialect.name == "postgresql":
+                await s.execute(select(func.pg_notify(FORGOTTEN, device_id)))
             await s.execute(
                 update(t.Device).where(t.Device.id == device_id).values(
                     name=None, last_seen_at=None, base_model_sha256=None, adapter_version=None,

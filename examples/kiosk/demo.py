@@ -381,7 +381,7 @@ async def run_demo(
         for turn, known in enumerate(stages, 1):
             if turn > 1:
                 write_knowledge(knowledge, known)
-                changes = await service.reload_knowledge()
+                changes = await service.curator.reload()
                 say(f"the store adds {len(changes['added'])} facts to its knowledge base")
             name = f"pass {turn}"
             say(f"{name}: playing {len(workload)} requests from {workload_path.name}")

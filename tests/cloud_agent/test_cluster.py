@@ -28,7 +28,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey
-from tests.cloud_agent.test_server import ask, events_to_the_end
+from tests.cloud_agent.test_server import ask, ask_and_correct, events_to_the_end
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
@@ -129,6 +129,37 @@ async def test_a_device_keeps_one_session_across_replicas(
     assert isinstance(closed, SessionClosed) and closed.code == 4003
     assert a.server.session_count == 1 and back.session.is_open
     await back.close()
+
+
+async def test_a_device_forgotten_with_the_store_alone_is_unlearned_by_every_replica(
+    tmp_path: Path, kb_path: Path, postgres_db: str
+) -> None:
+    # Replicas that read each other's feedback often, so both learn the correction.
+    started: list[CloudService] = []
+    try:
+        for n in range(2):
+            config = make_config(
+                tmp_path / f"r{n}", kb_path, database_url=postgres_db, knowledge_poll_s=0.1,
+            )  # fmt: skip
+            if started:
+                started[0].signing_key.save(config.data_dir / "server.key")
+            service = await CloudService.create(config, backend=ScriptedBackend("Hm."))
+            await service.start()
+            started.append(service)
+        device, creds = await enroll(started[0])
+        await ask_and_correct(device)
+        await device.close()
+        skills = lambda: [s.agent.skill for s in started]  # noqa: E731 - swapped on rebuilds
+        await until(lambda: all(skill and skill.kb.learned == 1 for skill in skills()))
+        store = await Store.open(postgres_db)  # as `edgeloop cloud forget` does
+        try:
+            assert await store.forget_device(creds.device_id) is not None
+        finally:
+            await store.close()
+        await until(lambda: all(skill and skill.kb.learned == 0 for skill in skills()))
+    finally:
+        for service in started:
+            await service.stop()
 
 
 async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud) -> None:

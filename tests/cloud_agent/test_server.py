@@ -609,6 +609,33 @@ async def test_a_fact_correction_is_learned_at_once_and_again_after_a_restart(
         await restarted.stop()
 
 
+async def test_forgetting_a_device_unlearns_what_its_feedback_taught_and_only_that(
+    cloud: Cloud,
+) -> None:
+    forgotten, creds = await cloud.enroll()
+    await ask_and_correct(forgotten)
+    await forgotten.close()
+    kept, _ = await cloud.enroll()
+    await kept.send(ask("Is shipping free for me?", stream=False))
+    answered = await final(kept)
+    assert isinstance(answered, ResultReceived) and answered.result.sources == ["free-shipping"]
+    await kept.send(Feedback(idempotency_key="idk_k1", request_id="req_1", rating="positive"))
+    assert isinstance(await kept.next_event(AckReceived), AckReceived)
+    skill = cloud.service.agent.skill
+    assert skill is not None and skill.kb.learned == 2
+    assert skill.plan([ChatTurn("user", EARLY_CALL)]).grounded_answer == HOTLINE
+    async with admin_client(cloud.service) as admin:
+        response = await admin.delete(f"/v1/devices/{creds.device_id}")
+        assert response.status_code == 200
+    skill = cloud.service.agent.skill
+    assert skill is not None and skill.kb.learned == 1, "the other device's question stays"
+    assert skill.plan([ChatTurn("user", EARLY_CALL)]).grounded_answer != HOTLINE
+    await kept.send(ask(EARLY_CALL, "req_2", stream=False))
+    again = await final(kept)
+    assert isinstance(again, ResultReceived) and again.result.text != HOTLINE
+    await kept.close()
+
+
 async def test_a_replica_learns_the_feedback_another_replica_took(
     cloud: Cloud, tmp_path: Path, kb_path: Path
 ) -> None:
@@ -888,7 +915,7 @@ async def test_with_the_watch_off_only_a_reload_request_reads_the_file(
         replace_file(kb, kb.read_text().replace("over $75", "over $60"))
         await asyncio.sleep(0.3)
         assert threshold(service) == "$75"
-        await service.reload_knowledge()
+        await service.curator.reload()
         assert threshold(service) == "$60"
     finally:
         await service.stop()
