@@ -66,7 +66,13 @@ def build_admin_app(service: CloudService) -> Starlette:
             return _json({"status": "unavailable", "store": str(exc)}, 503)
         if service.draining:
             return _json({"status": "draining"}, 503)
-        return _json({"status": "ready", "sessions": service.server.session_count})
+        # A replica that does not hear the others still serves (their notices are also polled
+        # for): ready, and it says so.
+        cluster = service.cluster
+        replicas = "listening" if cluster.listening else "not listening" if cluster.shared else None
+        return _json(
+            {"status": "ready", "sessions": service.server.session_count, "replicas": replicas}
+        )
 
     async def metrics(request: Request) -> Response:
         service.refresh_gauges()

@@ -25,6 +25,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cloud_agent.metrics import Metrics
+
 __all__ = ["SESSIONS", "Cluster"]
 
 log = logging.getLogger("edgeloop.cloud.cluster")
@@ -40,8 +42,9 @@ class Cluster:
     reconnect_s = (1.0, 30.0)
     """First and longest wait before listening again after the connection was lost."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, *, metrics: Metrics | None = None) -> None:
         self.database_url = database_url
+        self.metrics = metrics
         self._handlers: dict[str, list[Handler]] = {}
         self._connection: Any = None
         self._lock = asyncio.Lock()
@@ -103,6 +106,8 @@ class Cluster:
         self._connection = connection
 
     def _notified(self, _connection: Any, _pid: int, channel: str, payload: str) -> None:
+        if self.metrics is not None:
+            self.metrics.cluster_notices.labels(channel).inc()
         for handler in self._handlers.get(channel, ()):
             self._spawn(self._run(handler, channel, payload))
 

@@ -114,6 +114,17 @@ class Metrics:
         self.wait_seconds = Gauge(
             "edgeloop_scheduler_online_wait_seconds", "Mean online queue wait (EWMA)", registry=r
         )
+        self.cluster_listening = Gauge(
+            "edgeloop_cluster_listening",
+            "1 while this replica hears the others' notices (PostgreSQL LISTEN), else 0",
+            registry=r,
+        )
+        self.cluster_notices = Counter(
+            "edgeloop_cluster_notices_total",
+            "Notices heard from the replicas (this one's included), by channel",
+            ["channel"],
+            registry=r,
+        )
         # Labelled children looked up once: `labels()` costs a lock and a dict build per call,
         # and these are touched on every escalation.
         self.prompt_tokens = self.tokens.labels("prompt")

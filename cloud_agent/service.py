@@ -148,7 +148,7 @@ class CloudService:
             heartbeat_s=config.limits.heartbeat_s,
         )
         self.bundles_dir = config.data_dir / "bundles"
-        self.cluster = Cluster(config.resolved_database_url())
+        self.cluster = Cluster(config.resolved_database_url(), metrics=self.metrics)
         """Notices between replicas (PostgreSQL): rollouts, revocations, sessions."""
         self.server = CloudServer(
             store=store,
@@ -426,6 +426,7 @@ class CloudService:
         self.metrics.queued.labels("offline").set(load.offline_queued)
         self.metrics.service_seconds.set(load.service_s)
         self.metrics.wait_seconds.set(load.online_wait_s)
+        self.metrics.cluster_listening.set(int(self.cluster.listening))
 
     def backend_health(self) -> list[dict[str, Any]]:
         if isinstance(self.backend, BackendPool):

@@ -28,7 +28,7 @@ from protocol import (
     Welcomed,
 )
 from shared import SigningKey
-from tests.cloud_agent.test_server import ask, ask_and_correct, events_to_the_end
+from tests.cloud_agent.test_server import admin_client, ask, ask_and_correct, events_to_the_end
 from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
@@ -92,6 +92,13 @@ async def test_a_revocation_on_one_replica_ends_the_session_on_another_at_once(
     device, creds = await enroll(b)
     assert await a.revoke(creds.device_id)
     await assert_revoked(device)
+    # The operator sees that B hears the others, and what it heard.
+    async with admin_client(b) as admin:
+        ready = (await admin.get("/readyz")).json()
+        metrics = (await admin.get("/metrics")).text
+    assert ready["replicas"] == "listening"
+    assert "edgeloop_cluster_listening 1.0" in metrics
+    assert 'edgeloop_cluster_notices_total{channel="edgeloop_revocations"} 1.0' in metrics
 
 
 async def test_a_revocation_made_with_the_store_alone_reaches_every_replica(
@@ -176,6 +183,8 @@ async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud)
     ):
         await server._opened_elsewhere(notice)
     assert conn.session.is_open
+    async with admin_client(cloud.service) as admin:
+        assert (await admin.get("/readyz")).json()["replicas"] is None, "one replica: SQLite"
     await server._opened_elsewhere(
         json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id, conn.opened_at + 1]]})
     )
