@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import ipaddress
@@ -99,6 +100,30 @@ def make_config(tmp_path: Path, kb_path: Path | None, **overrides: Any) -> Cloud
     }
     data.update(overrides)
     return CloudConfig.model_validate(data)
+
+
+@contextlib.asynccontextmanager
+async def replicas_of_one_cluster(
+    tmp_path: Path, kb_path: Path | None, database_url: str, n: int = 2, **overrides: Any
+) -> AsyncIterator[list[CloudService]]:
+    """`n` started services on one database with one signing key (the first one's, copied as
+    an operator would), replica `i` answering "replica i"; stopped on the way out, before a
+    test's database goes."""
+    started: list[CloudService] = []
+    try:
+        for i in range(n):
+            config = make_config(
+                tmp_path / f"r{i}", kb_path, database_url=database_url, **overrides
+            )
+            if started:
+                started[0].signing_key.save(config.data_dir / "server.key")
+            service = await CloudService.create(config, backend=ScriptedBackend(f"replica {i}"))
+            await service.start()
+            started.append(service)
+        yield started
+    finally:
+        for service in started:
+            await service.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from cloud_agent.backends import ScriptedBackend
 from cloud_agent.cluster import Cluster
 from cloud_agent.service import CloudService
 from cloud_agent.store import Store
@@ -29,7 +28,7 @@ from protocol import (
 )
 from shared import SigningKey
 from tests.cloud_agent.test_server import admin_client, ask, ask_and_correct, events_to_the_end
-from tests.cloud_fixtures import Cloud, make_config
+from tests.cloud_fixtures import Cloud, replicas_of_one_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -40,23 +39,11 @@ HOUR = 3600.0
 async def replicas(
     tmp_path: Path, kb_path: Path, postgres_db: str
 ) -> AsyncIterator[list[CloudService]]:
-    """Two replicas of one cluster (one database, one signing key), polling hourly."""
-    started: list[CloudService] = []
-    try:
-        for n in range(2):
-            config = make_config(
-                tmp_path / f"r{n}", kb_path, database_url=postgres_db,
-                revocation_poll_s=HOUR, rollout={"poll_s": HOUR},
-            )  # fmt: skip
-            if started:
-                started[0].signing_key.save(config.data_dir / "server.key")
-            service = await CloudService.create(config, backend=ScriptedBackend(f"replica {n}"))
-            await service.start()
-            started.append(service)
+    """Two replicas of one cluster, polling hourly."""
+    async with replicas_of_one_cluster(
+        tmp_path, kb_path, postgres_db, revocation_poll_s=HOUR, rollout={"poll_s": HOUR}
+    ) as started:
         yield started
-    finally:
-        for service in started:
-            await service.stop()  # before `postgres_db` drops the tables they use
 
 
 async def enroll(service: CloudService) -> tuple[Device, DeviceCredentials]:
@@ -142,17 +129,9 @@ async def test_a_device_forgotten_with_the_store_alone_is_unlearned_by_every_rep
     tmp_path: Path, kb_path: Path, postgres_db: str
 ) -> None:
     # Replicas that read each other's feedback often, so both learn the correction.
-    started: list[CloudService] = []
-    try:
-        for n in range(2):
-            config = make_config(
-                tmp_path / f"r{n}", kb_path, database_url=postgres_db, knowledge_poll_s=0.1,
-            )  # fmt: skip
-            if started:
-                started[0].signing_key.save(config.data_dir / "server.key")
-            service = await CloudService.create(config, backend=ScriptedBackend("Hm."))
-            await service.start()
-            started.append(service)
+    async with replicas_of_one_cluster(
+        tmp_path, kb_path, postgres_db, knowledge_poll_s=0.1
+    ) as started:
         device, creds = await enroll(started[0])
         await ask_and_correct(device)
         await device.close()

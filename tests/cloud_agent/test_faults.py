@@ -31,7 +31,7 @@ from protocol import (
     Welcomed,
 )
 from shared import ConfigError, SigningKey
-from tests.cloud_fixtures import Cloud, make_config, self_signed
+from tests.cloud_fixtures import Cloud, make_config, replicas_of_one_cluster, self_signed
 
 pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
 
@@ -172,18 +172,7 @@ async def test_garbage_from_the_backend_is_a_typed_error_to_the_device(cloud: Cl
 async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
     tmp_path: Path, kb_path: Path, postgres_db: str
 ) -> None:
-    replicas: list[CloudService] = []
-    try:
-        for n in range(2):
-            config = make_config(tmp_path / f"r{n}", kb_path, database_url=postgres_db)
-            # Both replicas of one cluster sign with the same key: copy the first one's.
-            if replicas:
-                replicas[0].signing_key.save(config.data_dir / "server.key")
-            service = await CloudService.create(
-                config, backend=ScriptedBackend(f"from replica {n}")
-            )
-            await service.start()
-            replicas.append(service)
+    async with replicas_of_one_cluster(tmp_path, kb_path, postgres_db) as replicas:
         token = await replicas[0].store.create_enrollment_token()
         key = SigningKey.generate()
         first = await Device.connect(
@@ -206,11 +195,8 @@ async def test_two_replicas_on_one_postgresql_serve_the_same_devices(
         assert isinstance(ack, AckReceived) and ack.ack.duplicate is True
         await second.send(ask("Anything about layering for wet climates in general?", "req_2"))
         result = await second.next_event(ResultReceived)
-        assert isinstance(result, ResultReceived) and result.result.text == "from replica 1"
+        assert isinstance(result, ResultReceived) and result.result.text == "replica 1"
         await second.close()
-    finally:
-        for service in replicas:
-            await service.stop()  # before `postgres_db` drops the tables they use
 
 
 async def test_the_service_speaks_wss_and_https_with_a_certificate(
