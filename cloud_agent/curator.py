@@ -3,7 +3,9 @@
 - learns from feedback: at start all that the store holds, then what other replicas took,
   every `knowledge_poll_s` (this replica's own is learned as it arrives, `Inbox`);
 - reloads the knowledge file on request (admin API, SIGHUP) or when it changes on disk
-  (`knowledge_watch`), relearning the questions of the facts whose text did not change;
+  (`knowledge_watch`), relearning the questions of the facts whose text did not change; a
+  reload on request is announced to the other replicas (`KNOWLEDGE`), which reload theirs, so
+  replicas behind one load balancer answer from the same facts;
 - unlearns a forgotten device: the questions are learned again from the feedback left in the
   store, so what that device's users taught is gone from memory as it is from the store.
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cloud_agent.agent import CloudAgent
+from cloud_agent.cluster import Cluster
 from cloud_agent.config import CloudConfig
 from cloud_agent.errors import KnowledgeError, StoreError
 from cloud_agent.knowledge import KnowledgeBase
@@ -28,19 +32,31 @@ from cloud_agent.metrics import Metrics
 from cloud_agent.skills import KnowledgeSkill
 from cloud_agent.store import Store
 
-__all__ = ["Curator"]
+__all__ = ["KNOWLEDGE", "Curator"]
 
 log = logging.getLogger("edgeloop.cloud.knowledge")
 
+KNOWLEDGE = "edgeloop_knowledge"
+"""The channel a reload on request is announced on (payload: the announcing curator's id)."""
 SETTLE_S = 1.0
 """A knowledge file modified less than this long ago is left until the next look."""
 
 
 class Curator:
     def __init__(
-        self, config: CloudConfig, *, store: Store, agent: CloudAgent, metrics: Metrics
+        self,
+        config: CloudConfig,
+        *,
+        store: Store,
+        agent: CloudAgent,
+        metrics: Metrics,
+        cluster: Cluster | None = None,
     ) -> None:
         self.config = config
+        self.cluster = cluster
+        self._id = secrets.token_hex(8)
+        if cluster is not None:
+            cluster.subscribe(KNOWLEDGE, self._reload_elsewhere)
         self.store = store
         self.agent = agent
         """Holds the skill answering now (`agent.skill`), which a rebuild replaces."""
@@ -75,9 +91,10 @@ class Curator:
             "loaded_at": self.loaded_at.isoformat() if skill else None,
         }
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, *, announce: bool = True) -> dict[str, Any]:
         """Read the knowledge file again and answer from it from now on (the admin API's
-        `POST /v1/knowledge/reload`, or SIGHUP to `edgeloop cloud serve`).
+        `POST /v1/knowledge/reload`, or SIGHUP to `edgeloop cloud serve`); once it is loaded,
+        the other replicas are told to reload theirs (unless `announce` is False).
 
         Questions learned from feedback are learned again for the facts whose text did not
         change (a correction or a thumbs-up vouched for that text, not for a new one). A file
@@ -106,7 +123,17 @@ class Curator:
             "changed": sorted(i for i in kb.facts.keys() & old.keys() if kb.facts[i] != old[i]),
         }
         log.info("knowledge reloaded from %s: %d facts, %s", path, len(kb), changes)
+        if announce and self.cluster is not None:
+            await self.cluster.notify(KNOWLEDGE, self._id)
         return {**self.info(), **changes}
+
+    async def _reload_elsewhere(self, announcer: str) -> None:
+        if announcer == self._id:
+            return  # this replica's own reload, heard back
+        try:
+            await self.reload(announce=False)
+        except (KnowledgeError, StoreError) as exc:
+            log.warning("knowledge: another replica reloaded, this one could not (%s)", exc)
 
     async def unlearn(self) -> int:
         """Learn the questions again from the feedback the store holds now, after a device
@@ -183,7 +210,7 @@ class Curator:
         if stamp is not None and time.time() - stamp[0] / 1e9 < SETTLE_S:
             return  # still being written, perhaps: look again next time
         try:
-            await self.reload()
+            await self.reload(announce=False)  # every replica watches its own file
         except KnowledgeError as exc:
             log.warning("knowledge: the changed file was not loaded (%s); facts in use stay", exc)
         except StoreError as exc:

@@ -136,7 +136,12 @@ class CloudService:
         self.metrics = Metrics()
         self.scheduler = Scheduler(config.capacity)
         self.agent = CloudAgent(backend, self.scheduler, phone_regions=self.config.phone_regions)
-        self.curator = Curator(config, store=store, agent=self.agent, metrics=self.metrics)
+        self.cluster = Cluster(config.resolved_database_url(), metrics=self.metrics)
+        """Notices between replicas (PostgreSQL): rollouts, revocations, erasures, sessions,
+        knowledge reloads."""
+        self.curator = Curator(
+            config, store=store, agent=self.agent, metrics=self.metrics, cluster=self.cluster
+        )
         """Keeps the knowledge index current: feedback, file reloads, forgotten devices."""
         self.jobs = JobRunner(
             store, self.agent, workers=config.capacity, distiller=self._distill_job
@@ -148,8 +153,6 @@ class CloudService:
             heartbeat_s=config.limits.heartbeat_s,
         )
         self.bundles_dir = config.data_dir / "bundles"
-        self.cluster = Cluster(config.resolved_database_url(), metrics=self.metrics)
-        """Notices between replicas (PostgreSQL): rollouts, revocations, sessions."""
         self.server = CloudServer(
             store=store,
             agent=self.agent,

@@ -143,9 +143,29 @@ async def test_a_device_forgotten_with_the_store_alone_is_unlearned_by_every_rep
         finally:
             await store.close()
         await until(lambda: all(skill and skill.kb.learned == 0 for skill in skills()))
-    finally:
-        for service in started:
-            await service.stop()
+
+
+async def test_a_knowledge_reload_on_one_replica_reloads_every_replica(
+    tmp_path: Path, kb_path: Path, postgres_db: str
+) -> None:
+    kb = tmp_path / "kb.md"  # the file every replica reads (one volume, or one deployment)
+    kb.write_text(kb_path.read_text())
+    # Neither watches its file in time: only the notice can explain a reload on B.
+    async with replicas_of_one_cluster(
+        tmp_path, kb, postgres_db, knowledge_poll_s=HOUR
+    ) as replicas:
+        a, b = replicas
+        kb.write_text(kb.read_text() + "\n- [gift-wrap] Gift wrapping costs $4 per item.\n")
+        async with admin_client(a) as admin:
+            reloaded = (await admin.post("/v1/knowledge/reload")).json()
+        assert reloaded["added"] == ["gift-wrap"]
+        await until(lambda: b.agent.skill is not None and "gift-wrap" in b.agent.skill.kb.facts)
+        await asyncio.sleep(0.2)  # A hears its own notice too, and does not reload twice
+        for replica in replicas:
+            reloads = replica.metrics.registry.get_sample_value(
+                "edgeloop_knowledge_reloads_total", {"outcome": "ok"}
+            )
+            assert reloads == 1
 
 
 async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud) -> None:
