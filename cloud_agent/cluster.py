@@ -41,6 +41,9 @@ class Cluster:
 
     reconnect_s = (1.0, 30.0)
     """First and longest wait before listening again after the connection was lost."""
+    notify_timeout_s = 5.0
+    """How long a notice may take to send: a database that stopped answering does not hold up
+    what sends it (a session opening, a revocation)."""
 
     def __init__(self, database_url: str, *, metrics: Metrics | None = None) -> None:
         self.database_url = database_url
@@ -89,7 +92,10 @@ class Cluster:
                 async with self._lock:
                     # The listening connection hears its own notification: this replica
                     # reacts through the same path as every other one.
-                    await self._connection.execute("SELECT pg_notify($1, $2)", channel, payload)
+                    await self._connection.execute(
+                        "SELECT pg_notify($1, $2)", channel, payload,
+                        timeout=self.notify_timeout_s,
+                    )  # fmt: skip
                 return
             except Exception as exc:  # noqa: BLE001 - the connection went; tell ourselves
                 log.warning("could not notify other replicas on %s (%s)", channel, exc)

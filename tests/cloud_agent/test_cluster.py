@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -242,6 +244,36 @@ async def test_a_replica_that_lost_its_listening_connection_listens_again(
         await sender.stop()
         await receiver.stop()
     assert not receiver.listening
+
+
+async def test_a_database_that_stops_answering_does_not_hold_up_a_notice(
+    postgres_db: str,
+) -> None:
+    cluster = Cluster(postgres_db)
+    cluster.notify_timeout_s, cluster.reconnect_s = 0.2, (0.05, 0.2)
+    got = await heard(cluster)
+    await cluster.start()
+    pid = cluster._connection.get_server_pid()
+    try:
+        # The database process serving the listening connection stops (a hung server, a
+        # network partition): stopping it needs the right to signal it.
+        os.kill(pid, signal.SIGSTOP)
+    except PermissionError:
+        await cluster.stop()
+        pytest.skip("cannot stop a PostgreSQL backend: the tests do not run as root here")
+    try:
+        async with asyncio.timeout(5):
+            await cluster.notify("edgeloop_test", "hello")
+        assert got == ["hello"], "told this replica at least"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        # Once the database answers again, notices go through it again.
+        await until(lambda: cluster.listening)
+        await cluster.notify("edgeloop_test", "again")
+        await until(lambda: got == ["hello", "again"])
+    finally:
+        await cluster.stop()
 
 
 async def test_a_revocation_is_announced_once(postgres_db: str) -> None:
