@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from cloud_agent.cluster import Cluster
 from cloud_agent.service import CloudService
@@ -20,9 +21,11 @@ from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from examples.handshake import Device
 from protocol import (
+    AckReceived,
     DeviceCredentials,
     EnrollmentCompleted,
     EnrollmentCredentials,
+    Feedback,
     PeerError,
     ResultReceived,
     SessionClosed,
@@ -168,6 +171,39 @@ async def test_a_knowledge_reload_on_one_replica_reloads_every_replica(
                 "edgeloop_knowledge_reloads_total", {"outcome": "ok"}
             )
             assert reloads == 1
+
+
+async def test_after_a_database_failover_replicas_serve_store_and_hear_each_other(
+    replicas: list[CloudService], postgres_db: str
+) -> None:
+    a, b = replicas
+    for replica in replicas:
+        replica.cluster.reconnect_s = (0.05, 0.2)
+    device, creds = await enroll(a)
+    store = await Store.open(postgres_db)
+    try:
+        # Every connection to the database dropped at once, as a failover does.
+        async with store.engine.connect() as conn:
+            dropped = await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            assert len(dropped.all()) >= 2, "both replicas' listening connections at least"
+        await device.send(ask("Anything about layering for wet climates in general?"))
+        assert isinstance(await device.next_event(ResultReceived), ResultReceived)
+        await device.send(Feedback(idempotency_key="idk_failover", request_id="req_1",
+                                   rating="positive"))  # fmt: skip
+        assert isinstance(await device.next_event(AckReceived), AckReceived)
+        await a.server.recorder.flush()
+        [stored] = await store.list_interactions()
+        assert (stored.request_id, stored.rating) == ("req_1", "positive")
+        await until(lambda: a.cluster.listening and b.cluster.listening)
+        assert await store.revoke_device(creds.device_id)
+        await assert_revoked(device)
+    finally:
+        await store.close()
 
 
 async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud) -> None:
