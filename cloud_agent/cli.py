@@ -153,8 +153,8 @@ def register(subparsers: Any) -> None:
     forget = sub.add_parser(
         "forget",
         help="erase a device's data (interactions, feedback, reports, sessions, ...) and "
-        "revoke it; a running cloud on SQLite hears of it only through the admin API's "
-        "DELETE /v1/devices/ID",
+        "revoke it; a running cloud on SQLite sees it within revocation_poll_s (the admin "
+        "API's DELETE /v1/devices/ID acts at once)",
     )
     common(forget)
     forget.add_argument("device_id")

@@ -186,10 +186,11 @@ class CloudConfig(_Section):
     store_lock_timeout_s: float = Field(15.0, gt=0, le=600)
     """How long a SQLite write waits for a lock before the store reports itself unavailable."""
     revocation_poll_s: float = Field(10.0, gt=0)
-    """How often open sessions are checked against revocations made elsewhere: a revoked
-    device's session ends within this time at the latest. With PostgreSQL every replica hears
-    of a revocation (the admin API's or `edgeloop cloud revoke`'s) at once; the poll covers a
-    replica whose listening connection was down, and the CLI on SQLite."""
+    """How often the store is read for devices revoked or erased elsewhere: a revoked
+    device's session ends, and an erased device's feedback is unlearned, within this time at
+    the latest. With PostgreSQL every replica hears of both at once (the admin API's or the
+    CLI's); the poll covers a replica whose listening connection was down, and the CLI on
+    SQLite."""
     knowledge: Path | None = None
     """Knowledge file (Markdown bullets `- [id] text`, or JSONL with id and text)."""
     knowledge_poll_s: float = Field(30.0, gt=0)

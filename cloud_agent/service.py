@@ -12,6 +12,7 @@ import gc
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -183,6 +184,9 @@ class CloudService:
         self.draining = False
         self._uvicorn: uvicorn.Server | None = None
         self._admin_task: asyncio.Task[None] | None = None
+        self._unlearned: dict[str, float] = {}
+        """Erased devices whose feedback was unlearned lately (monotonic time): `_unlearn`
+        runs once per device."""
         self._background: list[asyncio.Task[None]] = []
         """What runs on a timer (purge, learning from other replicas, distilling when due)."""
 
@@ -234,7 +238,7 @@ class CloudService:
                 self.store, after_examples=due.after_examples, params=due.params
             )
             self._background.append(asyncio.create_task(self._distill_when_due(trigger)))
-        self._background.append(asyncio.create_task(self._end_revoked_sessions()))
+        self._background.append(asyncio.create_task(self._follow_revocations()))
         self.server.recorder.start()
         host, port = self.config.host, self.config.port
         try:
@@ -312,31 +316,44 @@ class CloudService:
         return deleted
 
     async def _unlearn(self, device_id: str) -> None:
-        """What the forgotten device's feedback taught the knowledge index goes."""
+        """What the forgotten device's feedback taught the knowledge index goes: once per
+        device, though the notice and the poll may both bring it."""
+        if device_id in self._unlearned:
+            return
+        self._unlearned[device_id] = time.monotonic()
         try:
             await self.curator.unlearn()
         except StoreError as exc:
+            del self._unlearned[device_id]  # the next poll tries again
             log.warning("knowledge: not learned again without %s (%s)", device_id, exc)
 
     async def _revoked_elsewhere(self, device_id: str) -> None:
         await self.server.end_sessions([device_id])
 
-    async def _end_revoked_sessions(self) -> None:
-        """Devices revoked elsewhere (the CLI, another replica) are read every
-        `revocation_poll_s`, for a notice that did not come (SQLite, a lost connection); the
-        windows overlap by a minute, as for feedback."""
+    async def _follow_revocations(self) -> None:
+        """Devices revoked or erased elsewhere (the CLI, another replica) are read every
+        `revocation_poll_s`, for a notice that did not come (SQLite, a lost connection): their
+        sessions end, and erased devices are unlearned. The windows overlap by a minute, as
+        for feedback."""
         checked = datetime.now(UTC)
         while True:
             await asyncio.sleep(self.config.revocation_poll_s)
-            now = datetime.now(UTC)
+            now, since = datetime.now(UTC), checked - timedelta(minutes=1)
             try:
-                revoked = await self.store.revoked_since(checked - timedelta(minutes=1))
+                revoked = await self.store.revoked_since(since)
+                forgotten = await self.store.forgotten_since(since)
             except StoreError as exc:
                 log.warning("revocations not read (%s); trying again", exc)
                 continue
             checked = now
             if revoked:
                 await self.server.end_sessions(revoked)
+            for device_id in forgotten:
+                await self._unlearn(device_id)
+            # An erasure is read again only within the overlap: forget it after twice that.
+            stale = time.monotonic() - 120
+            for device_id in [d for d, at in self._unlearned.items() if at < stale]:
+                del self._unlearned[device_id]
 
     async def _purge(self, days: float) -> None:
         """Apply the retention policy once: delete what is older than `days`."""

@@ -224,7 +224,7 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             await s.execute(
                 update(t.Device).where(t.Device.id == device_id).values(
                     name=None, last_seen_at=None, base_model_sha256=None, adapter_version=None,
-                    privacy_violations=0,
+                    privacy_violations=0, forgotten_at=now(),
                 )
             )  # fmt: skip
             return counts
@@ -233,6 +233,12 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
         """Ids of the devices revoked at or after `since` (by any replica or the CLI)."""
         async with self._tx() as s:
             rows = await s.scalars(select(t.Device.id).where(t.Device.revoked_at >= since))
+            return list(rows)
+
+    async def forgotten_since(self, since: datetime) -> list[str]:
+        """Ids of the devices erased (`forget_device`) at or after `since`."""
+        async with self._tx() as s:
+            rows = await s.scalars(select(t.Device.id).where(t.Device.forgotten_at >= since))
             return list(rows)
 
     async def pin_signing_key(self, public_key: str) -> str:

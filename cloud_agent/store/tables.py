@@ -58,6 +58,8 @@ class Device(Base):
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+    forgotten_at: Mapped[datetime | None]
+    """When its data was erased (`Store.forget_device`); the row stays as a tombstone."""
     base_model_sha256: Mapped[str | None] = mapped_column(String(64))
     adapter_version: Mapped[int | None] = mapped_column(Integer)
     privacy_violations: Mapped[int] = mapped_column(Integer, default=0)
@@ -284,6 +286,8 @@ class JobItem(Base):
     claimed_at: Mapped[datetime | None]
 
 
+Index("ix_devices_revoked_at", Device.revoked_at)
+Index("ix_devices_forgotten_at", Device.forgotten_at)
 Index("ix_feedback_created", Feedback.created_at)
 # Reviewing a rollout counts its deployments and the feedback given under it.
 Index("ix_deployments_version", Deployment.version, Deployment.status)

@@ -636,6 +636,29 @@ async def test_forgetting_a_device_unlearns_what_its_feedback_taught_and_only_th
     await kept.close()
 
 
+@pytest.mark.cloud(revocation_poll_s=0.05)
+async def test_a_device_forgotten_with_the_store_alone_is_unlearned_by_the_poll_once(
+    cloud: Cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unlearned: list[int] = []
+    unlearn = cloud.service.curator.unlearn
+
+    async def counted() -> int:
+        unlearned.append(await unlearn())
+        return unlearned[-1]
+
+    monkeypatch.setattr(cloud.service.curator, "unlearn", counted)
+    device, creds = await cloud.enroll()
+    await ask_and_correct(device)
+    await device.close()
+    assert await cloud.service.store.forget_device(creds.device_id)  # as the CLI does
+    async with asyncio.timeout(10):
+        while not unlearned:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # ten more polls, each reading the erasure again
+    assert unlearned == [0], "unlearned once, and nothing learned is left"
+
+
 async def test_a_replica_learns_the_feedback_another_replica_took(
     cloud: Cloud, tmp_path: Path, kb_path: Path
 ) -> None:

@@ -674,7 +674,10 @@ async def test_forgetting_a_device_erases_its_records_and_leaves_a_revoked_tombs
         await store.add_update_status(device, f"st_{device}", 1, "applied", None, {})
         await store.record_privacy_event(device, f"req_{device}", ["email"])
 
+    assert await store.forgotten_since(when) == []
     deleted = await store.forget_device(gone)
+    assert await store.forgotten_since(when) == [gone], "found by replicas that did not hear"
+    assert await store.revoked_since(when) == [gone]
     assert deleted == {"interactions": 1, "feedback": 1, "report_reasons": 1, "reports": 1,
                        "status_reports": 1, "deployments": 1, "privacy_events": 1,
                        "sessions": 1, "enrollment_tokens": 1}  # fmt: skip
