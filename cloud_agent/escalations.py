@@ -55,6 +55,9 @@ class _RateLimiter:
 
 
 class Escalations:
+    """Runs the escalations of every connection of one server, each as a task in the
+    connection's `tasks` (which the server cancels when the device cancels or goes)."""
+
     def __init__(
         self,
         store: Store,
