@@ -25,6 +25,7 @@ from cloud_agent.store import (
     MAX_ROUTING_HOURS,
     MAX_TOKEN_NOTE,
 )
+from shared.errors import ConfigError
 
 if TYPE_CHECKING:
     from cloud_agent.service import CloudService
@@ -195,7 +196,11 @@ def build_admin_app(service: CloudService) -> Starlette:
         if await service.store.get_adapter(version) is None:
             return _json({"error": "not_found", "message": f"no adapter version {version}"}, 404)
         if action == "rollback":
-            return _json({"rolled_back": version, "version": await service.rollback(version)})
+            try:
+                new_version = await service.rollback(version)
+            except ConfigError as exc:  # this replica's server.key was rotated out
+                return _json({"error": "signing_key", "message": str(exc)}, 409)
+            return _json({"rolled_back": version, "version": new_version})
         state = {"halt": "halted", "promote": "active"}.get(action)
         if state is None:
             return _json({"error": "not_found", "message": "actions: rollback, halt, promote"}, 404)

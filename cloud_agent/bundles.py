@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 from cloud_agent.store import Store
-from protocol import BundleFile, BundleManifest, UpdateOffer
+from protocol import BundleFile, BundleManifest, KeyEndorsement, UpdateOffer, endorse_key
 from shared.errors import ConfigError
 from shared.keys import SigningKey, b64url_encode
 
-__all__ = ["build_bundle", "cluster_signing_key"]
+__all__ = ["build_bundle", "cluster_signing_key", "key_rotations", "rotate_signing_key"]
 
 FileKind = Literal["adapter", "coverage", "other"]
 
@@ -38,6 +38,12 @@ async def cluster_signing_key(data_dir: Path, store: Store) -> SigningKey:
     if pinned != ours:
         if made:
             path.unlink()  # the one to copy here is the cluster's, not this
+        if ours in [public for public, _ in await store.signing_keys()]:
+            raise ConfigError(
+                "data_dir",
+                f"{path} was rotated out (`edgeloop cloud rotate-key`): the key in use is "
+                f"{pinned}; copy server.key from the data directory where it was rotated",
+            )
         raise ConfigError(
             "data_dir",
             f"{path} is not the key this cloud's devices pinned at enrollment (its public half "
@@ -46,6 +52,37 @@ async def cluster_signing_key(data_dir: Path, store: Store) -> SigningKey:
             "directory",
         )
     return key
+
+
+async def key_rotations(store: Store) -> tuple[KeyEndorsement, ...]:
+    """The rotations of the cluster's signing key, oldest first, as `welcome` tells them."""
+    keys = await store.signing_keys()
+    return tuple(
+        KeyEndorsement(public_key=public, signature=endorsement)
+        for public, endorsement in keys[1:]
+        if endorsement is not None
+    )
+
+
+async def rotate_signing_key(data_dir: Path, store: Store) -> SigningKey:
+    """Replace the cluster's signing key (`data_dir/server.key`, which must be the key in
+    use) with a new one it endorses, recorded in the store. The new key is on disk, beside the
+    old, before the store names it; then it takes the old one's place."""
+    old = await cluster_signing_key(data_dir, store)
+    new = SigningKey.generate()
+    path = data_dir / "server.key"
+    staged = path.with_name("server.key.new")
+    new.save(staged)
+    endorsement = endorse_key(old, new.verify_key())
+    try:
+        await store.rotate_signing_key(
+            old.verify_key().b64(), endorsement.public_key, endorsement.signature
+        )
+    except BaseException:
+        staged.unlink()
+        raise
+    staged.replace(path)
+    return new
 
 
 def _sha256(path: Path) -> str:

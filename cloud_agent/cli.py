@@ -160,6 +160,15 @@ def register(subparsers: Any) -> None:
     forget.add_argument("device_id")
     forget.set_defaults(func=_forget)
 
+    rotate = sub.add_parser(
+        "rotate-key",
+        help="replace the bundle-signing key (server.key) with a new one it endorses: devices "
+        "move to it as they reconnect; copy the new server.key to every replica and restart "
+        "them",
+    )
+    common(rotate)
+    rotate.set_defaults(func=_rotate_key)
+
     backup = sub.add_parser(
         "backup",
         help="copy the database (consistently, while the cloud serves), the signing key, the "
@@ -411,6 +420,21 @@ def _rollouts(args: argparse.Namespace) -> int:
     from cloud_agent.rollout import rollouts
 
     print(json.dumps(asyncio.run(_with_store(_config(args), rollouts)), indent=2))
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    from cloud_agent.bundles import rotate_signing_key
+
+    config = _config(args)
+    config.existing_database_url()  # before a key is made in a directory that is not the cloud's
+    new = asyncio.run(_with_store(config, lambda s: rotate_signing_key(config.data_dir, s)))
+    print(
+        f"{config.data_dir / 'server.key'} replaced: the bundle-signing key is now "
+        f"{new.verify_key().b64()}, endorsed by the one before. Copy this server.key to every "
+        "replica (and host that runs distill or rollback) and restart them; devices move to "
+        "the new key as they reconnect."
+    )
     return 0
 
 

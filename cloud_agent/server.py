@@ -50,6 +50,7 @@ from protocol import (
     FetchReceived,
     Goodbye,
     HelloReceived,
+    KeyEndorsement,
     Limits,
     ProtocolViolation,
     ReportReceived,
@@ -113,6 +114,7 @@ class CloudServer:
         rollout_policy: RolloutPolicy | None = None,
         bundles_dir: Path | None = None,
         cluster: Cluster | None = None,
+        key_rotations: tuple[KeyEndorsement, ...] = (),
     ) -> None:
         self.store = store
         self.metrics = metrics or Metrics()
@@ -124,6 +126,8 @@ class CloudServer:
         self.max_queue = max_queue
         self.auth_timeout_s = auth_timeout_s
         self.ssl_context = ssl_context
+        self.key_rotations = key_rotations
+        """The signing key's rotations, told to every device in `welcome`."""
         self.updates = BundleDistribution(
             store,
             self.metrics,
@@ -276,7 +280,10 @@ class CloudServer:
         if ws.subprotocol != SUBPROTOCOL:
             await ws.close(int(CloseCode.POLICY_VIOLATION), f"subprotocol {SUBPROTOCOL} required")
             return
-        conn = _Connection(ws, ServerSession(server_id=self.server_id, limits=self.limits))
+        session = ServerSession(
+            server_id=self.server_id, limits=self.limits, signing_keys=self.key_rotations
+        )
+        conn = _Connection(ws, session)
         self._connections.add(conn)
         timer = conn.auth_timer = asyncio.get_running_loop().call_later(
             self.auth_timeout_s, self._auth_expired, conn

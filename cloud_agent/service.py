@@ -25,7 +25,7 @@ from cloud_agent.agent import CloudAgent
 from cloud_agent.autodistill import DistillTrigger
 from cloud_agent.backends.base import LLMBackend
 from cloud_agent.backends.pool import BackendPool
-from cloud_agent.bundles import cluster_signing_key
+from cloud_agent.bundles import cluster_signing_key, key_rotations
 from cloud_agent.cluster import Cluster
 from cloud_agent.config import CloudConfig, EventLoopChoice
 from cloud_agent.curator import Curator
@@ -36,7 +36,7 @@ from cloud_agent.rollout import PublicationFeed, RolloutPolicy, rollback
 from cloud_agent.scheduler import Scheduler
 from cloud_agent.server import CloudServer
 from cloud_agent.store import FORGOTTEN, REVOCATIONS, Store
-from protocol import Limits
+from protocol import KeyEndorsement, Limits
 from shared.asgi import SignalFreeServer
 from shared.errors import ConfigError
 from shared.keys import SigningKey
@@ -128,6 +128,7 @@ class CloudService:
         backend: LLMBackend,
         signing_key: SigningKey,
         admin_token: str,
+        key_rotations: tuple[KeyEndorsement, ...] = (),
     ) -> None:
         self.config = config
         self.store = store
@@ -172,6 +173,7 @@ class CloudService:
             ),
             bundles_dir=self.bundles_dir,
             cluster=self.cluster,
+            key_rotations=key_rotations,
         )
         self.feed = PublicationFeed(
             store, self.server.push_offers, cluster=self.cluster, poll_s=config.rollout.poll_s
@@ -203,11 +205,12 @@ class CloudService:
         chosen: LLMBackend | None = backend
         try:
             signing_key = await cluster_signing_key(config.data_dir, store)
+            rotations = await key_rotations(store)
             if chosen is None:
                 chosen = await asyncio.to_thread(build_backend, config)
             return cls(
                 config, store=store, backend=chosen, signing_key=signing_key,
-                admin_token=admin_token,
+                admin_token=admin_token, key_rotations=rotations,
             )  # fmt: skip
         except BaseException:
             # Nothing is left open by a service that could not be built (a bad knowledge
@@ -415,7 +418,7 @@ class CloudService:
             config=config,
             work_dir=self.config.data_dir / "distill",
             bundles_dir=self.bundles_dir,
-            signing_key=self.signing_key,
+            signing_key=await self._current_signing_key(),
         )
         if result.published:
             await self.published()
@@ -426,6 +429,13 @@ class CloudService:
             "metrics": result.metrics,
         }
 
+    async def _current_signing_key(self) -> SigningKey:
+        """The key to sign a bundle with now: `server.key` read again, so a key rotated while
+        this replica runs is refused (`ConfigError`), or taken up once its file is copied here,
+        rather than signing what devices that moved to the new key would reject."""
+        self.signing_key = await cluster_signing_key(self.config.data_dir, self.store)
+        return self.signing_key
+
     async def published(self) -> None:
         """A bundle was published (by `distill` or a rollback): offer it everywhere."""
         await self.feed.announce()
@@ -433,7 +443,10 @@ class CloudService:
     async def rollback(self, version: int) -> int:
         """Operator rollback of `version`; returns the new version that undoes it."""
         new_version = await rollback(
-            self.store, version, signing_key=self.signing_key, bundles_dir=self.bundles_dir
+            self.store,
+            version,
+            signing_key=await self._current_signing_key(),
+            bundles_dir=self.bundles_dir,
         )
         await self.published()
         return new_version

@@ -18,7 +18,7 @@ import logging
 import random
 import ssl as ssl_module
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from protocol import (
     Fetch,
     FrameTooLarge,
     GoodbyeReceived,
+    KeyEndorsement,
     Limits,
     Message,
     PeerError,
@@ -62,7 +63,9 @@ from protocol import (
     UpdateStatus,
     Welcomed,
     check_endpoint,
+    follow_key_rotation,
 )
+from shared.errors import SignatureError
 from shared.ids import new_request_id
 from shared.keys import SigningKey
 
@@ -192,6 +195,23 @@ class CloudLink:
                                    "server_key": self.identity.server_key,
                                    "cloud_url": self.identity.cloud_url}))  # fmt: skip
         tmp.replace(path)
+
+    def _follow_key_rotation(self, chain: list[KeyEndorsement]) -> None:
+        """Move the pinned cloud key along the rotations `welcome` tells of, each checked
+        against the key before it; a chain that does not check out moves nothing (updates
+        signed by any other key stay refused)."""
+        pinned = self.identity.server_key
+        if pinned is None:
+            return
+        try:
+            current = follow_key_rotation(pinned, chain)
+        except SignatureError as exc:
+            log.warning("the cloud's key rotation does not verify (%s); the pinned key stays", exc)
+            return
+        if current != pinned:
+            self.identity = replace(self.identity, server_key=current)
+            self._save_identity()
+            log.info("the cloud's signing key was rotated: pinned %s now", current)
 
     @property
     def enrolled(self) -> bool:
@@ -333,6 +353,8 @@ class CloudLink:
                     self.identity = DeviceIdentity(device_id, server_key, self.url)
                     self._save_identity()
                 case Welcomed(welcome=welcome):
+                    if welcome.signing_keys:
+                        self._follow_key_rotation(welcome.signing_keys)
                     self.state, self.limits = LinkState.UP, welcome.limits
                     self.last_failure = self.last_error = None
                     self._up.set()

@@ -11,13 +11,19 @@ by ``\\n``, no trailing newline:
     <nonce>
     <timestamp, decimal Unix seconds>
     <subject: device_id for auth, public_key (base64url) for enroll>
+
+The cloud's bundle-signing key, which a device pins at enrollment, is rotated by endorsement:
+the old key signs ``edgeloop-key/1\n<new public key>`` (`endorse_key`), and a device follows
+the chain of endorsements the server sends in `welcome` (`follow_key_rotation`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 from urllib.parse import urlsplit
 
+from protocol.parts import KeyEndorsement
 from shared.errors import SignatureError
 from shared.keys import SigningKey, VerifyKey, b64url_decode, b64url_encode
 
@@ -25,6 +31,8 @@ __all__ = [
     "SUBPROTOCOL",
     "SUPPORTED_VERSIONS",
     "check_endpoint",
+    "endorse_key",
+    "follow_key_rotation",
     "negotiate_version",
     "proof_payload",
     "sign_proof",
@@ -107,3 +115,32 @@ def verify_proof(
     except ValueError as exc:
         raise SignatureError("signature is not base64url") from exc
     key.verify(raw, proof_payload(purpose, server_id, nonce, timestamp, subject))
+
+
+def _endorsement_payload(public_key: str) -> bytes:
+    return f"edgeloop-key/1\n{public_key}".encode("ascii")
+
+
+def endorse_key(previous: SigningKey, new: VerifyKey) -> KeyEndorsement:
+    """`previous` vouches for `new`, the key that replaces it."""
+    public_key = new.b64()
+    signature = b64url_encode(previous.sign(_endorsement_payload(public_key)))
+    return KeyEndorsement(public_key=public_key, signature=signature)
+
+
+def follow_key_rotation(pinned: str, chain: Sequence[KeyEndorsement]) -> str:
+    """The key a device pinning `pinned` (base64url) pins after the rotations in `chain`
+    (oldest first): the last key, once every endorsement after `pinned` checks out; `pinned`
+    itself when it is the last. Raises `SignatureError` when an endorsement does not verify,
+    or when `pinned` is neither in the chain nor the key that endorsed its first entry."""
+    keys = [entry.public_key for entry in chain]
+    start = keys.index(pinned) + 1 if pinned in keys else 0
+    endorser = pinned
+    for entry in chain[start:]:
+        try:
+            signature = b64url_decode(entry.signature)
+        except ValueError as exc:
+            raise SignatureError("endorsement signature is not base64url") from exc
+        VerifyKey.from_b64(endorser).verify(signature, _endorsement_payload(entry.public_key))
+        endorser = entry.public_key
+    return endorser

@@ -39,6 +39,7 @@ from protocol.parts import (
     BundleManifest,
     ChatMessage,
     DeviceResources,
+    KeyEndorsement,
     Limits,
     RouteCounts,
     Usage,
@@ -99,6 +100,7 @@ EXAMPLES: dict[str, Message] = {
         limits=Limits(
             max_message_bytes=1 << 20, max_in_flight=8, max_requests_per_minute=600, heartbeat_s=20
         ),
+        signing_keys=[KeyEndorsement(public_key="D" * 43, signature=SIG)],
     ),
     "goodbye": Goodbye(reason="shutdown", retry_after_s=5),
     "error": make_error(ErrorCode.OVERLOADED, "try later", request_id="req_1", data={"queue": 40}),

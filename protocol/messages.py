@@ -47,6 +47,7 @@ from protocol.parts import (
     FinishReason,
     IdempotencyKeyStr,
     Identifier,
+    KeyEndorsement,
     Limits,
     Nonce,
     PlaceholderName,
@@ -225,6 +226,10 @@ class Welcome(_Message):
     """Optional features the server implements."""
     limits: Limits
     """Limits the server enforces for this session."""
+    signing_keys: list[KeyEndorsement] = Field(default_factory=list, max_length=32)
+    """The keys the server's bundle-signing key was rotated to, oldest first, each endorsed
+    by the one before it (the first by the key devices pinned before any rotation). A device
+    moves its pin to the last one, checking every endorsement after the key it pins."""
 
 
 class Goodbye(_Message):

@@ -21,6 +21,7 @@ __all__ = [
     "ChatMessage",
     "DeviceResources",
     "Direction",
+    "KeyEndorsement",
     "Limits",
     "RouteCounts",
     "Usage",
@@ -102,6 +103,16 @@ class Limits(_Part):
     """Request rate above which the server answers `rate_limited`."""
     heartbeat_s: int = Field(ge=1, le=3600)
     """Interval of WebSocket pings; a peer silent for two intervals is gone."""
+
+
+class KeyEndorsement(_Part):
+    """A bundle-signing key of the cloud, vouched for by the key it replaced (key rotation)."""
+
+    public_key: PublicKeyB64
+    """The new Ed25519 public key, base64url."""
+    signature: SignatureB64
+    """The replaced key's Ed25519 signature of the ASCII bytes `edgeloop-key/1` and a newline
+    followed by `public_key`."""
 
 
 class ChatMessage(_Part):

@@ -53,6 +53,7 @@ from protocol.messages import (
     make_error,
 )
 from protocol.parts import (
+    KeyEndorsement,
     Limits,
     ServerCapability,
 )
@@ -98,9 +99,12 @@ class ServerSession(Session):
         clock: Callable[[], float] = time.time,
         nonce_bytes: Callable[[int], bytes] = secrets.token_bytes,
         max_violations: int = 16,
+        signing_keys: tuple[KeyEndorsement, ...] = (),
     ) -> None:
         super().__init__(max_message_bytes=limits.max_message_bytes, max_violations=max_violations)
         self.server_id = server_id
+        self.signing_keys = signing_keys
+        """The rotations of the bundle-signing key, told in `welcome` (see `Welcome`)."""
         self.limits = limits
         self.versions = versions
         self.capabilities = capabilities
@@ -324,6 +328,7 @@ class ServerSession(Session):
                 device_id=device_id,
                 capabilities=list(self.capabilities),
                 limits=self.limits,
+                signing_keys=list(self.signing_keys),
             )
         )
 

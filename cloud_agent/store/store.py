@@ -242,20 +242,44 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             return list(rows)
 
     async def pin_signing_key(self, public_key: str) -> str:
-        """The public half of the cluster's bundle-signing key: `public_key` if none is
-        recorded yet (it is recorded now), else the one recorded first. Replicas starting
-        together agree: the first write wins."""
+        """The public half of the cluster's bundle-signing key in use: `public_key` if none
+        is recorded yet (it is recorded now), else the last recorded (the first, or the last
+        it was rotated to). Replicas starting together agree: the first write wins."""
         for _ in range(2):
             try:
                 async with self._tx() as s:
-                    row = await s.get(t.SigningKey, 1)
-                    if row is not None:
-                        return row.public_key
+                    keys = await self._signing_keys(s)
+                    if keys:
+                        return keys[-1].public_key
                     s.add(t.SigningKey(id=1, public_key=public_key, created_at=now()))
                     return public_key
             except IntegrityError:
                 continue  # another replica wrote it first: read theirs
         raise StoreError("the signing key could not be recorded")
+
+    async def signing_keys(self) -> list[tuple[str, str | None]]:
+        """Every bundle-signing key the cluster has had, oldest first, with the previous
+        key's endorsement of it (None for the first): the last is the one in use."""
+        async with self._tx() as s:
+            return [(row.public_key, row.endorsement) for row in await self._signing_keys(s)]
+
+    async def rotate_signing_key(self, previous: str, public_key: str, endorsement: str) -> None:
+        """Record that the key in use, `previous`, was rotated to `public_key`, which it
+        endorsed. Raises `StoreError` when `previous` is not the key in use (another rotation
+        came first)."""
+        try:
+            async with self._tx() as s:
+                keys = await self._signing_keys(s)
+                if not keys or keys[-1].public_key != previous:
+                    raise StoreError("the signing key was rotated meanwhile: not the key in use")
+                s.add(t.SigningKey(id=keys[-1].id + 1, public_key=public_key, created_at=now(),
+                                   endorsement=endorsement))  # fmt: skip
+        except IntegrityError as exc:
+            raise StoreError("the signing key was rotated meanwhile") from exc
+
+    @staticmethod
+    async def _signing_keys(s: AsyncSession) -> list[t.SigningKey]:
+        return list(await s.scalars(select(t.SigningKey).order_by(t.SigningKey.id)))
 
     # --- adapters and deployments -----------------------------------------------------------
 

@@ -66,14 +66,17 @@ class Device(Base):
 
 
 class SigningKey(Base):
-    """The public half of the key the cluster signs update bundles with, as every device
-    pinned it at enrollment. One row (id 1), written by the first replica to start."""
+    """The public halves of the keys the cluster signs update bundles with: id 1 written by
+    the first replica to start, each later id a rotation (`edgeloop cloud rotate-key`); the
+    highest id is the key in use."""
 
     __tablename__ = "signing_key"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     public_key: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
+    endorsement: Mapped[str | None] = mapped_column(String(128))
+    """The previous key's signature of this one (`protocol.endorse_key`); none for id 1."""
 
 
 class EnrollmentToken(Base):

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.backends.pool import BackendPool
+from cloud_agent.bundles import key_rotations
 from cloud_agent.cli import ENV_PREFIX
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
@@ -33,7 +34,14 @@ from cloud_agent.service import (
 from cloud_agent.store import Store
 from cloud_agent.store.store import sqlite_url
 from examples.handshake import Device
-from protocol import ChatMessage, Escalate, ResultReceived, Welcomed
+from protocol import (
+    ChatMessage,
+    Escalate,
+    KeyEndorsement,
+    ResultReceived,
+    Welcomed,
+    follow_key_rotation,
+)
 from shared import ConfigError, SigningKey, load_config
 from shared.cli import main
 from tests.cloud_fixtures import Cloud
@@ -68,6 +76,33 @@ def test_enroll_token_devices_and_revoke_work_on_the_store(
     assert forgotten["device_id"] == "dev_a" and forgotten["deleted"]["enrollment_tokens"] == 1
     assert main(["cloud", "forget", *data, "dev_unknown"]) == 1
     assert "no device dev_unknown" in capsys.readouterr().err
+
+
+def test_rotate_key_replaces_server_key_with_one_the_old_key_endorses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "cloud"
+    assert main(["cloud", "rotate-key", "--data-dir", str(data_dir)]) == 1, "no cloud there"
+    assert not (data_dir / "server.key").exists()
+    assert main(["cloud", "enroll-token", "--data-dir", str(data_dir)]) == 0
+    first = SigningKey.load_or_create(data_dir / "server.key").verify_key().b64()
+    capsys.readouterr()
+    for _ in range(2):
+        assert main(["cloud", "rotate-key", "--data-dir", str(data_dir)]) == 0
+    now = SigningKey.load(data_dir / "server.key").verify_key().b64()
+    assert f"the bundle-signing key is now {now}" in capsys.readouterr().out
+    assert sorted(p.name for p in data_dir.glob("server.key*")) == ["server.key"]
+
+    async def chain() -> list[KeyEndorsement]:
+        store = await Store.open(sqlite_url(data_dir / "cloud.db"))
+        try:
+            return list(await key_rotations(store))
+        finally:
+            await store.close()
+
+    rotations = asyncio.run(chain())
+    assert len(rotations) == 2 and rotations[-1].public_key == now
+    assert follow_key_rotation(first, rotations) == now, "a device pinned to the first follows"
 
 
 def test_purge_deletes_expired_tokens_and_needs_a_period(

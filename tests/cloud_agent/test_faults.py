@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from cloud_agent.backends import ScriptedBackend
+from cloud_agent.bundles import rotate_signing_key
 from cloud_agent.errors import BackendResponseError
 from cloud_agent.service import CloudService
 from cloud_agent.store import tables
@@ -30,7 +31,8 @@ from protocol import (
     ResultReceived,
     Welcomed,
 )
-from shared import ConfigError, SigningKey
+from shared import ConfigError, SigningKey, b64url_decode
+from tests.cloud_agent.test_store import publish
 from tests.cloud_fixtures import Cloud, make_config, replicas_of_one_cluster, self_signed
 
 pytestmark = [pytest.mark.slow, pytest.mark.every_event_loop]
@@ -270,6 +272,37 @@ async def test_a_replica_or_a_run_with_another_signing_key_is_refused(
         again = await CloudService.create(config, backend=ScriptedBackend())
         await again.start()
         await again.stop()
+
+
+async def test_a_replica_whose_key_was_rotated_out_signs_nothing_until_given_the_new_one(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    service = await CloudService.create(
+        make_config(tmp_path / "a", kb_path), backend=ScriptedBackend()
+    )
+    await service.start()
+    try:
+        await publish(service.store, tmp_path, 1)
+        # Rotated from another host's copy of the key: this replica's file is the old key.
+        elsewhere = tmp_path / "ops"
+        service.signing_key.save(elsewhere / "server.key")
+        new = await rotate_signing_key(elsewhere, service.store)
+        async with httpx.AsyncClient(
+            base_url=service.admin_url, headers={"Authorization": f"Bearer {service.admin_token}"}
+        ) as admin:
+            refused = await admin.post("/v1/rollouts/1/rollback")
+            assert refused.status_code == 409 and "rotated out" in refused.json()["message"]
+            assert await service.store.get_adapter(2) is None, "nothing signed with the old key"
+            # The operator copies the new server.key here: the next bundle is signed with it.
+            new.save(service.config.data_dir / "server.key")
+            undone = await admin.post("/v1/rollouts/1/rollback")
+            assert undone.status_code == 200 and undone.json()["version"] == 2
+        adapter = await service.store.get_adapter(2)
+        assert adapter is not None
+        offer = adapter.offer
+        new.verify_key().verify(b64url_decode(offer.signature), offer.manifest.encode())
+    finally:
+        await service.stop()
 
 
 @pytest.mark.parametrize("key", ["port", "admin_port"])

@@ -129,6 +129,16 @@ async def test_the_first_signing_key_recorded_is_the_clusters(store: Store) -> N
     assert await store.pin_signing_key(first) == first
 
 
+async def test_a_rotation_makes_the_new_key_the_one_in_use_once(store: Store) -> None:
+    first, second, third = "A" * 43, "B" * 43, "C" * 43
+    await store.pin_signing_key(first)
+    await store.rotate_signing_key(first, second, "s" * 86)
+    assert await store.pin_signing_key(first) == second, "the key in use, not the first"
+    with pytest.raises(StoreError, match="rotated meanwhile"):  # a second rotation from first
+        await store.rotate_signing_key(first, third, "t" * 86)
+    assert await store.signing_keys() == [(first, None), (second, "s" * 86)]
+
+
 async def test_many_devices_are_looked_up_in_one_query(store: Store) -> None:
     ids = await ten_enrolled(store)
     await store.revoke_device("dev_3")

@@ -9,13 +9,17 @@ import pytest
 from pydantic import ValidationError
 
 from cloud_agent.backends import ScriptedBackend
+from cloud_agent.bundles import build_bundle, rotate_signing_key
 from cloud_agent.config import CloudConfig
 from cloud_agent.service import CloudService
+from cloud_agent.store import Store
 from edge_agent.config import EdgeConfig
 from edge_agent.errors import EdgeAgentError
 from edge_agent.link import CloudLink, CloudUnavailable, DeviceIdentity, LinkState, read_identity
 from edge_agent.outbox import Outbox
+from edge_agent.updates import UpdateRejected, verify_offer
 from protocol import ChatMessage, Escalate, Feedback, InvalidMessage, Result
+from shared import ConfigError, VerifyKey
 from tests.cloud_fixtures import Cloud, make_config
 from tests.edge_fixtures import free_port
 
@@ -251,3 +255,64 @@ async def test_a_queued_message_the_cloud_cannot_take_does_not_hold_up_the_rest(
     assert (summary.positive, summary.negative) == (1, 0)
     assert link.state is LinkState.UP, "nothing too large went out to close the connection"
     await link.stop()
+
+
+async def test_a_device_follows_the_clouds_key_rotation_and_trusts_only_the_new_key(
+    cloud: Cloud, tmp_path: Path
+) -> None:
+    link = await enrolled_link(cloud, tmp_path / "dev")
+    old = cloud.service.signing_key
+    assert link.identity.server_key == old.verify_key().b64()
+    await link.stop()
+    config = cloud.service.config
+    await cloud.service.stop()
+    store = await Store.open(config.resolved_database_url())  # as `cloud rotate-key` does
+    try:
+        new = await rotate_signing_key(config.data_dir, store)
+    finally:
+        await store.close()
+    service = await CloudService.create(config, backend=ScriptedBackend("Layer up."))
+    await service.start()
+    try:
+        assert service.signing_key.verify_key() == new.verify_key()
+        url = f"ws://127.0.0.1:{service.port}/v1"
+        again = CloudLink(url, tmp_path / "dev")
+        again.start()
+        assert await again.wait_up(10)
+        pinned = new.verify_key().b64()
+        assert again.identity.server_key == pinned
+        assert read_identity(tmp_path / "dev").server_key == pinned, "kept across restarts"
+        # What the updater checks offers against: the new key's bundles pass, the old one's not.
+        src = tmp_path / "adapter.bin"
+        src.write_bytes(b"lora" * 100)
+        offers = {
+            name: build_bundle(
+                tmp_path / name,
+                name="facts",
+                version=1,
+                base_model_sha256="0" * 64,
+                files={"adapter.gguf": (src, "adapter")},
+                key=key,
+            )  # fmt: skip
+            for name, key in (("new", new), ("old", old))
+        }
+        check = VerifyKey.from_b64(again.identity.server_key)
+        verify_offer(offers["new"], pinned_key=check, base_model_sha256="0" * 64,
+                     current_version=None)  # fmt: skip
+        with pytest.raises(UpdateRejected, match="bad_signature"):
+            verify_offer(offers["old"], pinned_key=check, base_model_sha256="0" * 64,
+                         current_version=None)  # fmt: skip
+        await again.stop()
+        # A device enrolled from now on pins the new key at once.
+        token = await service.store.create_enrollment_token()
+        fresh = CloudLink(url, tmp_path / "fresh", enrollment_token=token)
+        fresh.start()
+        assert await fresh.wait_up(10) and fresh.identity.server_key == pinned
+        await fresh.stop()
+    finally:
+        await service.stop()
+    # The rotated-out key serves no more: a replica still holding it is refused.
+    stale = make_config(tmp_path / "stale", None, database_url=config.resolved_database_url())
+    old.save(stale.data_dir / "server.key")
+    with pytest.raises(ConfigError, match="rotated out"):
+        await CloudService.create(stale, backend=ScriptedBackend())
