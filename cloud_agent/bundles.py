@@ -54,14 +54,20 @@ async def cluster_signing_key(data_dir: Path, store: Store) -> SigningKey:
     return key
 
 
+MAX_ROTATIONS_TOLD = 32
+"""The most rotations `welcome` carries (the newest): a device pinned to a key older than
+those cannot follow, and needs enrolling again."""
+
+
 async def key_rotations(store: Store) -> tuple[KeyEndorsement, ...]:
     """The rotations of the cluster's signing key, oldest first, as `welcome` tells them."""
     keys = await store.signing_keys()
-    return tuple(
+    rotations = [
         KeyEndorsement(public_key=public, signature=endorsement)
         for public, endorsement in keys[1:]
         if endorsement is not None
-    )
+    ]
+    return tuple(rotations[-MAX_ROTATIONS_TOLD:])
 
 
 async def rotate_signing_key(data_dir: Path, store: Store) -> SigningKey:

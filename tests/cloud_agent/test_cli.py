@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import queue
 import signal
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from cloud_agent.backends import ScriptedBackend
 from cloud_agent.backends.pool import BackendPool
-from cloud_agent.bundles import key_rotations
+from cloud_agent.bundles import MAX_ROTATIONS_TOLD, key_rotations
 from cloud_agent.cli import ENV_PREFIX
 from cloud_agent.config import CloudConfig
 from cloud_agent.conformance import run_conformance
@@ -40,6 +41,7 @@ from protocol import (
     KeyEndorsement,
     ResultReceived,
     Welcomed,
+    endorse_key,
     follow_key_rotation,
 )
 from shared import ConfigError, SigningKey, load_config
@@ -103,6 +105,22 @@ def test_rotate_key_replaces_server_key_with_one_the_old_key_endorses(
     rotations = asyncio.run(chain())
     assert len(rotations) == 2 and rotations[-1].public_key == now
     assert follow_key_rotation(first, rotations) == now, "a device pinned to the first follows"
+
+
+async def test_welcome_tells_the_newest_rotations_only(tmp_path: Path) -> None:
+    store = await Store.open(sqlite_url(tmp_path / "cloud.db"))
+    try:
+        keys = [SigningKey.generate() for _ in range(MAX_ROTATIONS_TOLD + 2)]
+        await store.pin_signing_key(keys[0].verify_key().b64())
+        for old, new in itertools.pairwise(keys):
+            told = endorse_key(old, new.verify_key())
+            await store.rotate_signing_key(old.verify_key().b64(), told.public_key, told.signature)
+        rotations = await key_rotations(store)
+    finally:
+        await store.close()
+    assert len(rotations) == MAX_ROTATIONS_TOLD, "what one welcome may carry"
+    newest = keys[-1].verify_key().b64()
+    assert follow_key_rotation(keys[2].verify_key().b64(), rotations) == newest
 
 
 def test_purge_deletes_expired_tokens_and_needs_a_period(
