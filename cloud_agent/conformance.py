@@ -26,8 +26,16 @@ import jsonschema
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from protocol import SUBPROTOCOL, SUPPORTED_VERSIONS, check_endpoint, sign_proof
+from protocol import (
+    SUBPROTOCOL,
+    SUPPORTED_VERSIONS,
+    KeyEndorsement,
+    check_endpoint,
+    follow_key_rotation,
+    sign_proof,
+)
 from protocol.schema import json_schema
+from shared.errors import SignatureError
 from shared.ids import new_idempotency_key, new_request_id
 from shared.keys import SigningKey
 from shared.net import tls_client_context
@@ -217,6 +225,14 @@ class Kit:
         welcome = await peer.expect("welcome")
         if welcome["device_id"] != enrolled["device_id"]:
             raise ScenarioFailed("welcome names another device than enrolled")
+        # The key handed out at enrollment is the one in use: the last of any rotations.
+        rotations = [KeyEndorsement.model_validate(e) for e in welcome.get("signing_keys", [])]
+        try:
+            in_use = follow_key_rotation(enrolled["server_key"], rotations)
+        except SignatureError as exc:
+            raise ScenarioFailed(f"welcome's key rotations do not start from it: {exc}") from exc
+        if in_use != enrolled["server_key"]:
+            raise ScenarioFailed("enrolled hands out a key that welcome says was rotated out")
         self.device_id = enrolled["device_id"]
         await peer.ws.close()
         return f"device {self.device_id}"

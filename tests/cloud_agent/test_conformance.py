@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from cloud_agent.backends import ScriptedBackend
+from cloud_agent.bundles import rotate_signing_key
 from cloud_agent.conformance import run_conformance
+from cloud_agent.service import CloudService
+from cloud_agent.store import Store
 from protocol import SUBPROTOCOL
 from shared.cli import main
-from tests.cloud_fixtures import Cloud
+from tests.cloud_fixtures import Cloud, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +27,26 @@ async def test_the_cloud_agent_passes_every_scenario(cloud: Cloud) -> None:
     print(report.table())
     assert report.passed, report.table()
     assert len(report.outcomes) == 11
+
+
+async def test_a_cloud_whose_key_was_rotated_passes_every_scenario(
+    tmp_path: Path, kb_path: Path
+) -> None:
+    config = make_config(tmp_path, kb_path)
+    config.data_dir.mkdir(parents=True)
+    store = await Store.open(config.resolved_database_url())
+    try:
+        await rotate_signing_key(config.data_dir, store)
+    finally:
+        await store.close()
+    service = await CloudService.create(config, backend=ScriptedBackend("Layer up."))
+    await service.start()
+    try:
+        token = await service.store.create_enrollment_token()
+        report = await run_conformance(f"ws://127.0.0.1:{service.port}/v1", token, timeout=10)
+        assert report.passed, report.table()
+    finally:
+        await service.stop()
 
 
 async def test_the_command_prints_the_table_and_exits_nonzero_on_failure(
