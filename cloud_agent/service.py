@@ -433,8 +433,13 @@ class CloudService:
         """The key to sign a bundle with now: `server.key` read again, so a key rotated while
         this replica runs is refused (`ConfigError`), or taken up once its file is copied here,
         rather than signing what devices that moved to the new key would reject."""
-        self.signing_key = await cluster_signing_key(self.config.data_dir, self.store)
-        return self.signing_key
+        key = await cluster_signing_key(self.config.data_dir, self.store)
+        if key.verify_key() != self.signing_key.verify_key():
+            # Rotated while serving: enrollments hand out the new key, welcomes tell the chain.
+            self.server.signing_key = key
+            self.server.key_rotations = await key_rotations(self.store)
+        self.signing_key = key
+        return key
 
     async def published(self) -> None:
         """A bundle was published (by `distill` or a rollback): offer it everywhere."""

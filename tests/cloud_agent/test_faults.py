@@ -301,6 +301,18 @@ async def test_a_replica_whose_key_was_rotated_out_signs_nothing_until_given_the
         assert adapter is not None
         offer = adapter.offer
         new.verify_key().verify(b64url_decode(offer.signature), offer.manifest.encode())
+        # And devices enrolling here from now on pin the key it signs with.
+        token = await service.store.create_enrollment_token()
+        device = await Device.connect(
+            f"ws://127.0.0.1:{service.port}/v1", EnrollmentCredentials(token, SigningKey.generate())
+        )
+        enrolled = await device.next_event(EnrollmentCompleted)
+        assert isinstance(enrolled, EnrollmentCompleted)
+        assert enrolled.server_key == new.verify_key().b64()
+        welcomed = await device.next_event(Welcomed)
+        assert isinstance(welcomed, Welcomed)
+        assert [k.public_key for k in welcomed.welcome.signing_keys] == [enrolled.server_key]
+        await device.close()
     finally:
         await service.stop()
 
