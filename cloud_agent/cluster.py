@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,9 @@ class Cluster:
     def __init__(self, database_url: str, *, metrics: Metrics | None = None) -> None:
         self.database_url = database_url
         self.metrics = metrics
+        self.replica_id = secrets.token_hex(8)
+        """This process among the replicas, for notices its senders should not act on when
+        they hear them back (a session it opened, a reload it made)."""
         self._handlers: dict[str, list[Handler]] = {}
         self._connection: Any = None
         self._lock = asyncio.Lock()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,7 +36,7 @@ __all__ = ["KNOWLEDGE", "Curator"]
 log = logging.getLogger("edgeloop.cloud.knowledge")
 
 KNOWLEDGE = "edgeloop_knowledge"
-"""The channel a reload on request is announced on (payload: the announcing curator's id)."""
+"""The channel a reload on request is announced on (payload: the announcing replica's id)."""
 SETTLE_S = 1.0
 """A knowledge file modified less than this long ago is left until the next look."""
 
@@ -54,7 +53,6 @@ class Curator:
     ) -> None:
         self.config = config
         self.cluster = cluster
-        self._id = secrets.token_hex(8)
         if cluster is not None:
             cluster.subscribe(KNOWLEDGE, self._reload_elsewhere)
         self.store = store
@@ -124,11 +122,11 @@ class Curator:
         }
         log.info("knowledge reloaded from %s: %d facts, %s", path, len(kb), changes)
         if announce and self.cluster is not None:
-            await self.cluster.notify(KNOWLEDGE, self._id)
+            await self.cluster.notify(KNOWLEDGE, self.cluster.replica_id)
         return {**self.info(), **changes}
 
     async def _reload_elsewhere(self, announcer: str) -> None:
-        if announcer == self._id:
+        if self.cluster is None or announcer == self.cluster.replica_id:
             return  # this replica's own reload, heard back
         try:
             await self.reload(announce=False)

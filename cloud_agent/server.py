@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import ssl
 import time
 from collections.abc import Iterable
@@ -162,8 +161,6 @@ class CloudServer:
             max_tokens=max_tokens,
             flush=self._flush,
         )
-        self.replica_id = secrets.token_hex(8)
-        """This process among the replicas: its own session notices are not news to it."""
         self.cluster = cluster
         self._announce: Batcher[str, None] | None = None
         """Tells the other replicas of the sessions opened here (with PostgreSQL)."""
@@ -453,7 +450,7 @@ class CloudServer:
             if (conn := self._sessions.get(device_id)) is not None
         ]
         if opened and self.cluster is not None:
-            notice = {"replica": self.replica_id, "sessions": opened}
+            notice = {"replica": self.cluster.replica_id, "sessions": opened}
             await self.cluster.notify(SESSIONS, json.dumps(notice))
         return {}
 
@@ -462,7 +459,7 @@ class CloudServer:
         the newer one had opened here (one session per device, across replicas)."""
         try:
             notice = json.loads(payload)
-            if notice["replica"] == self.replica_id:
+            if self.cluster is None or notice["replica"] == self.cluster.replica_id:
                 return
             opened = [(str(device_id), float(at)) for device_id, at in notice["sessions"]]
         except (ValueError, KeyError, TypeError):

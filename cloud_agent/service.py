@@ -313,9 +313,7 @@ class CloudService:
         await self.revoke(device_id)
         await self.server.recorder.flush()
         deleted = await self.store.forget_device(device_id)
-        if not self.cluster.listening:
-            # Otherwise the store's notice reaches every replica, this one included.
-            await self._unlearn(device_id)
+        await self._unlearn(device_id)  # here at once; the store's notice, for the others
         return deleted
 
     async def _unlearn(self, device_id: str) -> None:

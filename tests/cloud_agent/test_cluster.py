@@ -214,7 +214,9 @@ async def test_a_stale_or_malformed_session_notice_ends_no_session(cloud: Cloud)
         # A session that opened elsewhere before this one: this one is the newer.
         json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id, conn.opened_at - 1]]}),
         # This replica's own notice, heard back.
-        json.dumps({"replica": server.replica_id, "sessions": [[creds.device_id, 9e99]]}),
+        json.dumps(
+            {"replica": cloud.service.cluster.replica_id, "sessions": [[creds.device_id, 9e99]]}
+        ),
         "not json",
         json.dumps({"replica": "elsewhere", "sessions": [[creds.device_id]]}),
     ):
