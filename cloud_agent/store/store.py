@@ -188,10 +188,15 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
             .values(revoked_at=now())
         )
         changed = bool(result.rowcount)  # type: ignore[attr-defined]
-        if changed and self.engine.dialect.name == "postgresql":
-            # Delivered at commit, and not at all if the transaction rolls back.
-            await s.execute(select(func.pg_notify(REVOCATIONS, device_id)))
+        if changed:
+            await self._announce(s, REVOCATIONS, device_id)
         return changed
+
+    async def _announce(self, s: AsyncSession, channel: str, payload: str) -> None:
+        """Tell the replicas listening on `channel` (PostgreSQL `NOTIFY`; nothing on SQLite),
+        at commit, and not at all if the transaction rolls back."""
+        if self.engine.dialect.name == "postgresql":
+            await s.execute(select(func.pg_notify(channel, payload)))
 
     async def forget_device(self, device_id: str) -> dict[str, int] | None:
         """Erase what the store holds of a device (a user's request to be forgotten, a device
@@ -219,8 +224,7 @@ class Store(InteractionStore, KeyedMessageStore, JobStore, RolloutStore):
                 result = await s.execute(delete(table).where(table.device_id == device_id))
                 counts[name] = int(result.rowcount)  # type: ignore[attr-defined]
             await self._revoke(s, device_id)
-            if self.engine.dialect.name == "postgresql":
-                await s.execute(select(func.pg_notify(FORGOTTEN, device_id)))
+            await self._announce(s, FORGOTTEN, device_id)
             await s.execute(
                 update(t.Device).where(t.Device.id == device_id).values(
                     name=None, last_seen_at=None, base_model_sha256=None, adapter_version=None,
