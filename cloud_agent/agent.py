@@ -26,7 +26,7 @@ __all__ = ["Answer", "CloudAgent"]
 CLOUD_PII_KINDS = (PiiKind.CARD, PiiKind.PHONE, PiiKind.EMAIL, PiiKind.IBAN)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     """The end of an answer: what the server puts in `result` and the store keeps."""
 
@@ -114,9 +114,13 @@ class CloudAgent:
 
         A plain coroutine rather than `respond`'s generator chain: this is the hot path of
         non-streaming traffic."""
-        messages, fact_ids, grounded = await self._plan(turns, personal=bool(pii_kinds))
-        if grounded is not None:
-            return self._grounded(grounded, fact_ids, pii_kinds)
+        if self.skill is None:  # no knowledge to plan with: straight to the backend
+            messages: tuple[ChatTurn, ...] = tuple(turns)
+            fact_ids: tuple[str, ...] = ()
+        else:
+            messages, fact_ids, grounded = await self._plan(turns, personal=bool(pii_kinds))
+            if grounded is not None:
+                return self._grounded(grounded, fact_ids, pii_kinds)
         chat = ChatRequest(messages=messages, max_tokens=max_tokens)
         async with self.scheduler.slot(lane, deadline=deadline):
             completion = await self.backend.complete(chat)

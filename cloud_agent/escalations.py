@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -80,6 +81,7 @@ class Escalations:
         self.draining = False
         """Set at shutdown: new escalations are refused, cancelled ones end `shutting_down`."""
         self._rate = _RateLimiter(limits.max_requests_per_minute)
+        self._deadlines = _Deadlines()
         # Characters of answer text per frame: the protocol's field limit, and room in a frame
         # (4 bytes per character at worst, plus the envelope).
         self._max_text = max(256, min(65536, (limits.max_message_bytes - 1024) // 4))
@@ -94,8 +96,9 @@ class Escalations:
             )
             return
         assert conn.device_id is not None
-        if not self._rate.allow(conn.device_id, time.monotonic()):
-            self.metrics.requests.labels(request.priority, "rate_limited").inc()
+        now = time.monotonic()
+        if not self._rate.allow(conn.device_id, now):
+            self.metrics.escalations.refused(request.priority, "rate_limited")
             conn.session.send(
                 make_error(
                     ErrorCode.RATE_LIMITED,
@@ -104,70 +107,39 @@ class Escalations:
                 )
             )
             return
-        task = asyncio.create_task(self._run(conn, request))
+        task = asyncio.create_task(self._run(conn, request, now))
         conn.tasks[request.request_id] = task
-        task.add_done_callback(lambda _: conn.tasks.pop(request.request_id, None))
+        self._deadlines.watch(task, now + request.deadline_ms / 1000.0)
 
-    async def _run(self, conn: Requester, request: Escalate) -> None:
+    async def _run(self, conn: Requester, request: Escalate, started: float) -> None:
         assert conn.device_id is not None
-        started = time.monotonic()
+        task = asyncio.current_task()
+        assert task is not None
         deadline = started + request.deadline_ms / 1000.0
-        request, pii = self.agent.scrub(request)
-        if request.max_tokens > self.max_tokens:
-            request = request.model_copy(update={"max_tokens": self.max_tokens})
-        if pii:
-            for kind in pii:
-                self.metrics.privacy_violations.labels(kind).inc()
-            try:
-                await self.store.record_privacy_event(conn.device_id, request.request_id, list(pii))
-            except StoreError as exc:  # bookkeeping: its failure must not fail the request
-                log.warning("store write failed: %s", exc)
-        outcome, answer, error_name = "ok", None, None
+        outcome, answer, error_name, expired = "ok", None, None, False
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                if request.stream:
-                    answer = await self._generate(conn, request, deadline, pii)
-                else:
-                    answer = await self.agent.complete(
-                        [ChatTurn(m.role, m.content) for m in request.messages],
-                        max_tokens=request.max_tokens,
-                        lane=request.priority,
-                        deadline=deadline,
-                        pii_kinds=pii,
-                    )
-            text, finish = answer.text, answer.finish_reason
-            if len(text) > self._max_text:
-                # Longer than a frame may carry: cut, and say so.
-                text, finish = text[: self._max_text], "length"
-            await self._send(
-                conn,
-                Result(
-                    request_id=request.request_id,
-                    text=text,
-                    finish_reason=finish,
-                    usage=Usage(
-                        prompt_tokens=answer.prompt_tokens,
-                        completion_tokens=answer.completion_tokens,
-                    ),
-                    model=answer.model[:256],
-                    sources=list(answer.fact_ids),
-                ),
-            )
+            try:
+                request, pii = self.agent.scrub(request)
+                answer = await self._answer(conn, request, deadline, pii)
+            finally:
+                # Before anything below awaits: from here on, the deadline cancels nothing.
+                expired = self._deadlines.unwatch(task)
             if answer.grounded:
                 self.metrics.grounded.inc()
-            self.metrics.prompt_tokens.inc(answer.prompt_tokens)
-            self.metrics.completion_tokens.inc(answer.completion_tokens)
+            self.metrics.escalations.spent(answer.prompt_tokens, answer.completion_tokens)
         except asyncio.CancelledError:
-            # Cancelled by the device, by shutdown, or because the connection went away; in
-            # each case this task ends here after telling the device (if it is still there).
-            outcome = error_name = "cancelled"
-            if self.draining:
-                await self._fail(conn, request, ErrorCode.SHUTTING_DOWN, "server shutting down")
+            if expired:
+                task.uncancel()  # the deadline's own cancellation, handled here
+                outcome = error_name = "deadline_exceeded"
+                await self._fail(conn, request, ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
             else:
-                await self._fail(conn, request, ErrorCode.CANCELLED, "cancelled")
-        except TimeoutError:
-            outcome = error_name = "deadline_exceeded"
-            await self._fail(conn, request, ErrorCode.DEADLINE_EXCEEDED, "deadline passed")
+                # Cancelled by the device, by shutdown, or because the connection went away;
+                # in each case this task ends here after telling the device (if still there).
+                outcome = error_name = "cancelled"
+                if self.draining:
+                    await self._fail(conn, request, ErrorCode.SHUTTING_DOWN, "server shutting down")
+                else:
+                    await self._fail(conn, request, ErrorCode.CANCELLED, "cancelled")
         except Overloaded as exc:
             outcome = error_name = "overloaded"
             await self._fail(conn, request, ErrorCode.OVERLOADED, str(exc))
@@ -180,15 +152,17 @@ class Escalations:
             outcome = error_name = "internal_error"
             await self._fail(conn, request, ErrorCode.INTERNAL_ERROR, "internal error")
         finally:
+            if conn.tasks.get(request.request_id) is task:
+                del conn.tasks[request.request_id]
             elapsed = time.monotonic() - started
-            self.metrics.finished(request.priority, outcome, elapsed)
+            self.metrics.escalations.finished(request.priority, outcome, elapsed)
             await self.recorder.record(
                 NewInteraction(
                     device_id=conn.device_id,
                     request_id=request.request_id,
                     session_id=conn.session_id,
-                    messages=[m.model_dump() for m in request.messages],
-                    placeholders=list(request.placeholders),
+                    messages=request.messages,
+                    placeholders=request.placeholders,
                     status="ok"
                     if outcome == "ok"
                     else ("cancelled" if outcome == "cancelled" else "error"),
@@ -196,15 +170,59 @@ class Escalations:
                     answer=answer.text if answer else None,
                     error_name=error_name,
                     intent=request.intent,
-                    route_reasons=list(request.reasons),
+                    route_reasons=request.reasons,
                     latency_ms=int(elapsed * 1000),
                     prompt_tokens=answer.prompt_tokens if answer else 0,
                     completion_tokens=answer.completion_tokens if answer else 0,
                     backend=answer.backend if answer else None,
                     model=answer.model if answer else None,
-                    fact_ids=list(answer.fact_ids) if answer else [],
+                    fact_ids=answer.fact_ids if answer else (),
                 )
             )
+
+    async def _answer(
+        self, conn: Requester, request: Escalate, deadline: float, pii: tuple[str, ...]
+    ) -> Answer:
+        """Answer the (scrubbed) request and send its `result`; returns what was answered."""
+        assert conn.device_id is not None
+        if request.max_tokens > self.max_tokens:
+            request = request.model_copy(update={"max_tokens": self.max_tokens})
+        if pii:
+            for kind in pii:
+                self.metrics.privacy_violations.labels(kind).inc()
+            try:
+                await self.store.record_privacy_event(conn.device_id, request.request_id, list(pii))
+            except StoreError as exc:  # bookkeeping: its failure must not fail the request
+                log.warning("store write failed: %s", exc)
+        if request.stream:
+            answer = await self._generate(conn, request, deadline, pii)
+        else:
+            answer = await self.agent.complete(
+                [ChatTurn(m.role, m.content) for m in request.messages],
+                max_tokens=request.max_tokens,
+                lane=request.priority,
+                deadline=deadline,
+                pii_kinds=pii,
+            )
+        text, finish = answer.text, answer.finish_reason
+        if len(text) > self._max_text:
+            # Longer than a frame may carry: cut, and say so.
+            text, finish = text[: self._max_text], "length"
+        await self._send(
+            conn,
+            Result(
+                request_id=request.request_id,
+                text=text,
+                finish_reason=finish,
+                usage=Usage(
+                    prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens,
+                ),
+                model=answer.model[:256],
+                sources=list(answer.fact_ids),
+            ),
+        )
+        return answer
 
     async def _generate(
         self, conn: Requester, request: Escalate, deadline: float, pii: tuple[str, ...]
@@ -268,6 +286,56 @@ class Escalations:
                 await asyncio.shield(self._flush(conn))
 
 
-def _loop_time(monotonic_deadline: float) -> float:
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic_deadline - time.monotonic())
+class _Deadlines:
+    """When each escalation in flight must be over, watched by one timer for them all.
+
+    An `asyncio.timeout` per escalation arms and cancels a timer handle each time, an eighth of
+    the server's work per escalation in `bench.cloud_roundtrip`. Here an escalation costs a dict
+    entry; the one timer is armed for the earliest deadline and, when it fires, cancels the
+    tasks past theirs and is armed again for the earliest left. Under steady traffic, whose
+    requests end long before their deadlines, it fires about once per deadline's length.
+    """
+
+    _SLACK_S = 0.001
+    """Deadlines this close are due: the loop's clock may run a millisecond behind (uvloop's
+    counts whole milliseconds), and a timer that finds nothing due would fire again at once."""
+
+    def __init__(self) -> None:
+        self._due: dict[asyncio.Task[None], float] = {}
+        """Each watched task's deadline (monotonic clock)."""
+        self._expired: set[asyncio.Task[None]] = set()
+        """Tasks cancelled for their deadline, until they `unwatch`."""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def watch(self, task: asyncio.Task[None], deadline: float) -> None:
+        """Cancel `task` once `deadline` (monotonic clock) passes, unless it unwatches first."""
+        self._due[task] = deadline
+        if deadline < self._timer_at:
+            self._arm(deadline)
+
+    def unwatch(self, task: asyncio.Task[None]) -> bool:
+        """Stop watching `task`; returns whether its deadline passed (and cancelled it)."""
+        if self._due.pop(task, None) is not None or task not in self._expired:
+            return False
+        self._expired.remove(task)
+        return True
+
+    def _arm(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + (deadline - time.monotonic()), self._fire)
+        self._timer_at = deadline
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = time.monotonic() + self._SLACK_S
+        # Tasks cancelled before they ever ran never unwatch: forget them once they are done.
+        self._expired = {task for task in self._expired if not task.done()}
+        for task in [task for task, deadline in self._due.items() if deadline <= now]:
+            del self._due[task]
+            self._expired.add(task)
+            task.cancel()
+        if self._due:
+            self._arm(min(self._due.values()))

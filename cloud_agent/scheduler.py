@@ -165,19 +165,36 @@ class Scheduler:
         busy = self._online_in_flight + self._offline_in_flight
         return self._offline_in_flight < self.offline_limit() and busy < self.capacity
 
-    async def _acquire_online(self, deadline: float) -> None:
+    def _take_online(self, deadline: float) -> float | None:
+        """Take a free slot at once if one is free and nobody waits for one (most requests:
+        nothing to estimate, nothing to await); else the time now, for `_acquire_online`.
+        Raises `Overloaded` when even the service time would miss the deadline."""
         now = self._clock()
-        self._arrivals.append(now)
+        arrivals = self._arrivals
+        arrivals.append(now)
+        # Kept to the window here, not only when offline work asks for the demand: a cloud with
+        # no offline work would otherwise keep every arrival since it started.
+        while arrivals[0] < now - self.window_s:
+            arrivals.popleft()
+        if self._online or self._online_in_flight + self._offline_in_flight >= self.capacity:
+            return now
+        if now + self._service.value > deadline:
+            self._refused += 1
+            raise Overloaded(
+                f"expected start in {self._service.value:.3f}s exceeds the deadline in "
+                f"{deadline - now:.3f}s"
+            )
+        self._online_in_flight += 1
+        self._wait.add(0.0)
+        return None
+
+    async def _acquire_online(self, deadline: float, now: float) -> None:
         expected = self.expected_wait() + self._service.value
         if now + expected > deadline:
             self._refused += 1
             raise Overloaded(
                 f"expected start in {expected:.3f}s exceeds the deadline in {deadline - now:.3f}s"
             )
-        if self._online_may_start() and not self._online:
-            self._online_in_flight += 1
-            self._wait.add(0.0)
-            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._online, (deadline, next(self._seq), future))
         try:
@@ -251,8 +268,8 @@ class Slot:
         scheduler = self._scheduler
         if self._deadline is None:
             await scheduler._acquire_offline()
-        else:
-            await scheduler._acquire_online(self._deadline)
+        elif (now := scheduler._take_online(self._deadline)) is not None:
+            await scheduler._acquire_online(self._deadline, now)
         self._started = scheduler._clock()
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -351,6 +351,8 @@ class CloudServer:
     async def _on_event(self, conn: _Connection, event: Event) -> None:
         session = conn.session
         match event:
+            case EscalationReceived(request=request):  # first: by far the most frequent
+                self.escalations.start(conn, request)
             case HelloReceived():
                 if self._draining:
                     session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
@@ -373,13 +375,14 @@ class CloudServer:
                     device.id, self.signing_key.verify_key(), session_id=conn.session_id
                 )
                 await self._opened(conn, device.id)
-            case EscalationReceived(request=request):
-                self.escalations.start(conn, request)
             case CancelRequested(request_id=request_id):
                 task = conn.tasks.get(request_id)
                 if task is not None:
                     task.cancel()
                     await asyncio.wait([task])
+                    # One cancelled before it ran did not take itself out.
+                    if conn.tasks.get(request_id) is task:
+                        del conn.tasks[request_id]
                 # A task cancelled before it ran never reached its own handler: end the
                 # request here, so every request still gets exactly one terminal frame.
                 if session.is_open and session.in_flight(request_id):

@@ -17,13 +17,13 @@ __all__ = ["ChatRequest", "ChatTurn", "Completion", "LLMBackend", "StreamItem"]
 Role = Literal["system", "user", "assistant"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatTurn:
     role: Role
     content: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatRequest:
     messages: tuple[ChatTurn, ...]
     max_tokens: int = 256
@@ -31,7 +31,7 @@ class ChatRequest:
     stop: tuple[str, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Completion:
     text: str
     finish_reason: Literal["stop", "length", "cancelled"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -60,37 +60,21 @@ class InteractionStore(Transactions):
         if not batch and not sessions:
             return
         created = now()
-        rows = [
-            {
-                "device_id": it.device_id,
-                "request_id": it.request_id,
-                "session_id": it.session_id,
-                "created_at": created,
-                "prompt": {"messages": it.messages, "placeholders": it.placeholders},
-                "answer": it.answer,
-                "status": it.status,
-                "error_name": it.error_name,
-                "intent": it.intent,
-                "route_reasons": list(it.route_reasons),
-                "priority": it.priority,
-                "latency_ms": it.latency_ms,
-                "prompt_tokens": it.prompt_tokens,
-                "completion_tokens": it.completion_tokens,
-                "backend": it.backend,
-                "model": it.model,
-                "fact_ids": list(it.fact_ids),
-            }
-            for it in batch
-        ]
         started = [e for e in sessions if e.kind == "started"]
         ended = [e for e in sessions if e.kind == "ended"]
         # The insert's parameters are built here, on the event loop: the writing thread then
         # holds the GIL only briefly.
-        inserts = (
-            self._sqlite_interactions.statements(rows)
-            if self._sqlite_interactions is not None
-            else None
-        )
+        if self._sqlite_interactions is not None:
+            inserts = self._sqlite_interactions.statements(
+                [_interaction_values(it, created) for it in batch]
+            )
+            rows = None
+        else:
+            inserts = None
+            rows = [
+                dict(zip(INTERACTION_COLUMNS, _interaction_values(it, created), strict=True))
+                for it in batch
+            ]
 
         def write(s: Session) -> None:
             if started:
@@ -239,8 +223,9 @@ class SqliteBatchInsert:
     other side, each of those hand-overs costs more than the insert itself (the interaction log
     took a third of the server's CPU per request in `bench/cloud_roundtrip.py`). One statement
     per chunk hands the GIL over once per chunk. Chunks have power-of-two sizes, so a handful of
-    statement texts cover every batch and stay in sqlite3's statement cache. Values are bound as
-    the dialect's own bind processors would bind them (JSON columns as JSON text)."""
+    statement texts cover every batch and stay in sqlite3's statement cache. Rows are tuples of
+    the table's columns but the primary key, in table order (`columns`); values are bound as the
+    dialect's own bind processors would bind them (JSON columns as JSON text)."""
 
     def __init__(self, table: Table, dialect: Dialect, max_variables: int) -> None:
         columns = [c for c in table.columns if not c.primary_key]
@@ -249,10 +234,14 @@ class SqliteBatchInsert:
             f"INSERT INTO {quote(table.name)} ({', '.join(quote(c.name) for c in columns)}) VALUES "
         )
         row = "(" + ", ".join("?" * len(columns)) + ")"
-        self.fields = [
-            (c.key, c.type.dialect_impl(dialect).bind_processor(dialect)) for c in columns
+        self.columns = [c.key for c in columns]
+        """The keys of the columns a row holds, in order."""
+        self._converts = [
+            (i, convert)
+            for i, c in enumerate(columns)
+            if (convert := c.type.dialect_impl(dialect).bind_processor(dialect)) is not None
         ]
-        """Each column's row key and how its value is bound (None: as it is)."""
+        """The columns whose values are converted for binding, by position, and how."""
         self.chunk = 1
         while self.chunk * 2 * len(columns) <= max_variables and self.chunk < 256:
             self.chunk *= 2
@@ -265,7 +254,7 @@ class SqliteBatchInsert:
         version = getattr(dialect.dbapi, "sqlite_version_info", (3, 32, 0))
         return cls(table, dialect, 32766 if version >= (3, 32, 0) else 999)
 
-    def statements(self, rows: list[dict[str, Any]]) -> list[tuple[str, tuple[Any, ...]]]:
+    def statements(self, rows: list[tuple[Any, ...]]) -> list[tuple[str, tuple[Any, ...]]]:
         """The statements, with their parameters, that insert `rows` in order."""
         out = []
         start = 0
@@ -273,15 +262,34 @@ class SqliteBatchInsert:
             size = self.chunk
             while size > len(rows) - start:
                 size //= 2
-            chunk = rows[start : start + size]
-            # Column by column, then interleaved row by row: a few comprehensions per chunk
-            # rather than a Python step per value.
-            columns = [_bound(key, convert, chunk) for key, convert in self.fields]
+            # Column by column (converted where the column says), then interleaved row by row:
+            # a few C-level passes per chunk rather than a Python step per value.
+            columns: list[Any] = list(zip(*rows[start : start + size], strict=True))
+            for i, convert in self._converts:
+                columns[i] = _bound(convert, columns[i])
             out.append(
                 (self._sql[size], tuple(itertools.chain.from_iterable(zip(*columns, strict=True))))
             )
             start += size
         return out
+
+
+INTERACTION_COLUMNS = (
+    "device_id", "request_id", "session_id", "created_at", "prompt", "answer", "status",
+    "error_name", "intent", "route_reasons", "priority", "latency_ms", "prompt_tokens",
+    "completion_tokens", "backend", "model", "fact_ids",
+)  # fmt: skip
+"""The interactions table's columns but its key, in table order: what `_interaction_values`
+gives (a test holds them to the table)."""
+
+
+def _interaction_values(it: NewInteraction, created: datetime) -> tuple[Any, ...]:
+    return (
+        it.device_id, it.request_id, it.session_id, created,
+        {"messages": it.messages, "placeholders": it.placeholders}, it.answer, it.status,
+        it.error_name, it.intent, it.route_reasons, it.priority, it.latency_ms,
+        it.prompt_tokens, it.completion_tokens, it.backend, it.model, it.fact_ids,
+    )  # fmt: skip
 
 
 class SqliteLog:
@@ -316,19 +324,17 @@ class SqliteLog:
         self._engine.dispose()
 
 
-def _bound(key: str, convert: Callable[[Any], Any] | None, rows: list[dict[str, Any]]) -> list[Any]:
-    """Column `key` of `rows`, converted for binding. Rows of a batch share some values (its
-    timestamp): each object is converted once."""
-    values = [row[key] for row in rows]
-    if convert is None:
-        return values
+def _bound(convert: Callable[[Any], Any], values: Sequence[Any]) -> list[Any]:
+    """`values` converted for binding. Rows of a batch share some values (its timestamp, the
+    empty tuple): each object is converted once."""
+    out = list(values)
     seen: dict[int, Any] = {}
-    for i, value in enumerate(values):
+    for i, value in enumerate(out):
         bound = seen.get(id(value), _MISSING)
         if bound is _MISSING:
             bound = seen[id(value)] = convert(value)
-        values[i] = bound
-    return values
+        out[i] = bound
+    return out
 
 
 _MISSING = object()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
+
+from protocol import ChatMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +39,16 @@ MAX_INTERACTIONS_PAGE = 1000
 """The most interactions one listing returns (the admin API and the CLI)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per escalation, and frozen fields cost 3x
 class NewInteraction:
-    """An escalation and how it ended, redacted as the device sent it."""
+    """An escalation and how it ended, redacted as the device sent it. The sequences may be
+    the escalation's own (held, not copied): nothing changes them."""
 
     device_id: str
     request_id: str
-    messages: list[dict[str, str]]
-    placeholders: list[str]
+    messages: Sequence[ChatMessage | Mapping[str, str]]
+    """The conversation: the `ChatMessage`s of the escalation, or their JSON form."""
+    placeholders: Sequence[str]
     status: str
     """One of `INTERACTION_STATUSES`."""
     priority: str = "online"
@@ -51,13 +56,13 @@ class NewInteraction:
     answer: str | None = None
     error_name: str | None = None
     intent: str | None = None
-    route_reasons: list[str] = field(default_factory=list)
+    route_reasons: Sequence[str] = ()
     latency_ms: int | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     backend: str | None = None
     model: str | None = None
-    fact_ids: list[str] = field(default_factory=list)
+    fact_ids: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

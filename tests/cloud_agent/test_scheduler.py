@@ -108,3 +108,16 @@ async def test_cancelled_waiters_release_nothing_they_did_not_hold() -> None:
         await waiter
     load = scheduler.load()
     assert (load.online_in_flight, load.offline_in_flight, load.offline_queued) == (0, 0, 0)
+
+
+async def test_a_scheduler_with_online_work_only_keeps_no_more_arrivals_than_its_window() -> None:
+    # The arrivals measure online demand over the window; with no offline work to ask for the
+    # demand they were never trimmed, and a busy cloud kept one float per request forever.
+    now = [0.0]
+    scheduler = Scheduler(4, window_s=5.0, clock=lambda: now[0])
+    for _ in range(10_000):
+        now[0] += 0.01
+        async with scheduler.slot("online", deadline=now[0] + 10):
+            pass
+    assert len(scheduler._arrivals) <= 501
+    assert scheduler.online_demand() == pytest.approx(0.0)

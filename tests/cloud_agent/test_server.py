@@ -417,6 +417,33 @@ async def test_a_hanging_backend_yields_a_typed_error_within_the_deadline(cloud:
     await device.close()
 
 
+async def test_each_request_keeps_its_own_deadline_whatever_came_before(cloud: Cloud) -> None:
+    # One timer watches every deadline: a request with a shorter deadline than one already
+    # watched must still end on time, and so must one still waiting when the timer has fired.
+    device, _ = await cloud.enroll()
+    loop = asyncio.get_running_loop()
+    await device.send(ask("Which stove suits a winter trip with two people?", "req_1",
+                          deadline_ms=60_000))  # fmt: skip
+    assert isinstance(await final(device), ResultReceived)
+    cloud.backend.hang = True
+    started = loop.time()
+    for request_id, deadline_ms in (("req_2", 300), ("req_3", 600)):
+        question = f"Compare three stoves for winter camping in detail ({request_id})."
+        await device.send(ask(question, request_id, deadline_ms=deadline_ms))
+    for request_id, deadline_s in (("req_2", 0.3), ("req_3", 0.6)):
+        event = await final(device)
+        assert isinstance(event, RequestFailed) and event.request_id == request_id
+        assert event.error.name == "deadline_exceeded" and event.error.retryable
+        assert deadline_s - 0.05 < loop.time() - started < 5
+    cloud.backend.hang = False
+    await device.send(ask("Which stove suits a winter trip with three people?", "req_4"))
+    assert isinstance(await final(device), ResultReceived)
+    rows = {row.request_id: row for row in await interactions(cloud, 4)}
+    assert rows["req_2"].error_name == rows["req_3"].error_name == "deadline_exceeded"
+    assert rows["req_1"].status == rows["req_4"].status == "ok"
+    await device.close()
+
+
 @pytest.mark.cloud(backend=ScriptedBackend(fail_with=BackendUnavailable("down")))
 async def test_a_failing_backend_yields_backend_error(cloud: Cloud) -> None:
     device, _ = await cloud.enroll()
@@ -761,12 +788,31 @@ async def test_a_request_that_leaked_personal_data_is_not_answered_with_a_fact(
 @pytest.mark.cloud(limits={"max_requests_per_minute": 2})
 async def test_requests_above_the_rate_limit_are_refused_as_rate_limited(cloud: Cloud) -> None:
     device, _ = await cloud.enroll()
-    names = []
+    names, tokens = [], {"prompt": 0, "completion": 0}
     for i in range(3):
         await device.send(ask("What should I pack for a day hike in the rain?", f"req_{i}"))
         event = await final(device)
         names.append(event.error.name if isinstance(event, RequestFailed) else "ok")
+        if isinstance(event, ResultReceived):
+            tokens["prompt"] += event.result.usage.prompt_tokens
+            tokens["completion"] += event.result.usage.completion_tokens
     assert names == ["ok", "ok", "rate_limited"]
+    await interactions(cloud, 2)  # both answers fully handled, their metrics counted
+    async with admin_client(cloud.service) as admin:
+        metrics = (await admin.get("/metrics")).text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    online = (("priority", "online"),)
+    assert samples["edgeloop_requests_total", (("outcome", "ok"), *online)] == 2
+    assert samples["edgeloop_requests_total", (("outcome", "rate_limited"), *online)] == 1
+    assert samples["edgeloop_request_seconds_count", online] == 2
+    assert samples["edgeloop_request_seconds_bucket", (("le", "+Inf"), *online)] == 2
+    assert 0 < samples["edgeloop_request_seconds_sum", online] < 10
+    for kind, n in tokens.items():
+        assert samples["edgeloop_tokens_total", (("kind", kind),)] == n
     await device.close()
 
 

@@ -25,9 +25,10 @@ from cloud_agent.store import (
     Store,
     tables,
 )
-from cloud_agent.store.interactions import SqliteBatchInsert
+from cloud_agent.store.interactions import INTERACTION_COLUMNS, SqliteBatchInsert
 from cloud_agent.store.store import hash_token, sqlite_url
 from cloud_agent.store.tables import INTERACTIONS, Base
+from protocol import ChatMessage
 
 KEY_A = "A" * 43
 KEY_B = "B" * 43
@@ -334,6 +335,37 @@ async def test_a_batch_of_interactions_reads_back_field_for_field(store: Store) 
         )).all()  # fmt: skip
     expected = [(it.request_id, it.session_id, it.priority) for it in written]
     assert [tuple(r) for r in rows] == expected
+
+
+def test_interaction_rows_are_built_in_the_tables_column_order() -> None:
+    # The log builds each row as a tuple (no dict per row): its order is the table's.
+    assert list(INTERACTION_COLUMNS) == [c.key for c in INTERACTIONS.columns if not c.primary_key]
+
+
+async def test_an_escalations_own_messages_are_stored_as_the_json_the_device_sent(
+    store: Store,
+) -> None:
+    # The server hands the log the escalation's `ChatMessage`s and lists as they are, with
+    # empty tuples shared between rows; the store keeps their JSON form.
+    await enrolled(store)
+    messages = [ChatMessage(role="user", content="Do you price-match?"),
+                ChatMessage(role="assistant", content="We do."),
+                ChatMessage(role="user", content="Online too, for <CARD_1>?")]  # fmt: skip
+    await store.record_interactions([
+        NewInteraction(device_id="dev_a", request_id="req_1", messages=messages,
+                       placeholders=["<CARD_1>"], status="ok", answer="Yes.",
+                       route_reasons=["coverage.none"], fact_ids=("price-match",)),
+        NewInteraction(device_id="dev_a", request_id="req_2", messages=messages[:1],
+                       placeholders=(), status="ok", answer="Yes."),
+    ])  # fmt: skip
+    rows = {r.request_id: r for r in await store.list_interactions()}
+    assert rows["req_1"].messages == [m.model_dump() for m in messages]
+    assert rows["req_1"].placeholders == ["<CARD_1>"]
+    assert rows["req_1"].route_reasons == ["coverage.none"]
+    assert rows["req_1"].fact_ids == ["price-match"]
+    assert rows["req_2"].messages == [messages[0].model_dump()]
+    assert rows["req_2"].placeholders == rows["req_2"].route_reasons == []
+    assert rows["req_2"].fact_ids == []
 
 
 async def test_sqlite_batches_stay_within_an_old_sqlite_parameter_limit(tmp_path: Path) -> None:
