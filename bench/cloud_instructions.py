@@ -46,6 +46,7 @@ from bench.cloud_roundtrip import (
     ids,
     serve_ours,
     serve_plain,
+    serve_transport_echo,
 )
 from cloud_agent.config import EVENT_LOOPS, EventLoopChoice
 from cloud_agent.service import event_loop_factory, settle_heap
@@ -82,8 +83,12 @@ async def child(kind: str, round_trips: int) -> None:
             # before they are driven: its timers must not count in their rows.
             async with serve_ours(1) as (_, sample):
                 pass
-            handler = echo_handler(len(encode(sample))) if kind == "echo" else codec_handler(sample)
-            target = await stack.enter_async_context(serve_plain(handler, CONNECTIONS))
+            size = len(encode(sample))
+            if kind == "transport":
+                target = await stack.enter_async_context(serve_transport_echo(size, CONNECTIONS))
+            else:
+                handler = echo_handler(size) if kind == "echo" else codec_handler(sample)
+                target = await stack.enter_async_context(serve_plain(handler, CONNECTIONS))
         settle_heap()
         frame = Frames()
         await drive(target, frame, 20 * CONNECTIONS)

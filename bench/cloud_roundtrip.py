@@ -4,8 +4,12 @@ All servers run in this process on loopback and are driven by the same raw clien
 connections, each sending a request frame and waiting for one reply frame, as fast as it can.
 
 - ours: `CloudService` (session machine, auth, scheduler, store writes) with a `ScriptedBackend`
-  that answers at once (non-streaming escalations: one `escalate` in, one `result` out);
-- baseline: a websockets server that echoes a reply of the same size for each frame;
+  that answers at once (non-streaming escalations: one `escalate` in, one `result` out), on
+  the cloud's own WebSocket transport (`cloud_agent.transport`: websockets' Sans-I/O protocol
+  under an asyncio `Protocol`);
+- baseline: a websockets server (its asyncio API) that echoes a reply of the same size for
+  each frame;
+- for the record of what the transport alone gives: the same echo on `cloud_agent.transport`;
 - for the record of where the time goes: ours again with `DiscardingRecorder`, a bench double
   that drops interactions instead of storing them (the log is the largest single cost), and a
   codec-only server: websockets plus the protocol's decode and encode (an `escalate` validated
@@ -16,7 +20,7 @@ connections, each sending a request frame and waiting for one reply frame, as fa
 Once all are up, the heap built so far is frozen (`settle_heap`), for every server alike, as
 `edgeloop cloud serve` does once started.
 
-The machine is shared and its speed swings by half within seconds, so all four servers stay up
+The machine is shared and its speed swings by half within seconds, so all the servers stay up
 and are driven in turn, a short slice each (`--slice`), cycle after cycle (`--cycles`), each
 cycle starting one server later: a slow spell falls on all of them alike. Our server's slice
 ends when its interaction log has written what the slice produced. Prints, per server, round
@@ -55,6 +59,8 @@ from cloud_agent.backends import ScriptedBackend
 from cloud_agent.config import EVENT_LOOPS, CloudConfig
 from cloud_agent.recorder import InteractionRecorder, Record
 from cloud_agent.service import CloudService, event_loop_factory, settle_heap
+from cloud_agent.transport import WebSocket
+from cloud_agent.transport import serve as serve_transport
 from examples.handshake import Device
 from protocol import SUBPROTOCOL, EnrollmentCredentials, Welcomed, encode
 from protocol.messages import (
@@ -234,6 +240,44 @@ def echo_handler(reply_size: int) -> Callable[[ServerConnection], Awaitable[None
     return echo
 
 
+@dataclass(eq=False)
+class TransportEcho:
+    """The echo as a `cloud_agent.transport.Peer`."""
+
+    ws: WebSocket
+    reply: str
+
+    def message(self, data: str | bytes) -> None:
+        self.ws.send(self.reply)
+
+    def closed(self) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def serve_transport_echo(reply_size: int, n: int) -> AsyncIterator[Target]:
+    """The echo on the cloud's transport, with `n` connections to it."""
+    reply = "x" * reply_size
+    server = await serve_transport(
+        lambda ws: TransportEcho(ws, reply), "127.0.0.1", 0,
+        subprotocols=[Subprotocol(SUBPROTOCOL)],
+    )  # fmt: skip
+    port = server.sockets[0].getsockname()[1]
+    subprotocols = [Subprotocol(SUBPROTOCOL)]
+    sockets = [
+        await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=subprotocols, proxy=None,
+                      compression=None)
+        for _ in range(n)
+    ]  # fmt: skip
+    try:
+        yield Target(sockets)
+    finally:
+        for ws in sockets:
+            await ws.close()
+        server.close()
+        await server.wait_closed()
+
+
 def codec_handler(reply: Result) -> Callable[[ServerConnection], Awaitable[None]]:
     async def answer(ws: ServerConnection) -> None:
         async for frame in ws:
@@ -271,6 +315,7 @@ def pct(values: list[float], q: float) -> float:
 
 SERVERS = (
     ("websockets echo (baseline)", "echo"),
+    ("  same echo, on the cloud's transport", "transport"),
     ("edgeloop cloud, ScriptedBackend", "ours"),
     ("  same, interaction log discarded (double)", "unlogged"),
     ("protocol codec only (floor)", "codec"),
@@ -285,6 +330,7 @@ async def main_async(args: argparse.Namespace) -> None:
         size = len(encode(sample))
         targets = {
             "echo": await stack.enter_async_context(serve_plain(echo_handler(size), n)),
+            "transport": await stack.enter_async_context(serve_transport_echo(size, n)),
             "ours": ours,
             "unlogged": unlogged,
             "codec": await stack.enter_async_context(serve_plain(codec_handler(sample), n)),
@@ -321,6 +367,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print()
     for label, key, target in (
         ("ratio ours/echo", "ours", " (target >= 0.5)"),
+        ("echo on the cloud's transport", "transport", ""),
         ("without storing interactions", "unlogged", ""),
         ("protocol codec only", "codec", ""),
     ):

@@ -113,8 +113,7 @@ class Escalations:
 
     async def _run(self, conn: Requester, request: Escalate, started: float) -> None:
         assert conn.device_id is not None
-        task = asyncio.current_task()
-        assert task is not None
+        task = conn.tasks[request.request_id]  # `start` put it there before it could run
         deadline = started + request.deadline_ms / 1000.0
         outcome, answer, error_name, expired = "ok", None, None, False
         try:

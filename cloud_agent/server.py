@@ -1,8 +1,13 @@
-"""The WebSocket endpoint: one `ServerSession` per connection, driven over `websockets`.
+"""The WebSocket endpoint: one `ServerSession` per connection, driven over `transport`.
 
-The session machine owns the protocol; this module does what needs I/O: reading and writing
-frames, looking devices up and storing what the session accepted, handing escalations to
-`Escalations`, ending sessions (revoked, replaced) and shutting down gracefully.
+The session machine owns the protocol; this module does what needs I/O: feeding it messages and
+writing its frames, looking devices up and storing what the session accepted, handing
+escalations to `Escalations`, ending sessions (revoked, replaced) and shutting down gracefully.
+
+A connection's messages are acted on in order. Most are acted on as they arrive (an escalation
+starts its own task); one that needs the store or another wait (authentication, enrollment,
+feedback, a cancel, a fetch) is acted on in a task, and the messages behind it wait in the
+connection's backlog, the socket paused once `max_queue` of them are waiting.
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import json
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from cloud_agent.agent import CloudAgent
@@ -35,6 +40,7 @@ from cloud_agent.store import (
     SessionEvent,
     Store,
 )
+from cloud_agent.transport import WebSocket, WebSocketServer, serve
 from protocol import (
     SUBPROTOCOL,
     AuthRequested,
@@ -48,12 +54,15 @@ from protocol import (
     FeedbackReceived,
     FetchReceived,
     Goodbye,
+    GoodbyeReceived,
     HelloReceived,
     KeyEndorsement,
     Limits,
+    PeerError,
     ProtocolViolation,
     ReportReceived,
     ServerSession,
+    SessionClosed,
     UpdateStatusReceived,
     make_error,
 )
@@ -67,10 +76,14 @@ log = logging.getLogger("edgeloop.cloud.server")
 
 @dataclass(eq=False)
 class _Connection:
-    ws: ServerConnection
+    ws: WebSocket
     session: ServerSession
+    server: CloudServer
     session_id: str = field(default_factory=new_session_id)
-    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    backlog: deque[str | bytes] = field(default_factory=deque)
+    """Messages waiting for the one before them to be acted on (`busy`)."""
+    busy: asyncio.Task[None] | None = None
+    """Acts on a message that needed a wait, then on the backlog."""
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     """Escalations in flight, by request id."""
     acks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -84,9 +97,17 @@ class _Connection:
     auth_timer: asyncio.TimerHandle | None = None
     """Refuses the session if it is not authenticated in time; cancelled once it is."""
     refusal: asyncio.Task[None] | None = None
-    """Sends the auth-timeout refusal."""
+    """Ends the session once a newer one replaced it (`_replace`)."""
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the connection is over and what it had to record is recorded."""
+
+    # The transport's `Peer`: what arrives on the connection goes to the server.
+
+    def message(self, data: str | bytes) -> None:
+        self.server._received(self, data)
+
+    def closed(self) -> None:
+        self.server._lost(self)
 
 
 class CloudServer:
@@ -169,7 +190,9 @@ class CloudServer:
             if cluster.shared:
                 # 64 sessions to a notice keeps its payload under PostgreSQL's 8,000 bytes.
                 self._announce = Batcher[str, None](self._announce_sessions, max_batch=64)
-        self._server: Server | None = None
+        self._server: WebSocketServer | None = None
+        self._endings: set[asyncio.Task[None]] = set()
+        """Connections over, finishing what they had to record."""
         self._draining = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -177,18 +200,16 @@ class CloudServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start listening; returns the bound port."""
         self._server = await serve(
-            self._handler,
+            self._accept,
             host,
             port,
             subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
             max_size=self.limits.max_message_bytes,
-            max_queue=self.max_queue,
             ping_interval=self.limits.heartbeat_s,
             ping_timeout=self.limits.heartbeat_s * 2,
             ssl=self.ssl_context,
-            compression=None,
         )
-        return int(next(iter(self._server.sockets)).getsockname()[1])
+        return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def session_count(self) -> int:
@@ -199,8 +220,12 @@ class CloudServer:
         `shutting_down`, say goodbye to every session and close."""
         self._draining = self.escalations.draining = True
         if self._server is not None:
-            self._server.close(close_connections=False)
-        pending = [t for c in self._connections for t in (*c.tasks.values(), *c.acks)]
+            self._server.close()
+        pending = [
+            t
+            for c in self._connections
+            for t in (*c.tasks.values(), *c.acks, *([c.busy] if c.busy else []))
+        ]
         if pending:
             _, late = await asyncio.wait(pending, timeout=grace_s)
             for task in late:
@@ -209,6 +234,8 @@ class CloudServer:
         await asyncio.gather(*(self._goodbye(c, grace_s) for c in list(self._connections)))
         if self._server is not None:
             await self._server.wait_closed()
+        if self._endings:
+            await asyncio.gather(*self._endings, return_exceptions=True)
         # A batch whose callers went away still runs: let it finish before the store closes,
         # within the grace period (a store that hangs cannot hold the shutdown hostage).
         try:
@@ -272,83 +299,49 @@ class CloudServer:
 
     # --- one connection -------------------------------------------------------------------
 
-    async def _handler(self, ws: ServerConnection) -> None:
+    def _accept(self, ws: WebSocket) -> _Connection:
+        """A connection whose WebSocket handshake is done: its session starts."""
         self.metrics.connections.inc()
-        if ws.subprotocol != SUBPROTOCOL:
-            await ws.close(int(CloseCode.POLICY_VIOLATION), f"subprotocol {SUBPROTOCOL} required")
-            return
         session = ServerSession(
             server_id=self.server_id, limits=self.limits, signing_keys=self.key_rotations
         )
-        conn = _Connection(ws, session)
+        conn = _Connection(ws, session, self)
         self._connections.add(conn)
-        timer = conn.auth_timer = asyncio.get_running_loop().call_later(
+        if ws.subprotocol != SUBPROTOCOL:  # the handshake requires it: belt and braces
+            ws.close(int(CloseCode.POLICY_VIOLATION), f"subprotocol {SUBPROTOCOL} required")
+            return conn
+        conn.auth_timer = asyncio.get_running_loop().call_later(
             self.auth_timeout_s, self._auth_expired, conn
         )
-        try:
-            async for data in ws:
-                if isinstance(data, str):
-                    conn.session.receive_text(data)
-                else:
-                    conn.session.receive_binary(data)
-                await self._process(conn)
-                if conn.session.closed:
-                    break
-        except ConnectionClosed:
-            pass
-        finally:
-            timer.cancel()
-            self._connections.discard(conn)
-            if conn.device_id is not None and self._sessions.get(conn.device_id) is conn:
-                del self._sessions[conn.device_id]
-            for task in conn.tasks.values():
-                task.cancel()
-            if conn.tasks:
-                await asyncio.gather(*conn.tasks.values(), return_exceptions=True)
-            # Messages being stored finish (their acks go nowhere; the device resends, and
-            # the resend is acked as a duplicate).
-            if conn.acks:
-                await asyncio.gather(*conn.acks, return_exceptions=True)
-            if conn.device_id is not None:
-                self.metrics.sessions.dec()
-                await self.recorder.record(
-                    SessionEvent("ended", conn.session_id, conn.device_id, _now(),
-                                 close_code=ws.close_code)
-                )  # fmt: skip
-            conn.ended.set()
+        return conn
 
-    def _auth_expired(self, conn: _Connection) -> None:
-        # A timer rather than a sleeping task per connection: nothing is left behind once the
-        # session is open (`_opened` cancels it).
-        if not conn.session.is_open and not conn.session.closed:
-            self.metrics.auth_failures.labels("timeout").inc()
-            conn.session.refuse(ErrorCode.AUTH_TIMEOUT, "not authenticated in time")
-            conn.refusal = asyncio.create_task(self._flush(conn))
+    def _received(self, conn: _Connection, data: str | bytes) -> None:
+        if conn.busy is not None:
+            conn.backlog.append(data)
+            if len(conn.backlog) >= self.max_queue:
+                conn.ws.pause_reading()
+            return
+        self._act(conn, self._feed(conn, data))
 
-    async def _process(self, conn: _Connection) -> None:
-        """Act on the session's events until it has none left, flushing frames as we go."""
-        while events := conn.session.events_received():
-            for event in events:
-                await self._on_event(conn, event)
-            await self._flush(conn)
-        await self._flush(conn)
+    @staticmethod
+    def _feed(conn: _Connection, data: str | bytes) -> list[Event]:
+        if isinstance(data, str):
+            conn.session.receive_text(data)
+        else:
+            conn.session.receive_binary(data)
+        return conn.session.events_received()
 
-    async def _flush(self, conn: _Connection) -> None:
-        if not conn.session.has_data_to_send:
-            return  # most calls, after events that answer later: skip the lock
-        # One writer at a time: a `chunk` header and its binary frame must stay adjacent.
-        async with conn.write_lock:
-            for frame in conn.session.data_to_send():
-                try:
-                    if isinstance(frame, CloseFrame):
-                        await conn.ws.close(int(frame.code), frame.reason)
-                        return
-                    await conn.ws.send(frame.data)
-                except ConnectionClosed:
-                    conn.session.receive_close(1006, "connection lost")
-                    return
+    def _act(self, conn: _Connection, events: list[Event]) -> None:
+        """Act on `events` now, up to one that needs a wait: that one and the rest go to a
+        task (`_act_later`), and the connection's next messages wait behind it."""
+        for i, event in enumerate(events):
+            if not self._act_now(conn, event):
+                conn.busy = asyncio.create_task(self._act_later(conn, events[i:]))
+                break
+        self._write(conn)
 
-    async def _on_event(self, conn: _Connection, event: Event) -> None:
+    def _act_now(self, conn: _Connection, event: Event) -> bool:
+        """Act on `event` if that needs no wait; returns whether it did."""
         session = conn.session
         match event:
             case EscalationReceived(request=request):  # first: by far the most frequent
@@ -356,6 +349,101 @@ class CloudServer:
             case HelloReceived():
                 if self._draining:
                     session.refuse(ErrorCode.SHUTTING_DOWN, "server shutting down")
+            case ProtocolViolation(code=code):
+                self.metrics.protocol_violations.labels(code.wire_name).inc()
+            case SessionClosed() | GoodbyeReceived() | PeerError():
+                pass  # the session acted on it; the connection closes (or goes on) by itself
+            case _:
+                return False
+        return True
+
+    async def _act_later(self, conn: _Connection, events: list[Event]) -> None:
+        try:
+            while True:
+                for event in events:
+                    if not self._act_now(conn, event):
+                        await self._on_event(conn, event)
+                    await self._flush(conn)
+                if not conn.backlog or conn.session.closed:
+                    return
+                data = conn.backlog.popleft()
+                if len(conn.backlog) < self.max_queue // 2:
+                    conn.ws.resume_reading()
+                events = self._feed(conn, data)
+        except Exception:
+            # A bug must not leave the connection stuck: end it, keep the trace.
+            log.exception("acting on a message of session %s failed", conn.session_id)
+            conn.session.refuse(ErrorCode.INTERNAL_ERROR, "internal error")
+            self._write(conn)
+        finally:
+            conn.busy = None
+
+    def _lost(self, conn: _Connection) -> None:
+        """The connection is over: stop its work and record its end, in a task."""
+        if conn.auth_timer is not None:
+            conn.auth_timer.cancel()
+        conn.session.receive_close(conn.ws.close_code or 1006, "connection closed")
+        ending = asyncio.create_task(self._ended(conn))
+        self._endings.add(ending)
+        ending.add_done_callback(self._endings.discard)
+
+    async def _ended(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if conn.device_id is not None and self._sessions.get(conn.device_id) is conn:
+            del self._sessions[conn.device_id]
+        for task in conn.tasks.values():
+            task.cancel()
+        if conn.tasks:
+            await asyncio.gather(*conn.tasks.values(), return_exceptions=True)
+        # What is being stored finishes (acks go nowhere; the device resends, and the resend
+        # is acked as a duplicate).
+        waits = [*conn.acks, *([conn.busy] if conn.busy else [])]
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+        if conn.device_id is not None:
+            self.metrics.sessions.dec()
+            await self.recorder.record(
+                SessionEvent("ended", conn.session_id, conn.device_id, _now(),
+                             close_code=conn.ws.close_code)
+            )  # fmt: skip
+        conn.ended.set()
+
+    def _auth_expired(self, conn: _Connection) -> None:
+        # A timer rather than a sleeping task per connection: nothing is left behind once the
+        # session is open (`_opened` cancels it).
+        if not conn.session.is_open and not conn.session.closed:
+            self.metrics.auth_failures.labels("timeout").inc()
+            conn.session.refuse(ErrorCode.AUTH_TIMEOUT, "not authenticated in time")
+            self._write(conn)
+
+    def _write(self, conn: _Connection) -> bool:
+        """Write the frames the session queued; returns whether one of them closed it."""
+        session = conn.session
+        if not session.has_data_to_send:
+            return False
+        for frame in session.data_to_send():
+            try:
+                if isinstance(frame, CloseFrame):
+                    conn.ws.close(int(frame.code), frame.reason)
+                    return True
+                conn.ws.send(frame.data)
+            except ConnectionClosed:
+                session.receive_close(1006, "connection lost")
+                return False
+        return False
+
+    async def _flush(self, conn: _Connection) -> None:
+        """Write the frames the session queued, then wait while the peer is behind reading
+        (or, if they close the connection, until it is closed)."""
+        if self._write(conn):
+            await conn.ws.wait_closed()
+        else:
+            await conn.ws.drain()
+
+    async def _on_event(self, conn: _Connection, event: Event) -> None:
+        """Act on an event that needs a wait (`_act_now` takes the others)."""
+        session = conn.session
+        match event:
             case AuthRequested(device_id=device_id):
                 await self._authenticate(conn, device_id)
             case EnrollmentRequested(request=request):
@@ -397,8 +485,6 @@ class CloudServer:
                 await self.inbox.update_status(conn, us)
             case FetchReceived(request=request):
                 await self.updates.fetch(conn.session, request)
-            case ProtocolViolation(code=code):
-                self.metrics.protocol_violations.labels(code.wire_name).inc()
 
     async def _authenticate(self, conn: _Connection, device_id: str) -> None:
         session = conn.session

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic_core
 from sqlalchemy import event, select
@@ -78,17 +78,23 @@ def to_json(value: Any) -> str:
     return pydantic_core.to_json(value).decode()
 
 
-def set_sqlite_pragmas_on_connect(engine: Engine, lock_timeout_s: float) -> None:
+SqliteSync = Literal["FULL", "NORMAL"]
+
+
+def set_sqlite_pragmas_on_connect(
+    engine: Engine, lock_timeout_s: float, synchronous: SqliteSync = "FULL"
+) -> None:
     """Every connection of `engine` in WAL mode with ``synchronous=FULL`` (an acknowledged
-    write survives a crash), foreign keys on, waiting `lock_timeout_s` for another writer."""
+    write survives a crash; ``NORMAL`` for writes that may be lost to a power cut, never to a
+    crash of the process), foreign keys on, waiting `lock_timeout_s` for another writer."""
     busy_ms = int(lock_timeout_s * 1000)
-    event.listen(engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms))
+    event.listen(engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms, synchronous))
 
 
-def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int, synchronous: SqliteSync) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cursor.close()
