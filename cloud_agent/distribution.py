@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -138,47 +140,46 @@ class BundleDistribution:
         return {}
 
     async def fetch(self, session: ServerSession, request: Fetch) -> None:
-        """Serve one range of a published bundle's file as a `chunk` and a binary frame."""
+        """Serve one range of a published bundle's file as a `chunk` and a binary frame, or
+        a typed error. A session that ended meanwhile is sent nothing."""
+        reply = await self._serve(request)
+        if not session.is_open:
+            return
+        if isinstance(reply, Error):
+            session.send(reply)
+        else:
+            header, data = reply
+            session.send_chunk(header, data)
+            self.metrics.bundle_bytes.inc(len(data))
+
+    async def _serve(self, request: Fetch) -> Error | tuple[Chunk, bytes]:
         rid = request.request_id
         files = self._files.get(request.version)
         if files is None:
             try:
                 record = await self.store.get_adapter(request.version)
             except StoreError:
-                session.send(
-                    make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid)
-                )
-                return
+                return make_error(ErrorCode.INTERNAL_ERROR, "store unavailable", request_id=rid)
             if record is None:
-                session.send(
-                    make_error(
-                        ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}",
-                        request_id=rid,
-                    )
+                return make_error(
+                    ErrorCode.UNKNOWN_BUNDLE, f"no bundle version {request.version}",
+                    request_id=rid,
                 )  # fmt: skip
-                return
             try:
                 files = await self._local_files(record)
             except (StoreError, OSError) as exc:
                 log.warning("bundle %s cannot be served here: %s", request.version, exc)
-                session.send(_unavailable(rid))
-                return
+                return _unavailable(rid)
             # A published bundle's files never change: look them up once, not per chunk.
             self._files[request.version] = files
         entry = files.get(request.file)
         if entry is None:
-            session.send(
-                make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)
-            )
-            return
+            return make_error(ErrorCode.UNKNOWN_FILE, f"no file {request.file}", request_id=rid)
         path, size = entry
         if request.offset > size:
-            session.send(
-                make_error(
-                    ErrorCode.INVALID_RANGE, f"offset {request.offset} past {size}", request_id=rid
-                )
+            return make_error(
+                ErrorCode.INVALID_RANGE, f"offset {request.offset} past {size}", request_id=rid
             )
-            return
         length = min(request.length, size - request.offset, self.max_chunk)
         try:
             data = await asyncio.to_thread(_read_range, path, request.offset, length)
@@ -186,12 +187,10 @@ class BundleDistribution:
             # Removed from under a running server: found again (or copied) on the next fetch.
             self._files.pop(request.version, None)
             log.warning("bundle %s: cannot read %s: %s", request.version, path, exc)
-            session.send(_unavailable(rid))
-            return
+            return _unavailable(rid)
         header = Chunk(request_id=rid, file=request.file, offset=request.offset,
                        length=len(data), size=size)  # fmt: skip
-        session.send_chunk(header, data)
-        self.metrics.bundle_bytes.inc(len(data))
+        return header, data
 
     async def _local_files(self, record: AdapterRecord) -> dict[str, tuple[Path, int]]:
         """Paths to serve `record`'s files from: where it was published when they are there,
@@ -207,29 +206,39 @@ class BundleDistribution:
         return await asyncio.shield(copy)
 
     async def _copy(self, record: AdapterRecord) -> dict[str, tuple[Path, int]]:
+        """Copy `record`'s files from the store into `bundles_dir`: each is written and
+        checked in a staging directory first, so the bundle's own directory only ever holds
+        intact files."""
         assert self.bundles_dir is not None
         directory = self.bundles_dir / str(record.version)
         manifest = BundleManifest.model_validate_json(record.manifest)
         copied = {f.name: (directory / f.name, f.size) for f in manifest.files}
         if await asyncio.to_thread(_all_there, copied):
             return copied
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-        for f in manifest.files:
-            target = directory / f.name
-            part = target.with_name(target.name + ".part")
-            digest, size = hashlib.sha256(), 0
-            out = await asyncio.to_thread(part.open, "wb")
-            try:
-                async for block in self.store.bundle_blocks(record.version, f.name):
-                    await asyncio.to_thread(out.write, block)
-                    digest.update(block)
-                    size += len(block)
-            finally:
-                await asyncio.to_thread(out.close)
-            if size != f.size or digest.hexdigest() != f.sha256:
-                part.unlink(missing_ok=True)
-                raise StoreError(f"the store holds no intact copy of {f.name}")
-            await asyncio.to_thread(os.replace, part, target)
+        await asyncio.to_thread(self.bundles_dir.mkdir, parents=True, exist_ok=True)
+        staging = Path(
+            await asyncio.to_thread(
+                tempfile.mkdtemp, prefix=f".{record.version}-", dir=self.bundles_dir
+            )
+        )
+        try:
+            for f in manifest.files:
+                digest, size = hashlib.sha256(), 0
+                out = await asyncio.to_thread((staging / f.name).open, "wb")
+                try:
+                    async for block in self.store.bundle_blocks(record.version, f.name):
+                        await asyncio.to_thread(out.write, block)
+                        digest.update(block)
+                        size += len(block)
+                finally:
+                    await asyncio.to_thread(out.close)
+                if size != f.size or digest.hexdigest() != f.sha256:
+                    raise StoreError(f"the store holds no intact copy of {f.name}")
+            await asyncio.to_thread(
+                _move_into, staging, directory, [f.name for f in manifest.files]
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
         log.info("bundle %s copied from the store to %s", record.version, directory)
         return copied
 
@@ -238,6 +247,12 @@ def _unavailable(request_id: str) -> Error:
     """A fetch this server cannot serve now (retryable from the device's side)."""
     message = "the bundle's files are not available here; try again later"
     return make_error(ErrorCode.INTERNAL_ERROR, message, request_id=request_id)
+
+
+def _move_into(staging: Path, directory: Path, names: list[str]) -> None:
+    directory.mkdir(exist_ok=True)
+    for name in names:
+        os.replace(staging / name, directory / name)
 
 
 def _all_there(files: dict[str, tuple[Path, int]]) -> bool:

@@ -63,6 +63,7 @@ from protocol import (
     ReportReceived,
     ServerSession,
     SessionClosed,
+    SessionStateError,
     UpdateStatusReceived,
     make_error,
 )
@@ -370,7 +371,9 @@ class CloudServer:
                 if len(conn.backlog) < self.max_queue // 2:
                     conn.ws.resume_reading()
                 events = self._feed(conn, data)
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, SessionStateError) and conn.session.closed:
+                return  # the connection ended while this was acted on: no one to answer
             # A bug must not leave the connection stuck: end it, keep the trace.
             log.exception("acting on a message of session %s failed", conn.session_id)
             conn.session.refuse(ErrorCode.INTERNAL_ERROR, "internal error")

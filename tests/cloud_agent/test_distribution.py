@@ -114,7 +114,7 @@ async def test_a_bundle_built_on_another_host_is_copied_from_the_store_and_serve
         assert chunks[f"f{n}"].data == original[offset : offset + length]
     assert reads == [1], "copied once"
     assert (here / "1" / "adapter.gguf").read_bytes() == original
-    assert not list((here / "1").glob("*.part"))
+    assert [p.name for p in here.iterdir()] == ["1"], "no staging left behind"
 
 
 async def test_a_bundle_with_no_intact_copy_is_a_typed_error_not_a_broken_session(
@@ -136,4 +136,22 @@ async def test_a_bundle_with_no_intact_copy_is_a_typed_error_not_a_broken_sessio
         pair.pump()
         (failed,) = pair.of("client", RequestFailed)
         assert failed.error.name == "internal_error" and pair.client.is_open
-    assert not list((tmp_path / "replica").rglob("adapter.gguf*")), "nothing half-written"
+    # Not even an empty directory for the bundle: one there would be taken for its files'
+    # place (and could not have them moved in whole).
+    assert list((tmp_path / "replica").iterdir()) == [], "nothing half-written"
+
+
+async def test_a_fetch_whose_session_ends_while_it_is_served_sends_nothing(
+    store: Store, tmp_path: Path
+) -> None:
+    await publish(store, tmp_path, 1)
+    updates = BundleDistribution(store, Metrics(), max_chunk=2048)
+    pair = open_pair()
+    pair.client.send(Fetch(request_id="f1", version=1, file="adapter.gguf", offset=0, length=10))
+    pair.pump()
+    (asked,) = pair.of("server", FetchReceived)
+    serving = asyncio.create_task(updates.fetch(pair.server, asked.request))
+    await asyncio.sleep(0)  # looking the bundle up in the store
+    pair.server.receive_close(1006, "connection lost")
+    await serving  # no error for a session that is gone
+    assert not pair.server.has_data_to_send

@@ -305,6 +305,34 @@ async def test_devices_connecting_together_share_store_queries_and_revoked_ones_
             await session.close()
 
 
+async def test_a_device_gone_while_its_key_is_looked_up_leaves_no_error_behind(
+    cloud: Cloud, caplog: pytest.LogCaptureFixture
+) -> None:
+    device, creds = await cloud.enroll()
+    await device.close()
+    store, asked, go_on = cloud.service.store, asyncio.Event(), asyncio.Event()
+    get_devices = store.get_devices
+
+    async def slow_devices(ids: list[str]):  # type: ignore[no-untyped-def]
+        asked.set()
+        await go_on.wait()
+        return await get_devices(ids)
+
+    store.get_devices = slow_devices  # type: ignore[method-assign]
+    gone = await Device.connect(cloud.url, creds)  # hello sent; `auth` follows the challenge
+    receiving = asyncio.create_task(gone.next_event(Welcomed))
+    await asyncio.wait_for(asked.wait(), 5)
+    receiving.cancel()
+    await gone.ws.close()
+    await asyncio.sleep(0.05)  # the server sees the close
+    go_on.set()
+    store.get_devices = get_devices  # type: ignore[method-assign]
+    again = await Device.connect(cloud.url, creds)  # the server is fine, and so is the device
+    assert isinstance(await again.next_event(Welcomed), Welcomed)
+    await again.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_a_used_token_is_refused(cloud: Cloud) -> None:
     from protocol import EnrollmentCredentials
 
