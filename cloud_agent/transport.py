@@ -39,6 +39,9 @@ from websockets.typing import Subprotocol
 __all__ = ["Peer", "WebSocket", "WebSocketServer", "serve"]
 
 log = logging.getLogger("edgeloop.cloud.transport")
+_protocol_log = logging.getLogger("websockets.server")
+"""Where websockets' protocol narrates each connection (at INFO, as its own servers do):
+under the library's name, so what quiets the library quiets it here too."""
 
 
 class Peer(Protocol):
@@ -57,7 +60,9 @@ class WebSocket(asyncio.Protocol):
     def __init__(self, server: WebSocketServer) -> None:
         self._server = server
         self.protocol = ServerProtocol(
-            subprotocols=server.subprotocols, max_size=server.max_size, logger=log
+            subprotocols=server.subprotocols,
+            max_size=server.max_size,
+            logger=_protocol_log,
         )
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         """Set once connected (`connection_made`)."""

@@ -4,6 +4,7 @@ handshake, keepalive and closing timeouts, flow control, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from cloud_agent.transport import WebSocket, WebSocketServer, serve
+from shared.log import QUIETED_LOGGERS
 
 pytestmark = pytest.mark.every_event_loop
 
@@ -131,6 +133,23 @@ async def test_a_client_offering_no_subprotocol_is_refused_at_the_handshake(
             pass
     assert info.value.response.status_code == 400
     assert echo.peers == []
+
+
+async def test_the_librarys_narration_of_each_connection_is_quieted_as_websockets_is(
+    echo: Served, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As `configure_logging` leaves it: everything at INFO but the quieted libraries.
+    caplog.set_level(logging.INFO)
+    for name in QUIETED_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.WARNING)
+    async with connect(echo.url, subprotocols=[CHAT], proxy=None) as ws:
+        await ws.send("one")
+        await ws.recv()
+    with pytest.raises(InvalidStatus):
+        async with connect(echo.url, proxy=None):  # refused at the handshake
+            pass
+    await asyncio.sleep(0.05)  # the server sees both ends
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 async def test_invalid_utf8_in_a_text_message_closes_with_1007(echo: Served) -> None:
