@@ -230,6 +230,18 @@ async def _sample(ws: ClientConnection, frame: str) -> str:
     return data if isinstance(data, str) else data.decode()
 
 
+SUBPROTOCOLS = [Subprotocol(SUBPROTOCOL)]
+
+
+async def clients(port: int, n: int) -> list[ClientConnection]:
+    """`n` raw client connections to a server on `port`, as every server's client makes them."""
+    return [
+        await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=SUBPROTOCOLS, proxy=None,
+                      compression=None)
+        for _ in range(n)
+    ]  # fmt: skip
+
+
 def echo_handler(reply_size: int) -> Callable[[ServerConnection], Awaitable[None]]:
     reply = "x" * reply_size
 
@@ -259,16 +271,9 @@ async def serve_transport_echo(reply_size: int, n: int) -> AsyncIterator[Target]
     """The echo on the cloud's transport, with `n` connections to it."""
     reply = "x" * reply_size
     server = await serve_transport(
-        lambda ws: TransportEcho(ws, reply), "127.0.0.1", 0,
-        subprotocols=[Subprotocol(SUBPROTOCOL)],
-    )  # fmt: skip
-    port = server.sockets[0].getsockname()[1]
-    subprotocols = [Subprotocol(SUBPROTOCOL)]
-    sockets = [
-        await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=subprotocols, proxy=None,
-                      compression=None)
-        for _ in range(n)
-    ]  # fmt: skip
+        lambda ws: TransportEcho(ws, reply), "127.0.0.1", 0, subprotocols=SUBPROTOCOLS
+    )
+    sockets = await clients(server.sockets[0].getsockname()[1], n)
     try:
         yield Target(sockets)
     finally:
@@ -293,16 +298,10 @@ async def serve_plain(
     handler: Callable[[ServerConnection], Awaitable[None]], n: int
 ) -> AsyncIterator[Target]:
     """`handler` served by a bare websockets server, with `n` connections to it."""
-    subprotocols = [Subprotocol(SUBPROTOCOL)]
     async with serve(
-        handler, "127.0.0.1", 0, subprotocols=subprotocols, compression=None
+        handler, "127.0.0.1", 0, subprotocols=SUBPROTOCOLS, compression=None
     ) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        sockets = [
-            await connect(f"ws://127.0.0.1:{port}/v1", subprotocols=subprotocols, proxy=None,
-                          compression=None)
-            for _ in range(n)
-        ]  # fmt: skip
+        sockets = await clients(next(iter(server.sockets)).getsockname()[1], n)
         yield Target(sockets)
         for ws in sockets:
             await ws.close()
