@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 
 from cloud_agent.errors import StoreError
@@ -61,8 +62,8 @@ class InteractionRecorder:
         """Notified after each batch: for `flush`, and for `record` waiting for room."""
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._unwritten: set[tuple[str, str]] = set()
-        """(device id, request id) of the interactions taken and not yet written or lost."""
+        self._writing: list[Record] = []
+        """The batch being written."""
         self._metrics = metrics
         if metrics is not None:
             metrics.log_pending.set_function(lambda: self.pending)
@@ -74,8 +75,6 @@ class InteractionRecorder:
         if len(self._pending) >= self.max_queue:
             async with self._progress:
                 await self._progress.wait_for(lambda: len(self._pending) < self.max_queue)
-        if isinstance(item, NewInteraction):
-            self._unwritten.add((item.device_id, item.request_id))
         if not self._pending:
             self._first_at = asyncio.get_running_loop().time()
             self._wake.set()
@@ -94,8 +93,17 @@ class InteractionRecorder:
         return {"pending": self.pending, "written": self.written, "lost": self.lost}
 
     def holds(self, device_id: str, request_id: str) -> bool:
-        """Whether that interaction is still on its way to the store (`flush` to wait)."""
-        return (device_id, request_id) in self._unwritten
+        """Whether that interaction is still on its way to the store (`flush` to wait).
+
+        A look through what waits (at most `max_queue`, and usually `max_delay_s` worth)
+        rather than a set kept up to date: feedback asks this, once per rating; every
+        escalation would pay for the set."""
+        return any(
+            isinstance(item, NewInteraction)
+            and item.request_id == request_id
+            and item.device_id == device_id
+            for item in itertools.chain(self._writing, self._pending)
+        )
 
     async def flush(self) -> None:
         """Wait until everything recorded so far is written (or counted as lost)."""
@@ -130,10 +138,9 @@ class InteractionRecorder:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             self._first_at = loop.time()
+            self._writing = batch
             await self._write(batch)
-            for item in batch:
-                if isinstance(item, NewInteraction):
-                    self._unwritten.discard((item.device_id, item.request_id))
+            self._writing = []
             # With no await since `_write` counted the batch written or lost, so `pending`
             # never shows a record twice or not at all.
             self._done += len(batch)
@@ -156,6 +163,11 @@ class InteractionRecorder:
                 if attempt == 0:
                     log.warning("interaction batch failed (%s); retrying once", exc)
                     await asyncio.sleep(self.retry_delay_s)
+            except Exception:
+                # A bug, not an outage: retrying will not help, and the recorder must go on
+                # (a dead recorder would leave every later record waiting for room).
+                log.exception("interaction batch failed")
+                break
         self.lost += len(batch)
         if self._metrics is not None:
             self._metrics.log_records.labels("lost").inc(len(batch))

@@ -7,6 +7,7 @@ down or locked) and `StoreError` for the rest.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ __all__ = [
     "mapped_errors",
     "now",
     "set_sqlite_pragmas_on_connect",
+    "sqlite_pragmas",
     "sqlite_url",
     "to_json",
 ]
@@ -61,14 +63,21 @@ class Transactions:
 
 @contextmanager
 def mapped_errors() -> Iterator[None]:
-    """Database errors leave as `StoreUnavailable` (retryable) or `StoreError`."""
+    """Database errors (SQLAlchemy's, or sqlite3's own where the log drives it directly) leave
+    as `StoreUnavailable` (retryable) or `StoreError`."""
     try:
         yield
     except (EnrollmentRefused, IntegrityError):
         raise
-    except (OperationalError, DBAPIError, OSError, ConnectionError) as exc:
+    except (
+        OperationalError,
+        DBAPIError,
+        sqlite3.OperationalError,
+        OSError,
+        ConnectionError,
+    ) as exc:
         raise StoreUnavailable(f"database unavailable: {type(exc).__name__}") from exc
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, sqlite3.Error) as exc:
         raise StoreError(f"database error: {type(exc).__name__}") from exc
 
 
@@ -88,10 +97,11 @@ def set_sqlite_pragmas_on_connect(
     write survives a crash; ``NORMAL`` for writes that may be lost to a power cut, never to a
     crash of the process), foreign keys on, waiting `lock_timeout_s` for another writer."""
     busy_ms = int(lock_timeout_s * 1000)
-    event.listen(engine, "connect", lambda conn, _: _sqlite_pragmas(conn, busy_ms, synchronous))
+    event.listen(engine, "connect", lambda conn, _: sqlite_pragmas(conn, busy_ms, synchronous))
 
 
-def _sqlite_pragmas(dbapi_conn: Any, busy_ms: int, synchronous: SqliteSync) -> None:
+def sqlite_pragmas(dbapi_conn: Any, busy_ms: int, synchronous: SqliteSync) -> None:
+    """The settings of `set_sqlite_pragmas_on_connect`, on one DB-API connection."""
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA synchronous={synchronous}")

@@ -126,6 +126,32 @@ async def test_a_failed_batch_is_retried_once_then_counted_as_lost() -> None:
     await recorder.stop()
 
 
+class BrokenStore(FailingStore):
+    """Test double: its first write fails with a bug (not a database error)."""
+
+    async def record_interactions(
+        self, batch: list[NewInteraction], sessions: list[SessionEvent] | None = None
+    ) -> None:
+        if not self.batches and self.failures:
+            self.failures = 0
+            raise KeyError("a bug")
+        await super().record_interactions(batch, sessions)
+
+
+async def test_a_batch_failing_with_a_bug_is_counted_lost_and_the_recorder_goes_on() -> None:
+    store = BrokenStore(failures=1)
+    recorder = InteractionRecorder(store, max_batch=2, max_delay_s=0.01)  # type: ignore[arg-type]
+    recorder.start()
+    await recorder.record(interaction(1, "dev_1"))
+    async with asyncio.timeout(5):
+        await recorder.flush()
+    await recorder.record(interaction(2, "dev_1"))
+    async with asyncio.timeout(5):
+        await recorder.flush()
+    assert recorder.lost == 1 and recorder.written == 1 and store.batches == [(1, 0)]
+    await recorder.stop()
+
+
 async def test_a_full_queue_makes_record_wait_instead_of_growing() -> None:
     double = FailingStore(failures=0)
     recorder = InteractionRecorder(double, max_queue=3, max_delay_s=0.0)  # type: ignore[arg-type]

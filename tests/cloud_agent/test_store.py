@@ -483,6 +483,27 @@ async def test_sessions_are_recorded_in_batches(store: Store) -> None:
     assert [tuple(r) for r in rows] == [("ses_1", 1000), ("ses_2", None)]
 
 
+async def test_an_interaction_logged_again_under_its_request_id_replaces_the_first(
+    store: Store,
+) -> None:
+    # A device may use a request id again once its request is over (a retry after `overloaded`,
+    # say): the log keeps the last answer, within a batch and across batches, and the batch's
+    # other rows go in with it.
+    await enrolled(store)
+
+    def asked(request_id: str, answer: str) -> NewInteraction:
+        return NewInteraction(device_id="dev_a", request_id=request_id, placeholders=[],
+                              messages=[{"role": "user", "content": "q"}], status="ok",
+                              answer=answer)  # fmt: skip
+
+    await store.record_interactions([asked("req_1", "first")], [])
+    await store.record_interactions(
+        [asked("req_1", "second"), asked("req_2", "other"), asked("req_2", "other, again")], []
+    )
+    rows = {r.request_id: r.answer for r in await store.list_interactions()}
+    assert rows == {"req_1": "second", "req_2": "other, again"}
+
+
 async def test_a_log_batch_on_a_locked_sqlite_file_is_a_typed_error_and_then_goes_in(
     tmp_path: Path,
 ) -> None:
