@@ -115,7 +115,7 @@ class Run:
     """The part of `cpu_s` spent in the kernel."""
     switches: int = 0
     """Voluntary context switches of the process's threads: a thread waiting for another, as
-    the event loop and aiosqlite's worker do when they hand the GIL over."""
+    the event loop and the interaction log's thread do when they hand the GIL over."""
     latencies: list[float] = field(default_factory=list)
 
     @property
