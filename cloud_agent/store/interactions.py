@@ -38,7 +38,6 @@ from sqlalchemy.orm import Session
 
 from cloud_agent.store import tables as t
 from cloud_agent.store.database import (
-    SqliteSync,
     Transactions,
     mapped_errors,
     now,
@@ -48,6 +47,9 @@ from cloud_agent.store.records import InteractionRecord, NewInteraction, Session
 
 __all__ = ["InteractionStore", "SqliteBatchInsert", "SqliteLog", "SqliteStatement"]
 
+
+_KEY = ("device_id", "request_id")
+"""The interactions' unique key: an interaction logged again under it replaces the first."""
 
 _SESSIONS: Table = t.Session.__table__  # type: ignore[assignment]
 _DEVICES: Table = t.Device.__table__  # type: ignore[assignment]
@@ -79,9 +81,7 @@ class InteractionStore(Transactions):
         dialect = engine.dialect
         sqlite = dialect.name == "sqlite"
         self._sqlite_interactions = (
-            SqliteBatchInsert.for_dialect(
-                t.INTERACTIONS, dialect, replace_on=("device_id", "request_id")
-            )
+            SqliteBatchInsert.for_dialect(t.INTERACTIONS, dialect, replace_on=_KEY)
             if sqlite
             else None
         )
@@ -270,22 +270,20 @@ class SqliteStatement:
     def __init__(self, statement: Insert | Update, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql = compiled.string
-        self._names = list(compiled.positiontup or ())
-        self._converts = [
-            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
-            for name in self._names
+        self._params = [
+            (name, compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect))
+            for name in compiled.positiontup or ()
         ]
+        """Each positional parameter's name, and how its value is converted (None: as is)."""
 
     def bound(self, rows: Iterable[Mapping[str, Any]]) -> DriverStatement:
-        pairs = list(zip(self._names, self._converts, strict=True))
+        params = self._params
         return DriverStatement(
             self.sql,
             [
-                tuple(
-                    row[name] if convert is None else convert(row[name]) for name, convert in pairs
-                )
+                tuple(row[k] if convert is None else convert(row[k]) for k, convert in params)
                 for row in rows
-            ],  # fmt: skip
+            ],
             many=True,
         )
 
@@ -339,7 +337,7 @@ def _session_writes(sessions: list[SessionEvent]) -> tuple[Writes, Writes]:
         if ended
         else []
     )
-    return before, after  # fmt: skip
+    return before, after
 
 
 class SqliteBatchInsert:
@@ -443,7 +441,6 @@ def _interaction_values(it: NewInteraction, created: datetime) -> tuple[Any, ...
     )  # fmt: skip
 
 
-_KEY = ("device_id", "request_id")
 _POSTGRES_UPSERT = (_insert := postgresql.insert(t.INTERACTIONS)).on_conflict_do_update(
     index_elements=list(_KEY),
     set_={c: _insert.excluded[c] for c in INTERACTION_COLUMNS if c not in _KEY},
@@ -470,12 +467,9 @@ class SqliteLog:
     round trips in `bench.cloud_roundtrip`. Feedback and everything acknowledged to a device
     is written through the store's own connections, which wait (``FULL``)."""
 
-    def __init__(
-        self, path: str, lock_timeout_s: float, synchronous: SqliteSync = "NORMAL"
-    ) -> None:
+    def __init__(self, path: str, lock_timeout_s: float) -> None:
         self._path = path
         self._lock_timeout_s = lock_timeout_s
-        self._synchronous: SqliteSync = synchronous
         self._connection: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeloop-log")
 
@@ -509,7 +503,7 @@ class SqliteLog:
                 self._path, timeout=self._lock_timeout_s, isolation_level=None,
                 check_same_thread=False,
             )  # fmt: skip
-            sqlite_pragmas(connection, int(self._lock_timeout_s * 1000), self._synchronous)
+            sqlite_pragmas(connection, int(self._lock_timeout_s * 1000), "NORMAL")
             self._connection = connection
         return self._connection
 
